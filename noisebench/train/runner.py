@@ -1,0 +1,239 @@
+"""One experiment, top to bottom: testbed -> noisy GRPO (TRL) -> lm-eval checkpoints -> result record.
+
+The only place that chains the stages. Reads a composed Hydra config (conf/config.yaml); see README for keys.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import subprocess
+import time
+import traceback
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from noisebench.record import RECORD_NAME, write_record
+from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
+
+log = logging.getLogger("noisebench")
+
+OFFLINE_ENV = {"HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("noisebench", "torch", "transformers", "trl", "lm_eval", "accelerate", "datasets", "hydra-core"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r} is not one of ['auto', 'cpu', 'cuda']")
+    return name
+
+
+def noise_spec(cfg: DictConfig):
+    """The validated NoiseSpec of this run; its seed is offset by the run seed (rank offset: inside the engine)."""
+    from noisebench.noise import NoiseSpec
+
+    d = OmegaConf.to_container(cfg.noise, resolve=True)
+    d["seed"] = int(d.get("seed", 0)) + 1000 * int(cfg.seed)
+    spec = NoiseSpec.from_dict(d)
+    spec.validate()
+    return spec
+
+
+def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
+    from trl import GRPOConfig
+
+    t = cfg.trainer
+    args = OmegaConf.to_container(t.args, resolve=True)
+    completions = int(t.prompts_per_step) * int(t.num_generations)
+    if device == "cpu":
+        args["use_cpu"] = True
+    return GRPOConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=int(t.max_steps),
+        per_device_train_batch_size=completions // int(os.environ.get("WORLD_SIZE", 1)),
+        num_generations=int(t.num_generations),
+        max_completion_length=int(tb.max_completion_length),
+        save_strategy="steps",
+        save_steps=int(cfg.eval.eval_every),
+        save_total_limit=int(t.save_total_limit),
+        seed=int(cfg.seed),
+        data_seed=int(cfg.seed),
+        **args,
+    )
+
+
+def make_evaluator(cfg: DictConfig, tb, injector, run_dir: Path):
+    """``evaluate(model, step) -> curve point`` through lm-eval (noisebench.evaluate)."""
+    from noisebench.evaluate import evaluate_checkpoint
+
+    e = cfg.eval
+    max_gen = int(e.max_gen_toks or tb.max_completion_length)
+
+    def evaluate(model, step: int) -> dict:
+        # noisy=True: the injector's spec decides (noise on only where `eval` is among its phases).
+        res = evaluate_checkpoint(model, tb.tokenizer, task=tb.eval_task, data_files=tb.eval_data_files,
+                                  limit=e.limit, batch_size=int(e.batch_size), max_gen_toks=max_gen,
+                                  injector=injector, noisy=True, clean_too=bool(e.clean_too),
+                                  output_dir=run_dir / "eval" / f"step_{step:05d}")
+        point = {"acc": res.acc, "acc_flexible": res.acc_flexible, "acc_stderr": res.acc_stderr, "n": res.n,
+                 "noisy_eval": res.noisy, "eval_seconds": res.seconds, "per_item": res.per_item,
+                 "acc_clean": None, "acc_clean_flexible": None, "per_item_clean": None}
+        if e.clean_too:
+            clean = res.clean if res.clean is not None else res  # a clean evaluation is its own clean score
+            point.update(acc_clean=clean.acc, acc_clean_flexible=clean.acc_flexible, per_item_clean=clean.per_item)
+        return point
+
+    return evaluate
+
+
+def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, telemetry: dict, tb_name: str,
+                 eval_task: str, steps: int, started: str, error: str | None) -> dict:
+    final = {}
+    if history.curve:
+        last = max(history.curve, key=lambda c: c["step"])
+        final = {k: last.get(k) for k in ("step", "acc", "acc_flexible", "acc_clean", "acc_clean_flexible")}
+        if history.final_items.get("step") == last["step"]:
+            final["per_item"] = history.final_items.get("per_item")
+            final["per_item_clean"] = history.final_items.get("per_item_clean")
+    keys = sorted({k for m in history.mismatch for k in m if k != "step"})
+    mismatch = {f"mean_{k}" if not k.startswith(("abs", "is_")) else k: None for k in keys}
+    for k in keys:
+        vals = [m[k] for m in history.mismatch if m.get(k) is not None and math.isfinite(m[k])]
+        name = f"mean_{k}" if not k.startswith(("abs", "is_")) else k
+        if vals:
+            mismatch[name] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
+    mismatch["per_step"] = history.mismatch
+    return {
+        "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",
+        "testbed": tb_name,
+        "experiment": str(cfg.experiment),
+        "seed": int(cfg.seed),
+        "status": status,
+        "noise": spec.to_dict() if spec is not None else OmegaConf.to_container(cfg.noise, resolve=True),
+        "aqn": OmegaConf.to_container(cfg.aqn, resolve=True),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "eval_task": eval_task,
+        "n_test": (history.curve[-1].get("n") if history.curve else None),
+        "curve": history.curve,
+        "final": final,
+        "reward_curve": history.reward_curve,
+        "mismatch": mismatch,
+        "telemetry": telemetry,
+        "steps": steps,
+        "max_steps": int(cfg.trainer.max_steps),
+        "wall_time_s": history.wall_time_s,
+        "started_at": started,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "diverged_at": history.diverged_at,
+        "error": error,
+        "run_dir": str(run_dir),
+    }
+
+
+def _looks_diverged(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return any(s in msg for s in ("nan", "inf", "probability tensor"))
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
+    """Run one experiment into ``run_dir``; returns the result record (also written to run_dir/record.json)."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    import torch
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from noisebench.noise import NoiseInjector
+    from noisebench.scoring import gsm8k_reward
+    from noisebench.testbeds import load_testbed
+    from noisebench.train.aqn import AQN, AQNConfig
+    from noisebench.train.tracking import Tracker
+    from noisebench.train.trainer import NoisyGRPOTrainer
+
+    spec = noise_spec(cfg)
+    aqn_cfg = AQNConfig(**OmegaConf.to_container(cfg.aqn, resolve=True))
+    device = pick_device(str(cfg.device))
+    set_seed(int(cfg.seed))
+
+    tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
+    injector = NoiseInjector(spec)
+    aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
+
+    ckpt = None
+    history = RunHistory()
+    if cfg.resume and (run_dir / "checkpoints").is_dir():
+        ckpt = get_last_checkpoint(str(run_dir / "checkpoints"))
+    if ckpt is not None and (run_dir / PROGRESS_FILE).exists():
+        history = RunHistory.load(run_dir / PROGRESS_FILE)
+        history.truncate(int(Path(ckpt).name.split("-")[-1]))
+        history.diverged_at = None
+        log.info("resuming from %s", ckpt)
+
+    tracker = Tracker(cfg, run_dir, tags=[tb.name, spec.type])
+    callback = NoisebenchCallback(make_evaluator(cfg, tb, injector, run_dir), int(cfg.eval.eval_every), history,
+                                  run_dir, on_step=tracker.log)
+    trainer = NoisyGRPOTrainer(
+        model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
+        train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback],
+        injector=injector, aqn=aqn,
+    )
+    callback.trainer = trainer
+
+    status, error = "ok", None
+    try:
+        with injector:
+            trainer.train(resume_from_checkpoint=ckpt)
+            if history.diverged_at is None and trainer.state.global_step not in {c["step"] for c in history.curve}:
+                callback._eval(trainer.model, trainer.state.global_step)  # e.g. stopped early
+        if history.diverged_at is not None:
+            status = "diverged"
+    except (RuntimeError, ValueError, FloatingPointError) as exc:  # NaN sampling, inf logits, ...
+        status = "diverged" if _looks_diverged(exc) else "failed"
+        error = f"{type(exc).__name__}: {exc}"
+        history.diverged_at = history.diverged_at or trainer.state.global_step
+        log.error("run ended %s at step %d: %s", status, trainer.state.global_step, error)
+        log.debug(traceback.format_exc())
+    except Exception as exc:  # anything else still leaves a record and keeps the partial curve
+        status, error = "failed", f"{type(exc).__name__}: {exc}"
+        log.error("run failed at step %d:\n%s", trainer.state.global_step, traceback.format_exc())
+
+    telemetry = injector.telemetry() if hasattr(injector, "telemetry") else {}
+    if aqn is not None:
+        telemetry["aqn/last_sigma"] = aqn.last_sigma
+    record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,
+                          int(trainer.state.global_step), started, error)
+    write_record(run_dir / RECORD_NAME, record)
+    tracker.finish(record)
+    return record

@@ -1,0 +1,149 @@
+"""TRL's GRPOTrainer with noise phases bounded exactly, sampling log-probs kept, AQN and a resumable noise stream.
+
+Where the phases sit in TRL 1.16 (shared/notes/trl-grpo.md):
+- ``_generate_single_turn``                         -> ``rollout``   (model.generate; AQN applies here)
+- ``_get_per_token_logps_and_entropies`` with no phase active -> ``reference`` (ref / old-policy log-probs)
+- ``_compute_loss``                                 -> ``train_forward``
+- ``accelerator.backward``                          -> ``train_backward``
+No GRPO logic lives here: only phase boundaries and measurement.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList
+from trl import GRPOTrainer
+
+from noisebench.train.aqn import AQN
+from noisebench.train.mismatch import SampledLogprobRecorder, mismatch_stats
+
+NOISE_STATE_FILE = "noisebench_noise_state.pt"
+
+
+class NoisyGRPOTrainer(GRPOTrainer):
+    """GRPOTrainer that runs each phase under ``injector.phase(name)``.
+
+    Args:
+        injector: a ``noisebench.noise.NoiseInjector`` (installed by the caller), or None for no noise at all.
+        aqn (AQN | None): QeRL's rollout-only RMSNorm-weight noise, or None.
+        record_sampling_logps (bool): keep the rollout's log-probs to measure the rollout/training mismatch.
+        Other arguments go to ``trl.GRPOTrainer``.
+    """
+
+    def __init__(self, *args, injector=None, aqn: AQN | None = None, record_sampling_logps: bool = True, **kwargs):
+        self.injector = injector
+        self.aqn = aqn
+        self.record_sampling_logps = record_sampling_logps
+        self.nb_phase: str | None = None
+        self.mismatch_history: list[dict[str, float]] = []
+        self._step_mismatch: dict[str, list[float]] = defaultdict(list)
+        super().__init__(*args, **kwargs)
+        if injector is not None and hasattr(injector, "attach"):
+            injector.attach(self.model)
+            if getattr(self, "ref_model", None) is not None:
+                injector.attach(self.ref_model)
+        backward = self.accelerator.backward
+
+        @functools.wraps(backward)
+        def noisy_backward(loss, **kw):
+            with self._phase("train_backward"):
+                return backward(loss, **kw)
+
+        self.accelerator.backward = noisy_backward
+
+    # ---- phases -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        prev, self.nb_phase = self.nb_phase, name
+        try:
+            if self.injector is None:
+                yield
+            else:
+                with self.injector.phase(name):
+                    yield
+        finally:
+            self.nb_phase = prev
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        run = functools.partial(super()._generate_single_turn, prompt_ids, images, multimodal_fields,
+                                num_generations, has_tool_images)
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        aqn_ctx = (self.aqn.rollout(model, self.state.global_step, self.state.max_steps or self.args.max_steps)
+                   if self.aqn is not None else contextlib.nullcontext())
+        with self._phase("rollout"), aqn_ctx:
+            if self.use_vllm or not self.record_sampling_logps:
+                return run()
+            recorder = SampledLogprobRecorder(self.temperature)
+            original = type(model).generate
+            model.generate = functools.partial(original, model, logits_processor=LogitsProcessorList([recorder]))
+            try:
+                completion_ids, logprobs = run()
+            finally:
+                del model.generate
+            return completion_ids, recorder.finish(completion_ids)
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if self.nb_phase is None:
+            with self._phase("reference"):
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        out = super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        if self.nb_phase == "train_forward" and self._loss_inputs is not None:
+            self._measure_mismatch(out[0])
+        return out
+
+    def _compute_loss(self, model, inputs):
+        self._loss_inputs = inputs
+        try:
+            with self._phase("train_forward"):
+                return super()._compute_loss(model, inputs)
+        finally:
+            self._loss_inputs = None
+
+    _loss_inputs: dict[str, Any] | None = None
+
+    # ---- mismatch -----------------------------------------------------------------------------------------------
+    def _measure_mismatch(self, train_logps: torch.Tensor) -> None:
+        sampling = self._loss_inputs.get("sampling_per_token_logps")
+        if sampling is None or sampling.shape != train_logps.shape:
+            return
+        stats = mismatch_stats(sampling, train_logps, self._loss_inputs["completion_mask"])
+        for k, v in stats.items():
+            self._step_mismatch[k].append(v)
+            self._metrics["train"][f"mismatch/{k}"].append(v)
+
+    def pop_step_mismatch(self) -> dict[str, float]:
+        """Mean (max for *_max, min for *_min) of this step's mismatch statistics; clears them."""
+        out = {}
+        for k, vals in self._step_mismatch.items():
+            agg = max if k.endswith("_max") else min if k.endswith("_min") else (lambda v: sum(v) / len(v))
+            out[k] = float(agg(vals))
+        self._step_mismatch.clear()
+        return out
+
+    # ---- resumable noise stream -----------------------------------------------------------------------------------
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        state = {}
+        if self.injector is not None and hasattr(self.injector, "state_dict"):
+            state["injector"] = self.injector.state_dict()
+        if self.aqn is not None:
+            state["aqn"] = self.aqn.state_dict()
+        torch.save(state, os.path.join(output_dir, NOISE_STATE_FILE))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, NOISE_STATE_FILE)
+        if not os.path.exists(path):
+            return
+        state = torch.load(path, weights_only=False)
+        if "injector" in state and self.injector is not None:
+            self.injector.load_state_dict(state["injector"])
+        if "aqn" in state and self.aqn is not None:
+            self.aqn.load_state_dict(state["aqn"])
