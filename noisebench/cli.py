@@ -21,20 +21,6 @@ log = logging.getLogger("noisebench")
 register_resolvers()
 
 
-def _rebuild_leaderboard(cfg: DictConfig) -> None:
-    """After a single run (not inside a multirun: the Hydra callback rebuilds once at its end)."""
-    if not cfg.leaderboard.enabled:
-        return
-    from hydra.types import RunMode
-
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return
-    from noisebench.leaderboard import build_leaderboards
-
-    for p in build_leaderboards(cfg.results_dir, cfg.leaderboard.out_dir, n_boot=int(cfg.leaderboard.bootstrap)):
-        log.info("leaderboard: %s", p)
-
-
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     if cfg.dry_run:
@@ -43,11 +29,13 @@ def _main(cfg: DictConfig) -> float | None:
         return dry_run(cfg)
     from noisebench.train.runner import run
 
-    record = run(cfg, HydraConfig.get().runtime.output_dir)
+    from hydra.types import RunMode
+
+    single = HydraConfig.get().mode != RunMode.MULTIRUN  # a multirun rebuilds once, at its end (Hydra callback)
+    record = run(cfg, HydraConfig.get().runtime.output_dir, leaderboard=single)
     final = (record.get("final") or {}).get("acc")
     log.info("%s/%s seed %s: status %s, final accuracy %s, record %s", record["testbed"], record["experiment"],
              record["seed"], record["status"], final, Path(record["run_dir"]) / "record.json")
-    _rebuild_leaderboard(cfg)
     return final
 
 

@@ -163,8 +163,21 @@ def _looks_diverged(exc: BaseException) -> bool:
     return any(s in msg for s in ("nan", "inf", "probability tensor"))
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
-    """Run one experiment into ``run_dir``; returns the result record (also written to run_dir/record.json)."""
+def rebuild_leaderboard(cfg: DictConfig) -> list:
+    """Regenerate the markdown boards (and the wandb Table while a wandb run is active)."""
+    from noisebench.leaderboard import build_leaderboards
+
+    paths = build_leaderboards(cfg.results_dir, cfg.leaderboard.out_dir, n_boot=int(cfg.leaderboard.bootstrap))
+    for p in paths:
+        log.info("leaderboard: %s", p)
+    return paths
+
+
+def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False) -> dict:
+    """Run one experiment into ``run_dir``; returns the result record (also written to run_dir/record.json).
+
+    ``leaderboard=True`` rebuilds the boards after the record is written (single runs; a multirun rebuilds once at
+    its end through the Hydra callback)."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     run_dir = Path(run_dir).resolve()
@@ -235,5 +248,10 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike) -> dict:
     record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,
                           int(trainer.state.global_step), started, error)
     write_record(run_dir / RECORD_NAME, record)
+    if leaderboard and cfg.leaderboard.enabled:
+        try:
+            rebuild_leaderboard(cfg)
+        except Exception:  # noqa: BLE001 -- a board that fails to render must not lose the finished run
+            log.error("leaderboard rebuild failed:\n%s", traceback.format_exc())
     tracker.finish(record)
     return record
