@@ -173,11 +173,11 @@ def rebuild_leaderboard(cfg: DictConfig) -> list:
     return paths
 
 
-def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False) -> dict:
+def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, callbacks: list | None = None) -> dict:
     """Run one experiment into ``run_dir``; returns the result record (also written to run_dir/record.json).
 
     ``leaderboard=True`` rebuilds the boards after the record is written (single runs; a multirun rebuilds once at
-    its end through the Hydra callback)."""
+    its end through the Hydra callback). ``callbacks``: extra ``transformers.TrainerCallback`` objects."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
     run_dir = Path(run_dir).resolve()
@@ -219,7 +219,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False) 
                                   run_dir, on_step=tracker.log)
     trainer = NoisyGRPOTrainer(
         model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
-        train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback],
+        train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback, *(callbacks or [])],
         injector=injector, aqn=aqn,
     )
     callback.trainer = trainer
