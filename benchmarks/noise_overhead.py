@@ -1,0 +1,169 @@
+"""Overhead of the noise engine on a Qwen2.5-1.5B-shaped HF Qwen2 decoder stack: clean vs noisy in one process.
+
+Usage:
+    python benchmarks/noise_overhead.py --cpu-small                 # tiny shapes, a quick CPU figure
+    python benchmarks/noise_overhead.py --layers 4 --tokens 8192    # on a GPU: bf16, sdpa, 1.5B widths
+
+For each noise model it times forward+backward (phases train_forward / train_backward) and forward-only
+(phase rollout, no_grad), clean and noisy interleaved step by step, and prints median step times and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+from transformers import Qwen2Config, Qwen2Model  # noqa: E402
+
+from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
+
+MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step (batch x seq); default 8192 GPU, 1024 CPU")
+    p.add_argument("--seq", type=int, default=1024, help="sequence length (tokens are split into sequences of it)")
+    p.add_argument("--hidden", type=int, default=1536)
+    p.add_argument("--intermediate", type=int, default=8960)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of noise types")
+    p.add_argument("--ops", default="matmul_family", help="comma list of ops / op sets")
+    p.add_argument("--scale", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="torch.compile the stack (fullgraph)")
+    p.add_argument("--cpu-small", action="store_true", help="tiny CPU shapes: 2 layers, hidden 256, 512 tokens")
+    p.add_argument("--grpo-like", action="store_true",
+                   help="also time a GRPO-shaped step on the tiny testbed's model (hidden 128, 4 layers, vocab 492): "
+                        "rollout generate 128 x 48 tokens (phase rollout) + train fwd+bwd on 128 x 112 tokens")
+    a = p.parse_args()
+    if a.cpu_small:
+        a.device, a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads = "cpu", 2, 256, 1024, 4, 2
+        a.tokens, a.seq = a.tokens or 512, 256
+    a.tokens = a.tokens or (8192 if a.device.startswith("cuda") else 1024)
+    a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
+    return a
+
+
+def build(a: argparse.Namespace) -> Qwen2Model:
+    cfg = Qwen2Config(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
+                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=1024,
+                      max_position_embeddings=max(a.seq, 2048))
+    cfg._attn_implementation = a.attn
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    return Qwen2Model(cfg).to(device=a.device, dtype=dtype)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def make_steps(model, x, inj):
+    """Closures for one fwd+bwd step and one forward-only step, noisy when ``inj`` is installed."""
+    def train():
+        with inj.phase("train_forward"):
+            out = model(inputs_embeds=x).last_hidden_state
+        with inj.phase("train_backward"):
+            out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+    def forward():
+        with torch.no_grad(), inj.phase("rollout"):
+            model(inputs_embeds=x)
+    return {"fwd+bwd": train, "fwd": forward}
+
+
+def time_pair(fn, inj, a) -> tuple:
+    """Median seconds of ``fn`` clean and noisy, interleaved so drift hits both alike."""
+    clean, noisy = [], []
+    for i in range(a.warmup + a.steps):
+        for installed, store in ((False, clean), (True, noisy)):
+            if installed:
+                inj.install()
+            _sync(a.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(a.device)
+            dt = time.perf_counter() - t0
+            if installed:
+                inj.uninstall()
+            if i >= a.warmup:
+                store.append(dt)
+    return statistics.median(clean), statistics.median(noisy)
+
+
+def grpo_like(a: argparse.Namespace) -> None:
+    """A whole GRPO step without TRL's bookkeeping: rollout generation, then a policy-gradient fwd+bwd."""
+    from transformers import Qwen2ForCausalLM
+    cfg = Qwen2Config(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=492, tie_word_embeddings=True, max_position_embeddings=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    prompts = torch.randint(3, 492, (128, 64))
+    gen_kw = dict(max_new_tokens=48, min_new_tokens=48, do_sample=True, pad_token_id=0, eos_token_id=None)
+
+    def step(inj):
+        with torch.no_grad(), inj.phase("rollout"):
+            seqs = model.generate(prompts, **gen_kw)
+        with inj.phase("train_forward"):
+            logp = model(input_ids=seqs).logits[:, 63:-1].float().log_softmax(-1)
+            loss = -logp.gather(-1, seqs[:, 64:, None]).mean()
+        with inj.phase("train_backward"):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    print("grpo-like step (tiny testbed shapes, 128 sequences, 48 new tokens), fp32 cpu:")
+    for kind in a.models.split(","):
+        scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
+        inj = NoiseInjector(NoiseSpec(type=kind, scale=scale, ops=a.ops.split(","), phases=["all"]))
+        inj.attach(model)
+        c, n = time_pair(lambda: step(inj), inj, argparse.Namespace(device="cpu", warmup=1, steps=max(3, a.steps // 3)))
+        print(f"{kind:<18} {'step':<8} {c * 1e3:9.1f} {n * 1e3:9.1f} {n / c:6.2f}")
+        inj.detach(model)
+
+
+def main() -> None:
+    a = parse()
+    model = build(a)
+    runner = torch.compile(model, fullgraph=True) if a.compile else model
+    batch = max(1, a.tokens // a.seq)
+    x = torch.randn(batch, a.tokens // batch, a.hidden, device=a.device, dtype=next(model.parameters()).dtype,
+                    requires_grad=False)
+    print(f"device={a.device} dtype={a.dtype} layers={a.layers} hidden={a.hidden} intermediate={a.intermediate} "
+          f"tokens={batch}x{a.tokens // batch} attn={a.attn} ops={a.ops} scale={a.scale} threads="
+          f"{torch.get_num_threads()} compile={a.compile} torch={torch.__version__}")
+    print(f"{'model':<18} {'mode':<8} {'clean ms':>9} {'noisy ms':>9} {'ratio':>6}")
+    off = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["all"], phases=["eval"]))
+    off.attach(model)   # installed, every op covered, but no phase of the step enabled: the "off" cost
+    c, n = time_pair(make_steps(runner, x, off)["fwd+bwd"], off, a)
+    print(f"{'installed, off':<18} {'fwd+bwd':<8} {c * 1e3:9.2f} {n * 1e3:9.2f} {n / c:6.2f}")
+    off.detach(model)
+    for kind in a.models.split(","):
+        scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
+        spec = NoiseSpec(type=kind, scale=scale, ops=a.ops.split(","), phases=["all"], telemetry_rate=1 / 16)
+        inj = NoiseInjector(spec)
+        inj.attach(model)
+        for mode, fn in make_steps(runner, x, inj).items():
+            c, n = time_pair(fn, inj, a)
+            print(f"{kind:<18} {mode:<8} {c * 1e3:9.2f} {n * 1e3:9.2f} {n / c:6.2f}")
+        inj.detach(model)
+    if a.grpo_like:
+        grpo_like(a)
+
+
+if __name__ == "__main__":
+    main()

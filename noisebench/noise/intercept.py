@@ -1,0 +1,147 @@
+"""Op interception: a TorchFunctionMode that routes covered ops through opaque noise ops, forward and backward.
+
+Design (noise-under-compile.md): the mode decides at call (= trace) time whether an op is noised in this phase;
+forward noise is the opaque custom op ``noisebench::fwd`` on the op output (straight-through gradient); backward
+noise is an identity autograd.Function on each differentiable input whose backward calls the opaque op
+``noisebench::bwd`` on the gradient. Both opaque ops read ``runtime.STATE`` when they execute, so under
+``torch.compile`` the backward sees the phase in force when ``backward()`` runs, without recompiles.
+In eager code the same noise function is called directly (a custom-op call costs ~50-90 us on CPU), so eager and
+compiled runs draw from the same stream in the same way.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .runtime import STATE
+
+
+def _op_table() -> dict:
+    """Every public spelling of each covered op -> op name. Aten overloads (what compiled code calls) are absent
+    on purpose: they must not be noised a second time."""
+    T = torch.Tensor
+    table = {
+        "linear": [F.linear],
+        "matmul": [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__],
+        "mm": [torch.mm, T.mm],
+        "bmm": [torch.bmm, T.bmm],
+        "addmm": [torch.addmm, T.addmm],
+        "baddbmm": [torch.baddbmm, T.baddbmm],
+        "einsum": [torch.einsum],
+        "sdpa": [F.scaled_dot_product_attention],
+        "softmax": [F.softmax, torch.softmax, T.softmax, torch.special.softmax],
+        "silu": [F.silu],
+        "gelu": [F.gelu],
+        "layer_norm": [F.layer_norm, torch.layer_norm],
+        "rms_norm": [F.rms_norm, torch.rms_norm] if hasattr(torch, "rms_norm") else [F.rms_norm],
+    }
+    return {fn: op for op, fns in table.items() for fn in fns}
+
+
+FUNC_OPS = _op_table()
+
+
+@torch.library.custom_op("noisebench::fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def fwd_noise(y: Tensor, op: str) -> Tensor:
+    """Opaque forward noise on an op output; reads the process state when it runs."""
+    return STATE.perturb(y, op, "fwd")
+
+
+@fwd_noise.register_fake
+def _fwd_fake(y: Tensor, op: str) -> Tensor:
+    return torch.empty_like(y)
+
+
+def _fwd_backward(ctx, g):
+    return g, None  # straight-through: the noise is a measurement error, not part of the function
+
+
+fwd_noise.register_autograd(_fwd_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("noisebench::bwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def bwd_noise(g: Tensor, op: str) -> Tensor:
+    """Opaque backward noise on a gradient; applies only if the phase in force now is train_backward/global."""
+    return STATE.perturb(g, op, "bwd")
+
+
+@bwd_noise.register_fake
+def _bwd_fake(g: Tensor, op: str) -> Tensor:
+    return torch.empty_like(g)
+
+
+class MarkForBackward(torch.autograd.Function):
+    """Identity in forward; in backward, the gradient of this input passes through ``noisebench::bwd``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, op: str) -> Tensor:
+        ctx.op = op
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return backward_noise(g, ctx.op), None
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Eager twin of ``noisebench::fwd`` for outputs that need a gradient (the custom op costs ~80 us a call)."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, op: str) -> Tensor:
+        return STATE.perturb(y, op, "fwd")
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None
+
+
+def backward_noise(g: Tensor, op: str) -> Tensor:
+    """Backward noise on a gradient: the opaque op while compiling, a direct call in eager."""
+    if torch.compiler.is_compiling():
+        return torch.ops.noisebench.bwd(g, op)
+    return STATE.perturb(g, op, "bwd")
+
+
+def mark(x, op: str):
+    """Mark ``x`` (a tensor, or a list/tuple of tensors) for backward noise if it needs a gradient."""
+    if isinstance(x, Tensor):
+        return MarkForBackward.apply(x, op) if x.requires_grad and x.is_floating_point() else x
+    if isinstance(x, (list, tuple)):
+        return type(x)(mark(v, op) for v in x)
+    return x
+
+
+def noise_output(y, op: str):
+    """Forward noise on an op result (tensors only). Compiled code gets the opaque op; eager code calls the noise
+    directly (no_grad, e.g. rollouts) or through a straight-through autograd.Function: same draws, same results."""
+    if not (isinstance(y, Tensor) and y.is_floating_point()):
+        return y
+    if torch.compiler.is_compiling():
+        return torch.ops.noisebench.fwd(y, op)
+    if y.requires_grad:
+        return _StraightThrough.apply(y, op)
+    return STATE.perturb(y, op, "fwd")
+
+
+class NoiseMode(TorchFunctionMode):
+    """Routes covered ops through the noise ops. Uncovered ops, ``out=`` calls and in-place spellings pass through
+    untouched; when the phase is off the cost is one dict lookup and a set test."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = FUNC_OPS.get(func)
+        if op is None or "out" in kwargs:
+            return func(*args, **kwargs)
+        st = STATE
+        fwd = op in st.fwd_ops
+        inplace = kwargs.get("inplace", False) or (op == "silu" and len(args) > 1 and args[1] is True)
+        bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
+        if (fwd or bwd) and st.blocked():
+            fwd = bwd = False
+        if bwd:
+            args = tuple(mark(a, op) for a in args)
+            kwargs = {k: mark(v, op) for k, v in kwargs.items()}
+        out = func(*args, **kwargs)
+        return noise_output(out, op) if fwd else out

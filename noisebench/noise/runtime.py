@@ -1,0 +1,185 @@
+"""Process-global noise state read by the mode, hooks and opaque ops: phase, scope, RNG stream, telemetry."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import models
+from .spec import NoiseSpec
+
+_MASK64 = (1 << 64) - 1
+_SAMPLE_ELEMS = 4096
+GLOBAL_PHASE = "global"  # telemetry label of noise applied outside any phase context by a global injector
+DIRECTIONS = ("fwd", "bwd")
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _splitmix(z: int) -> int:
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def mix_seed(*parts: int) -> int:
+    """splitmix64 over the parts: a well-spread 63-bit seed from (seed, rank, stream, ...)."""
+    h = _GOLDEN
+    for p in parts:
+        h = _splitmix(((h ^ (int(p) & _MASK64)) + _GOLDEN) & _MASK64)
+    return h >> 1
+
+
+class NoiseState:
+    """What the interception layer consults. Plain process-global attributes (not thread-local): CUDA runs backward
+    on autograd worker threads and must see the phase set by the main thread.
+
+    Read at trace time by the TorchFunctionMode (``fwd_ops``, ``bwd_ops``, scope depths) so Dynamo specialises a
+    graph per phase set; read at run time by the opaque ops (phase for backward gating, counters, generators).
+    """
+
+    def __init__(self) -> None:
+        self.owner = None                      # the installed NoiseInjector
+        self.spec: Optional[NoiseSpec] = None
+        self.phase: Optional[str] = None      # active phase context
+        self.default_phase: Optional[str] = None  # in force outside contexts: None, GLOBAL_PHASE or a phase name
+        self.fwd_ops: frozenset = frozenset()  # ops noised in the forward right now
+        self.bwd_ops: frozenset = frozenset()  # ops whose inputs are marked for backward noise
+        self.excl_depth = 0                    # >0: inside an excluded module
+        self.incl_depth = 0                    # >0: inside an included module
+        self.need_incl = False                 # include regexes / layer range given
+        self.counters = {"fwd": 0, "bwd": 0}
+        self.rank = 0
+        self._gens: Dict[torch.device, torch.Generator] = {}
+        self._bias_cache: Dict[tuple, Tensor] = {}
+        self._period = 0
+        self._base = [0, 0]
+        self.reset_telemetry()
+
+    # -- configuration -------------------------------------------------------------------------------------------
+    def configure(self, spec: Optional[NoiseSpec], default_phase: Optional[str]) -> None:
+        """Point the state at ``spec`` (None = inert) and recompute what is in force."""
+        self.spec = spec
+        self.default_phase = default_phase
+        self.phase = None
+        self.excl_depth = self.incl_depth = 0
+        self.need_incl = bool(spec and (spec.include or spec.layers is not None))
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        rate = float(spec.telemetry_rate) if spec else 0.0
+        self._period = max(1, int(round(1.0 / rate))) if rate > 0 else 0
+        self._bias_cache.clear()
+        seed = spec.seed if spec else 0
+        self._base = [mix_seed(seed, self.rank, d) for d in range(len(DIRECTIONS))]  # per-call: one splitmix round
+        self.refresh()
+
+    def effective_phase(self) -> Optional[str]:
+        """The phase label in force: the context's, else the default (None, ``global`` or a phase name)."""
+        return self.phase if self.phase is not None else self.default_phase
+
+    def phase_on(self, phase: Optional[str]) -> bool:
+        """Whether noise applies in ``phase`` under the current spec."""
+        if self.spec is None or not self.spec.enabled or phase is None:
+            return False
+        return phase == GLOBAL_PHASE or phase in self.spec.resolved_phases()
+
+    def refresh(self) -> None:
+        """Recompute ``fwd_ops``/``bwd_ops`` after a phase or spec change (Dynamo guards on these)."""
+        spec = self.spec
+        if spec is None or not spec.enabled:
+            self.fwd_ops = self.bwd_ops = frozenset()
+            return
+        ph = self.effective_phase()
+        ops = spec.resolved_ops()
+        self.fwd_ops = ops if (ph != "train_backward" and self.phase_on(ph)) else frozenset()
+        # Mark inputs whenever a later backward could be noisy: forward under any phase (or global default).
+        bwd_possible = ph is not None and (self.default_phase == GLOBAL_PHASE or "train_backward" in spec.resolved_phases())
+        self.bwd_ops = ops if bwd_possible else frozenset()
+
+    def bwd_live(self) -> bool:
+        """Run-time check in backward: the phase in force now is train_backward (enabled), or global."""
+        ph = self.effective_phase()
+        return (ph == "train_backward" or ph == GLOBAL_PHASE) and self.phase_on(ph)
+
+    def blocked(self) -> bool:
+        """True inside an excluded module, or outside every included module when includes are given."""
+        return self.excl_depth > 0 or (self.need_incl and self.incl_depth == 0)
+
+    # -- random stream -------------------------------------------------------------------------------------------
+    def generator(self, device: torch.device, direction: str) -> torch.Generator:
+        """The device's private generator, re-seeded for the next draw of ``direction`` (global RNG untouched)."""
+        gen = self._gens.get(device)
+        if gen is None:
+            gen = self._gens[device] = torch.Generator(device=device)
+        n = self.counters[direction]
+        self.counters[direction] = n + 1
+        base = self._base[0 if direction == "fwd" else 1]
+        gen.manual_seed(_splitmix((base + (n + 1) * _GOLDEN) & _MASK64) >> 1)
+        return gen
+
+    # -- the noise itself ----------------------------------------------------------------------------------------
+    def perturb(self, t: Tensor, op: str, direction: str) -> Tensor:
+        """Apply the spec's noise model to ``t`` (an op output or a gradient); always returns a new tensor."""
+        spec = self.spec
+        if direction == "bwd" and not self.bwd_live() or spec is None or not spec.enabled:
+            return t.clone()
+        phase = self.effective_phase()
+        kind, n_pert = spec.type, t.numel()
+        if kind == "relative_gaussian":
+            out = models.relative_gaussian(t, spec.scale, self.generator(t.device, direction))
+        elif kind == "absolute_gaussian":
+            out = models.absolute_gaussian(t, spec.scale, self.generator(t.device, direction))
+        elif kind == "systematic_bias":
+            bias = self._channel_bias(t) if spec.per_channel else None
+            out = models.systematic_bias(t, spec.scale, bias)
+        elif kind == "bitflip":
+            out, n_pert = models.bitflip(t, spec.scale, spec.bits, self.generator(t.device, direction))
+        else:  # round
+            gen = self.generator(t.device, direction) if spec.rounding == "stochastic" else None
+            out = models.round_format(t, spec.round_format, spec.rounding, gen)
+        self._record(phase, op, direction, t, out, n_pert)
+        return out
+
+    def _channel_bias(self, t: Tensor) -> Tensor:
+        c = t.shape[-1] if t.dim() else 1
+        key = (c, t.device)
+        if key not in self._bias_cache:
+            self._bias_cache[key] = models.channel_bias(c, self.spec.scale, mix_seed(self.spec.seed, 7, c), t.device)
+        return self._bias_cache[key]
+
+    # -- telemetry -----------------------------------------------------------------------------------------------
+    def reset_telemetry(self) -> None:
+        """Forget counts and error sums (the random stream is not affected)."""
+        self.calls: Dict[tuple, int] = {}
+        self.elements: Dict[tuple, int] = {}
+        self.err_sums: Dict[tuple, Tensor] = {}
+
+    def _record(self, phase, op, direction, t: Tensor, out: Tensor, n_pert: int) -> None:
+        key = (phase, op, direction)
+        n = self.calls.get(key, 0)
+        self.calls[key] = n + 1
+        self.elements[key] = self.elements.get(key, 0) + n_pert
+        if self._period and n % self._period == 0:
+            ref = t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
+            err = out.detach().reshape(-1)[:_SAMPLE_ELEMS].float() - ref
+            s = torch.stack([err.square().sum(), ref.square().sum()])
+            acc = self.err_sums.get(key)
+            self.err_sums[key] = s if acc is None else acc.add_(s)
+
+    def telemetry(self) -> Dict[str, float]:
+        """Flat ``noise/<phase>/<op>/<fwd|bwd>/{calls,elements,rel_err_rms}``; rel_err_rms = sqrt(sum err^2 /
+        sum y^2) over the sampled elements (equals the RMS relative error for relative models, finite at y = 0)."""
+        out: Dict[str, float] = {}
+        for key, n in self.calls.items():
+            base = "noise/" + "/".join(key)
+            out[base + "/calls"] = float(n)
+            out[base + "/elements"] = float(self.elements[key])
+            if key in self.err_sums:
+                e, r = self.err_sums[key].tolist()
+                out[base + "/rel_err_rms"] = (e / r) ** 0.5 if r > 0 else float("nan")
+        return out
+
+
+STATE = NoiseState()
