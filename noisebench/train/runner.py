@@ -220,7 +220,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     trainer = NoisyGRPOTrainer(
         model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
         train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback, *(callbacks or [])],
-        injector=injector, aqn=aqn,
+        injector=injector, aqn=aqn, unfused_lm_head=bool(cfg.trainer.get("unfused_lm_head", False)),
     )
     callback.trainer = trainer
 

@@ -20,6 +20,7 @@ from transformers import LogitsProcessorList
 from trl import GRPOTrainer
 
 from noisebench.train.aqn import AQN
+from noisebench.train.lm_head import unfused_lm_head
 from noisebench.train.mismatch import SampledLogprobRecorder, mismatch_stats
 
 NOISE_STATE_FILE = "noisebench_noise_state.pt"
@@ -32,11 +33,15 @@ class NoisyGRPOTrainer(GRPOTrainer):
         injector: a ``noisebench.noise.NoiseInjector`` (installed by the caller), or None for no noise at all.
         aqn (AQN | None): QeRL's rollout-only RMSNorm-weight noise, or None.
         record_sampling_logps (bool): keep the rollout's log-probs to measure the rollout/training mismatch.
+        unfused_lm_head (bool): compute training/reference log-probs through ``F.linear`` so the lm_head is noisy
+            there too (see ``noisebench.train.lm_head``); False keeps TRL's fused head (clean lm_head in training).
         Other arguments go to ``trl.GRPOTrainer``.
     """
 
-    def __init__(self, *args, injector=None, aqn: AQN | None = None, record_sampling_logps: bool = True, **kwargs):
+    def __init__(self, *args, injector=None, aqn: AQN | None = None, record_sampling_logps: bool = True,
+                 unfused_lm_head: bool = True, **kwargs):
         self.injector = injector
+        self.unfused_lm_head = unfused_lm_head
         self.aqn = aqn
         self.record_sampling_logps = record_sampling_logps
         self.nb_phase: str | None = None
@@ -60,11 +65,13 @@ class NoisyGRPOTrainer(GRPOTrainer):
     @contextlib.contextmanager
     def _phase(self, name: str):
         prev, self.nb_phase = self.nb_phase, name
+        head = unfused_lm_head(self.unfused_lm_head and name in ("train_forward", "reference"))
         try:
             if self.injector is None:
-                yield
+                with head:
+                    yield
             else:
-                with self.injector.phase(name):
+                with self.injector.phase(name), head:
                     yield
         finally:
             self.nb_phase = prev
