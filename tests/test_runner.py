@@ -104,3 +104,4 @@ def test_cli_multirun_writes_records_and_leaderboard(tmp_path, cache_dir):
     assert exps == {"baseline", "e4d"}
     board = (tmp_path / "boards" / "tiny_arith.md").read_text()
     assert "e4d" in board and "baseline" in board
+    assert "Runs made with: `noisebench -m +exp=baseline,e4d " in board  # the sweep command, rebuilt from records

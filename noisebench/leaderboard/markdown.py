@@ -7,6 +7,7 @@ import pandas as pd
 
 from . import reference as refmod
 from .columns import COLUMNS, legend, render_rows, sci, times
+from .table import sweep_commands
 
 REMAKE = "noisebench-leaderboard --results {results} --out {out}"
 
@@ -22,6 +23,8 @@ def _header(testbed: str, runs: pd.DataFrame, results: str, out: str, n_boot: in
         f"Made from {len(runs)} result record(s) under `{results}` ({status}); "
         f"{', '.join(map(str, n_items)) or 'no'} test items per run"
         + (f", task {', '.join(f'`{t}`' for t in tasks)}" if tasks else "") + ".",
+        *([("Runs made with: " + "; ".join(f"`{c}`" for c in sweep_commands(runs)) + ".")]
+          if sweep_commands(runs) else []),
         f"Remake: `{REMAKE.format(results=results, out=out)}` (also rebuilt after every `noisebench` run and at the "
         "end of every multirun).",
         f"Statistics: 95% CIs; single-seed pairs: paired bootstrap over test items ({n_boot} resamples, RNG seed "

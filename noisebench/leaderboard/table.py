@@ -75,10 +75,12 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
             "steps": _num(rec.get("steps")), "wall_time_s": _num(rec.get("wall_time_s")),
             "finished_at": str(rec.get("finished_at") or ""), "error": rec.get("error"),
             "eval_task": rec.get("eval_task"), "path": rec.get("_path", ""),
+            "overrides": tuple(rec.get("overrides") or ()),
         })
     cols = ["testbed", "experiment", "seed", "status", "run_id", "noise", "noise_type", "scale", "rel_rms", "ops",
             "phases", "aqn", "clean", "final_acc", "final_acc_clean", "final_step", "per_item", "curve",
-            "final_reward", "mean_kl", "steps", "wall_time_s", "finished_at", "error", "eval_task", "path"]
+            "final_reward", "mean_kl", "steps", "wall_time_s", "finished_at", "error", "eval_task", "path",
+            "overrides"]
     df = pd.DataFrame(rows, columns=cols)
     df["group"] = df.apply(lambda r: json.dumps([r.experiment, r.noise, _key(r.scale), r.ops, r.phases]), axis=1)
     df = df.sort_values(["testbed", "group", "seed", "finished_at", "run_id"], kind="stable")
@@ -86,6 +88,35 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
     df["duplicate"] = finished & df[finished].duplicated(["testbed", "group", "seed"], keep="last").reindex(
         df.index, fill_value=False)
     return df.reset_index(drop=True)
+
+
+def sweep_commands(runs: pd.DataFrame) -> list[str]:
+    """The ``noisebench`` command lines that made these runs, rebuilt from each record's Hydra overrides.
+
+    Runs whose overrides differ only in ``+exp`` and ``seed`` fold into one multirun command
+    (``noisebench -m +exp=a,b seed=0,1``), so the header names how to reproduce the board's runs.
+    """
+    groups: dict[tuple, tuple[set, set]] = {}
+    for ov in runs.get("overrides", pd.Series(dtype=object)):
+        if not ov:
+            continue
+        exps = {o.split("=", 1)[1] for o in ov if o.startswith("+exp=")}
+        seeds = {o.split("=", 1)[1] for o in ov if o.startswith("seed=")}
+        rest = tuple(sorted(o for o in ov if not o.startswith(("+exp=", "seed="))))
+        e, s = groups.setdefault(rest, (set(), set()))
+        e.update(exps)
+        s.update(seeds)
+    out = []
+    for rest, (exps, seeds) in sorted(groups.items()):
+        parts = ["noisebench"]
+        if len(exps) > 1 or len(seeds) > 1:
+            parts.append("-m")
+        if exps:
+            parts.append("+exp=" + ",".join(sorted(exps)))
+        if seeds:
+            parts.append("seed=" + ",".join(sorted(seeds, key=lambda x: (len(x), x))))
+        out.append(" ".join(parts + list(rest)))
+    return out
 
 
 def _key(x: float):

@@ -155,7 +155,18 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         "diverged_at": history.diverged_at,
         "error": error,
         "run_dir": str(run_dir),
+        "overrides": hydra_overrides(),
     }
+
+
+def hydra_overrides() -> list[str] | None:
+    """The command-line overrides of this run (None outside a Hydra app, e.g. in tests calling run())."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ImportError, ValueError):
+        return None
 
 
 def _looks_diverged(exc: BaseException) -> bool:
@@ -223,6 +234,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         injector=injector, aqn=aqn, unfused_lm_head=bool(cfg.trainer.get("unfused_lm_head", False)),
     )
     callback.trainer = trainer
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # it prints every step's full log dict; the progress bar and wandb carry it
 
     status, error = "ok", None
     try:
