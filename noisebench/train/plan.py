@@ -1,10 +1,13 @@
 """``dry_run=true``: compose everything, check the model and data are reachable, print the plan, train nothing.
 
 Exits with one clear message (no traceback) when something is missing, so a user on a cluster learns in seconds,
-not after a queue wait, that the hub is offline or a local path is wrong.
+not after a queue wait, that the hub is offline, a local path is wrong or the batch does not split over the GPUs.
+Run it under the same launcher as the real run (``accelerate launch ... -m noisebench.cli ... dry_run=true``) to
+see the plan per rank; nothing here initialises CUDA contexts beyond counting devices or loads any weights.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 
@@ -20,43 +23,136 @@ def _gpus() -> int:
         return 0
 
 
-def plan_lines(cfg: DictConfig) -> list[str]:
+def strategy() -> str:
+    """The distributed strategy ``accelerate launch`` put in the environment (its ACCELERATE_* variables)."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return f"DeepSpeed ZeRO-{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return f"FSDP{env.get('FSDP_VERSION', '')}"
+    return "DDP" if int(env.get("WORLD_SIZE", 1) or 1) > 1 else "single process"
+
+
+def sharded() -> bool:
+    """Parameters split over ranks (ZeRO-3, FSDP): rank 0 alone cannot run lm-eval on the model."""
+    s = strategy()
+    return s.startswith("FSDP") or s == "DeepSpeed ZeRO-3"
+
+
+def _model_source(tb: DictConfig) -> str:
+    if tb.get("kind") != "hf":
+        return f"built in code ({tb.get('kind')})"
+    if OmegaConf.select(tb, "model_init", default="pretrained") == "random":
+        return "random init, Qwen2.5-1.5B architecture (testbed.model_init=random)"
+    return f"local folder {tb.model_path}" if tb.get("model_path") else f"hub {tb.get('model_id')}"
+
+
+def _data_source(tb: DictConfig) -> str:
+    data = tb.get("data") or {}
+    if tb.get("kind") != "hf":
+        return "generated (synthetic)"
+    if data.get("data_files"):
+        return f"files {OmegaConf.to_container(data.data_files)}"
+    if data.get("data_dir"):
+        return f"folder {data.data_dir}"
+    return f"hub {data.get('hub_id')} ({data.get('hub_config')})"
+
+
+def _rollout_lines(cfg: DictConfig, spec) -> list[str]:
+    from noisebench.train import vllm
+
+    if not vllm.use_vllm(cfg):
+        return ["rollout engine  transformers generate (in the trainer process, noised by the run's injector)"]
+    mode = vllm.vllm_mode(cfg)
+    eager = "eager (no CUDA graphs, no torch.compile)" if vllm.enforce_eager(cfg) else "CUDA graphs + torch.compile"
+    lines = [f"rollout engine  vLLM {mode}, {eager}"]
+    if mode == "colocate":
+        util = OmegaConf.select(cfg, "trainer.args.vllm_gpu_memory_utilization", default=None)
+        lines.append(f"                in the trainer process (gpu_memory_utilization {util}); rollout noise from the "
+                     f"run's injector, vLLM's plugin kept inert here")
+    else:
+        model = cfg.testbed.get("model_path") or cfg.testbed.get("model_id") or "MODEL_FOLDER"
+        lines.append("                start the server on other GPUs first (rollout noise via the plugin):")
+        lines.append("                  " + vllm.server_command(cfg, spec, model))
+    return lines
+
+
+def plan_lines(cfg: DictConfig, spec=None) -> list[str]:
+    from noisebench.train.runner import per_device_batch
+
     t, e, tb = cfg.trainer, cfg.eval, cfg.testbed
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", 1) or 1)
     steps = int(t.max_steps)
-    evals = sorted({0, *range(int(e.eval_every), steps + 1, int(e.eval_every)), steps})
-    use_vllm = bool(OmegaConf.select(cfg, "trainer.args.use_vllm", default=False))
-    mode = OmegaConf.select(cfg, "trainer.args.vllm_mode", default="colocate")
+    every = int(e.eval_every)
+    evals = sorted({0, *range(every, steps + 1, every), steps})
     n = cfg.noise
-    return [
+    ga = int(OmegaConf.select(t, "args.gradient_accumulation_steps", default=1) or 1)
+    try:
+        micro = f"{per_device_batch(cfg)} completions per device per micro-step x {world} process(es) x {ga} " \
+                f"accumulation step(s)"
+    except ValueError as exc:
+        micro = f"does not split: {exc}"
+    rank = int(os.environ.get("RANK", 0) or 0)
+    seed = f"noise seed {spec.seed} mixed with RANK={rank} (each rank draws its own stream)" if spec else "-"
+    lines = [
         f"experiment      {cfg.experiment} (seed {cfg.seed})",
-        f"testbed         {tb.name}: model {OmegaConf.select(tb, 'model_id', default=None) or tb.get('kind')}, "
-        f"eval task {tb.eval_task}",
-        f"noise           {n.type} scale {n.scale} ops {list(n.ops)} phases {list(n.phases)}",
+        f"testbed         {tb.name}: model {_model_source(tb)}; data {_data_source(tb)}; eval task {tb.eval_task}",
+        f"noise           {n.type} scale {n.scale} ops {list(n.ops)} phases {list(n.phases)}; {seed}",
         f"aqn             {'on' if cfg.aqn.enabled else 'off'}",
         f"steps           {steps} x {t.prompts_per_step} prompts x {t.num_generations} generations "
-        f"= {int(t.prompts_per_step) * int(t.num_generations)} completions a step",
-        f"processes       {world} (WORLD_SIZE); GPUs visible here: {_gpus()}; device={cfg.device}",
-        f"rollout engine  {'vLLM (' + str(mode) + ')' if use_vllm else 'transformers generate'}",
-        f"eval schedule   steps {evals}; limit {e.limit}; backend {e.backend}; clean_too {e.clean_too}",
+        f"= {int(t.prompts_per_step) * int(t.num_generations)} completions a step; "
+        f"{tb.max_prompt_length}+{tb.max_completion_length} tokens",
+        f"batch           {micro}",
+        f"processes       {world} (WORLD_SIZE), {strategy()}; GPUs visible here: {_gpus()}; device={cfg.device}",
+        *_rollout_lines(cfg, spec),
+        f"eval schedule   steps {evals} (every {every}); limit {e.limit}; backend {e.backend}; clean_too "
+        f"{e.clean_too}; on rank 0",
         f"results         {cfg.results_dir}/{tb.name}/{cfg.experiment}/",
     ]
+    return lines
+
+
+def problems(cfg: DictConfig, spec) -> list[str]:
+    """Everything that would stop the run, found without loading weights."""
+    from noisebench.testbeds import check_reachable
+    from noisebench.train import vllm
+    from noisebench.train.runner import per_device_batch
+
+    out = []
+    try:
+        per_device_batch(cfg)
+    except ValueError as exc:
+        out.append(str(exc))
+    if vllm.use_vllm(cfg):
+        try:
+            vllm.vllm_mode(cfg)
+            vllm.check_eager(cfg, spec)
+        except ValueError as exc:
+            out.append(str(exc))
+        if importlib.util.find_spec("vllm") is None:
+            out.append("trainer.args.use_vllm=true but vLLM is not installed: `pip install noisebench[vllm]` "
+                       "(or set trainer.args.use_vllm=false for transformers generate)")
+    if sharded() and int(os.environ.get("WORLD_SIZE", 1) or 1) > 1:
+        out.append(f"{strategy()} shards the weights over ranks, but checkpoint evaluation runs lm-eval on rank 0 "
+                   f"alone: use conf/accelerate/ddp.yaml or deepspeed_zero2.yaml for runs with in-loop evaluation")
+    out += list(check_reachable(cfg.testbed))
+    return out
 
 
 def dry_run(cfg: DictConfig) -> None:
-    from noisebench.testbeds import check_reachable
     from noisebench.train.runner import noise_spec
 
-    problems = []
+    spec, found = None, []
     try:
-        noise_spec(cfg)
+        spec = noise_spec(cfg)
     except ValueError as exc:
-        problems.append(f"noise spec: {exc}")
-    problems += list(check_reachable(cfg.testbed))
+        found.append(f"noise spec: {exc}")
+    found += problems(cfg, spec)
     print("noisebench dry run -- nothing will be trained")
-    for line in plan_lines(cfg):
+    for line in plan_lines(cfg, spec):
         print("  " + line)
-    if problems:
-        print("NOT READY:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    if found:
+        print(f"NOT READY ({len(found)} problem{'s' if len(found) > 1 else ''}):\n"
+              + "\n".join(f"  - {p}" for p in found), file=sys.stderr)
         sys.exit(2)
     print("ready: model, data and config check out")

@@ -70,13 +70,12 @@ def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
 
     t = cfg.trainer
     args = OmegaConf.to_container(t.args, resolve=True)
-    completions = int(t.prompts_per_step) * int(t.num_generations)
     if device == "cpu":
         args["use_cpu"] = True
     return GRPOConfig(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=int(t.max_steps),
-        per_device_train_batch_size=completions // int(os.environ.get("WORLD_SIZE", 1)),
+        per_device_train_batch_size=per_device_batch(cfg),
         num_generations=int(t.num_generations),
         max_completion_length=int(tb.max_completion_length),
         save_strategy="steps",
@@ -86,6 +85,33 @@ def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
         data_seed=int(cfg.seed),
         **args,
     )
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1) or 1)
+
+
+def is_main_process() -> bool:
+    """Rank 0 (``accelerate launch`` sets RANK): the only one that evaluates and writes the record."""
+    return int(os.environ.get("RANK", 0) or 0) == 0
+
+
+def per_device_batch(cfg: DictConfig) -> int:
+    """Completions per device per micro-step, so that one optimizer step sees ``prompts_per_step`` prompts in all:
+    TRL's generation batch is per_device x world x gradient_accumulation_steps (steps_per_generation)."""
+    t = cfg.trainer
+    completions = int(t.prompts_per_step) * int(t.num_generations)
+    ga = int(OmegaConf.select(t, "args.gradient_accumulation_steps", default=1) or 1)
+    if completions % (world_size() * ga):
+        raise ValueError(f"trainer.prompts_per_step x trainer.num_generations = {completions} completions a step do "
+                         f"not split over WORLD_SIZE={world_size()} x trainer.args.gradient_accumulation_steps={ga}; "
+                         f"choose values whose product divides {completions}")
+    return completions // (world_size() * ga)
+
+
+def skip_evaluation(model, step: int) -> dict:
+    """Evaluator of ranks other than 0: rank 0 evaluates (the weights are the same on every rank)."""
+    return {"acc": float("nan"), "acc_flexible": float("nan"), "per_item": None}
 
 
 def make_evaluator(cfg: DictConfig, tb, injector, run_dir: Path):
@@ -205,8 +231,13 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     from noisebench.train.aqn import AQN, AQNConfig
     from noisebench.train.tracking import Tracker
     from noisebench.train.trainer import NoisyGRPOTrainer
+    from noisebench.train.plan import sharded, strategy
+    from noisebench.train.vllm import vllm_rollouts
 
     spec = noise_spec(cfg)
+    if sharded() and world_size() > 1:
+        raise ValueError(f"{strategy()} shards the weights, but checkpoint evaluation runs lm-eval on rank 0 alone: "
+                         f"use conf/accelerate/ddp.yaml or deepspeed_zero2.yaml")
     aqn_cfg = AQNConfig(**OmegaConf.to_container(cfg.aqn, resolve=True))
     device = pick_device(str(cfg.device))
     set_seed(int(cfg.seed))
@@ -225,14 +256,21 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         history.diverged_at = None
         log.info("resuming from %s", ckpt)
 
-    tracker = Tracker(cfg, run_dir, tags=[tb.name, spec.type])
-    callback = NoisebenchCallback(make_evaluator(cfg, tb, injector, run_dir), int(cfg.eval.eval_every), history,
-                                  run_dir, on_step=tracker.log)
-    trainer = NoisyGRPOTrainer(
-        model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
-        train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback, *(callbacks or [])],
-        injector=injector, aqn=aqn, unfused_lm_head=bool(cfg.trainer.get("unfused_lm_head", False)),
-    )
+    if not tb.model.config._name_or_path:  # built in memory (model_init=random): TRL loads the reference model
+        tb.model.config._name_or_path = tb.model.name_or_path = str(tb.model_path)  # (and vLLM its config) from here
+    main = is_main_process()  # other ranks train but neither evaluate nor write the record (same run_dir)
+    tracker = Tracker(cfg, run_dir, tags=[tb.name, spec.type]) if main else None
+    evaluator = make_evaluator(cfg, tb, injector, run_dir) if main else skip_evaluation
+    callback = NoisebenchCallback(evaluator, int(cfg.eval.eval_every), history,
+                                  run_dir if main else run_dir / f"rank{os.environ.get('RANK')}",
+                                  on_step=tracker.log if main else None, show_progress=main)
+    callback.run_dir.mkdir(parents=True, exist_ok=True)
+    with vllm_rollouts(cfg, spec, tb.model_path):  # no-op unless trainer.args.use_vllm
+        trainer = NoisyGRPOTrainer(
+            model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
+            train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=[callback, *(callbacks or [])],
+            injector=injector, aqn=aqn, unfused_lm_head=bool(cfg.trainer.get("unfused_lm_head", False)),
+        )
     callback.trainer = trainer
     from transformers.trainer_callback import PrinterCallback
 
@@ -261,6 +299,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         telemetry["aqn/last_sigma"] = aqn.last_sigma
     record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,
                           int(trainer.state.global_step), started, error)
+    if not main:
+        return record
     write_record(run_dir / RECORD_NAME, record)
     if leaderboard and cfg.leaderboard.enabled:
         try:

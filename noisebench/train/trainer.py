@@ -22,6 +22,7 @@ from trl import GRPOTrainer
 from noisebench.train.aqn import AQN
 from noisebench.train.lm_head import unfused_lm_head
 from noisebench.train.mismatch import SampledLogprobRecorder, mismatch_stats
+from noisebench.train.vllm import check_rollout_noise
 
 NOISE_STATE_FILE = "noisebench_noise_state.pt"
 
@@ -83,7 +84,13 @@ class NoisyGRPOTrainer(GRPOTrainer):
         aqn_ctx = (self.aqn.rollout(model, self.state.global_step, self.state.max_steps or self.args.max_steps)
                    if self.aqn is not None else contextlib.nullcontext())
         with self._phase("rollout"), aqn_ctx:
-            if self.use_vllm or not self.record_sampling_logps:
+            if self.use_vllm:  # vLLM returns its own sampling log-probs
+                out = run()
+                if not self._vllm_noise_checked:
+                    self._vllm_noise_checked = True
+                    check_rollout_noise(self.injector, self.args.vllm_mode)
+                return out
+            if not self.record_sampling_logps:
                 return run()
             recorder = SampledLogprobRecorder(self.temperature)
             original = type(model).generate
@@ -112,6 +119,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
             self._loss_inputs = None
 
     _loss_inputs: dict[str, Any] | None = None
+    _vllm_noise_checked = False
 
     # ---- mismatch -----------------------------------------------------------------------------------------------
     def _measure_mismatch(self, train_logps: torch.Tensor) -> None:
