@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def run_subdir(results_dir: str, testbed: str, experiment: str, seed, resume) ->
         found = find_resumable(results_dir, testbed, experiment, seed)
         if found is not None:
             return str(found.relative_to(results_dir))
-    return f"{testbed}/{experiment}/{time.strftime('%Y%m%d-%H%M%S')}-s{seed}"
+    # Several processes of one run (accelerate launch) must agree on the folder: share a stamp through the env.
+    stamp = os.environ.get("NOISEBENCH_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
+    return f"{testbed}/{experiment}/{stamp}-s{seed}"
 
 
 def run_dir(results_dir: str, testbed: str, experiment: str, seed, resume) -> str:
