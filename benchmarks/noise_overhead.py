@@ -6,6 +6,9 @@ Usage:
 
 For each noise model it times forward+backward (phases train_forward / train_backward) and forward-only
 (phase rollout, no_grad), clean and noisy interleaved step by step, and prints median step times and their ratio.
+``--paths`` (issue 7) repeats this for the reference path (``NOISEBENCH_FAST=off``), the fast path (fused Triton
+kernel, CUDA) and the compiled stack (torch.compile fullgraph, fast path inside), each against its own clean twin;
+``--cpu-rng table`` times the opt-in CPU noise table (``noisebench.noise.fast.table``) in the GRPO-like step.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2Model  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
+from noisebench.noise.fast import set_cpu_generator, set_mode  # noqa: E402
 
 MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
 
@@ -42,7 +46,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true", help="torch.compile the stack (fullgraph)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the stack (fullgraph); same as --paths compiled")
+    p.add_argument("--paths", default=None, help="comma list of reference,fast,compiled (default: all three on CUDA, "
+                   "reference on CPU)")
+    p.add_argument("--cpu-rng", default="randn", choices=["randn", "table", "both"],
+                   help="CPU normal generator for the grpo-like step (table: opt-in shared noise table)")
     p.add_argument("--cpu-small", action="store_true", help="tiny CPU shapes: 2 layers, hidden 256, 512 tokens")
     p.add_argument("--grpo-like", action="store_true",
                    help="also time a GRPO-shaped step on the tiny testbed's model (hidden 128, 4 layers, vocab 492): "
@@ -53,6 +62,12 @@ def parse() -> argparse.Namespace:
         a.tokens, a.seq = a.tokens or 512, 256
     a.tokens = a.tokens or (8192 if a.device.startswith("cuda") else 1024)
     a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
+    if a.paths is None:
+        gpu = a.device.startswith("cuda")
+        a.paths = "compiled" if a.compile else ("reference,fast,compiled" if gpu else "reference")
+    bad = [x for x in a.paths.split(",") if x not in ("reference", "fast", "compiled")]
+    if bad:
+        p.error(f"--paths: unknown {bad}; valid choices: ['reference', 'fast', 'compiled']")
     return a
 
 
@@ -127,25 +142,31 @@ def grpo_like(a: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)
 
     print("grpo-like step (tiny testbed shapes, 128 sequences, 48 new tokens), fp32 cpu:")
-    for kind in a.models.split(","):
-        scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
-        inj = NoiseInjector(NoiseSpec(type=kind, scale=scale, ops=a.ops.split(","), phases=["all"]))
-        inj.attach(model)
-        c, n = time_pair(lambda: step(inj), inj, argparse.Namespace(device="cpu", warmup=1, steps=max(3, a.steps // 3)))
-        print(f"{kind:<18} {'step':<8} {c * 1e3:9.1f} {n * 1e3:9.1f} {n / c:6.2f}")
-        inj.detach(model)
+    for rng in (["randn", "table"] if a.cpu_rng == "both" else [a.cpu_rng]):
+        set_cpu_generator(rng)
+        for kind in a.models.split(","):
+            scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
+            inj = NoiseInjector(NoiseSpec(type=kind, scale=scale, ops=a.ops.split(","), phases=["all"]))
+            inj.attach(model)
+            c, n = time_pair(lambda: step(inj), inj,
+                             argparse.Namespace(device="cpu", warmup=1, steps=max(3, a.steps // 3)))
+            print(f"{kind:<18} {'step':<8} {c * 1e3:9.1f} {n * 1e3:9.1f} {n / c:6.2f}  cpu-rng={rng}")
+            inj.detach(model)
+    set_cpu_generator("randn")
 
 
-def main() -> None:
-    a = parse()
-    model = build(a)
-    runner = torch.compile(model, fullgraph=True) if a.compile else model
+def run_path(a: argparse.Namespace, model, path: str) -> None:
+    """One table: every noise model, fwd+bwd and fwd, clean vs noisy, on the reference, fast or compiled path."""
+    set_mode("off" if path == "reference" else "auto")
+    torch._dynamo.reset()
+    runner = torch.compile(model, fullgraph=True) if path == "compiled" else model
     batch = max(1, a.tokens // a.seq)
     x = torch.randn(batch, a.tokens // batch, a.hidden, device=a.device, dtype=next(model.parameters()).dtype,
                     requires_grad=False)
-    print(f"device={a.device} dtype={a.dtype} layers={a.layers} hidden={a.hidden} intermediate={a.intermediate} "
-          f"tokens={batch}x{a.tokens // batch} attn={a.attn} ops={a.ops} scale={a.scale} threads="
-          f"{torch.get_num_threads()} compile={a.compile} torch={torch.__version__}")
+    print(f"\n[path={path}] device={a.device} dtype={a.dtype} layers={a.layers} hidden={a.hidden} "
+          f"intermediate={a.intermediate} tokens={batch}x{a.tokens // batch} attn={a.attn} ops={a.ops} "
+          f"scale={a.scale} threads={torch.get_num_threads()} torch={torch.__version__}"
+          + (f" gpu={torch.cuda.get_device_name()}" if a.device.startswith("cuda") else ""))
     print(f"{'model':<18} {'mode':<8} {'clean ms':>9} {'noisy ms':>9} {'ratio':>6}")
     off = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["all"], phases=["eval"]))
     off.attach(model)   # installed, every op covered, but no phase of the step enabled: the "off" cost
@@ -158,9 +179,21 @@ def main() -> None:
         inj = NoiseInjector(spec)
         inj.attach(model)
         for mode, fn in make_steps(runner, x, inj).items():
-            c, n = time_pair(fn, inj, a)
-            print(f"{kind:<18} {mode:<8} {c * 1e3:9.2f} {n * 1e3:9.2f} {n / c:6.2f}")
+            try:
+                c, n = time_pair(fn, inj, a)
+                print(f"{kind:<18} {mode:<8} {c * 1e3:9.2f} {n * 1e3:9.2f} {n / c:6.2f}")
+            except Exception as err:  # e.g. a model the compiled path cannot trace: say so, keep the table going
+                inj.uninstall()
+                print(f"{kind:<18} {mode:<8} failed: {type(err).__name__}: {str(err).splitlines()[0][:120]}")
         inj.detach(model)
+    set_mode("auto")
+
+
+def main() -> None:
+    a = parse()
+    model = build(a)
+    for path in a.paths.split(","):
+        run_path(a, model, path)
     if a.grpo_like:
         grpo_like(a)
 

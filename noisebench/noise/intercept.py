@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .fast import inline as fast_inline
 from .runtime import STATE
 
 
@@ -119,6 +120,8 @@ def noise_output(y, op: str):
     if not (isinstance(y, Tensor) and y.is_floating_point()):
         return y
     if torch.compiler.is_compiling():
+        if fast_inline.applicable(y, STATE.spec):  # issue 7 hook: fusable, graph-capturable noise (no-grad CUDA)
+            return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
     if y.requires_grad:
         return _StraightThrough.apply(y, op)

@@ -7,6 +7,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .fast import table as _table
+
 ROUND_DTYPES = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
@@ -19,6 +21,10 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _randn(y: Tensor, gen: torch.Generator) -> Tensor:
     # CPU randn is single-threaded (~3.5 ns an element on this project's CPUs) and dominates Gaussian noise cost;
     # splitting it over Python threads was tried and lost to MKL's spinning worker threads right after a matmul.
+    if y.device.type == "cpu" and _table.active():  # issue 7 hook: opt-in shared noise table (fast/table.py)
+        n = _table.normals(y.shape, gen.initial_seed())
+        if n is not None:
+            return n
     return torch.randn(y.shape, generator=gen, device=y.device, dtype=torch.float32)
 
 

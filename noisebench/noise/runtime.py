@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import models
+from .fast import dispatch as fast
 from .spec import NoiseSpec
 
 _MASK64 = (1 << 64) - 1
@@ -73,6 +74,8 @@ class NoiseState:
         self._bias_cache.clear()
         seed = spec.seed if spec else 0
         self._base = [mix_seed(seed, self.rank, d) for d in range(len(DIRECTIONS))]  # per-call: one splitmix round
+        if spec is not None:  # issue 7: device-side streams of the fast paths (restart only when the seed changes)
+            fast.reset_all(mix_seed(seed, self.rank, len(DIRECTIONS)))
         self.refresh()
 
     def effective_phase(self) -> Optional[str]:
@@ -108,15 +111,20 @@ class NoiseState:
         return self.excl_depth > 0 or (self.need_incl and self.incl_depth == 0)
 
     # -- random stream -------------------------------------------------------------------------------------------
+    def next_seed(self, direction: str) -> int:
+        """The 63-bit key of the next draw of ``direction`` (advances its counter): the reference path seeds its
+        generator with it, the fast path feeds it to Philox, so both consume the stream one call at a time."""
+        n = self.counters[direction]
+        self.counters[direction] = n + 1
+        base = self._base[0 if direction == "fwd" else 1]
+        return _splitmix((base + (n + 1) * _GOLDEN) & _MASK64) >> 1
+
     def generator(self, device: torch.device, direction: str) -> torch.Generator:
         """The device's private generator, re-seeded for the next draw of ``direction`` (global RNG untouched)."""
         gen = self._gens.get(device)
         if gen is None:
             gen = self._gens[device] = torch.Generator(device=device)
-        n = self.counters[direction]
-        self.counters[direction] = n + 1
-        base = self._base[0 if direction == "fwd" else 1]
-        gen.manual_seed(_splitmix((base + (n + 1) * _GOLDEN) & _MASK64) >> 1)
+        gen.manual_seed(self.next_seed(direction))
         return gen
 
     # -- the noise itself ----------------------------------------------------------------------------------------
@@ -127,7 +135,16 @@ class NoiseState:
             return t.clone()
         phase = self.effective_phase()
         kind, n_pert = spec.type, t.numel()
-        if kind == "relative_gaussian":
+        capture = t.is_cuda and fast.capturing(t)
+        if fast.covers(spec, t):  # issue 7 hook: fused Triton kernel (fast/), same model, its own Philox draws
+            seed = self.next_seed(direction) if kind != "systematic_bias" else 0
+            out = fast.perturb(t, kind, spec.scale, seed, direction, capture)
+        elif capture and kind in ("relative_gaussian", "absolute_gaussian", "bitflip") or (
+                capture and kind == "round" and spec.rounding == "stochastic"):
+            raise RuntimeError(f"noise type {kind!r} cannot be captured in a CUDA graph by the reference path (it "
+                               f"re-seeds a torch.Generator per call); graph-capturable types on the fast path: "
+                               f"{sorted(fast.FAST_KINDS)} (needs Triton), plus round with rounding='nearest'")
+        elif kind == "relative_gaussian":
             out = models.relative_gaussian(t, spec.scale, self.generator(t.device, direction))
         elif kind == "absolute_gaussian":
             out = models.absolute_gaussian(t, spec.scale, self.generator(t.device, direction))
@@ -139,7 +156,8 @@ class NoiseState:
         else:  # round
             gen = self.generator(t.device, direction) if spec.rounding == "stochastic" else None
             out = models.round_format(t, spec.round_format, spec.rounding, gen)
-        self._record(phase, op, direction, t, out, n_pert)
+        if not capture:  # host code does not run on graph replays: telemetry counts eager and compiled calls only
+            self._record(phase, op, direction, t, out, n_pert)
         return out
 
     def _channel_bias(self, t: Tensor) -> Tensor:

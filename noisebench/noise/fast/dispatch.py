@@ -1,0 +1,127 @@
+"""Chooses the fast path for one noise call and owns the device counters that keep CUDA-graph replays fresh."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+MODES = ("auto", "off", "force")
+FAST_KINDS = frozenset(("relative_gaussian", "absolute_gaussian", "systematic_bias"))
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _mode_from_env() -> str:
+    m = os.environ.get("NOISEBENCH_FAST", "auto").strip().lower() or "auto"
+    if m not in MODES:
+        raise ValueError(f"NOISEBENCH_FAST={m!r} is not a fast-path mode; valid choices: {list(MODES)}")
+    return m
+
+
+MODE = _mode_from_env()
+_KERNELS = None          # the kernels module once imported; False when Triton is missing
+_COUNTERS: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+
+
+def set_mode(mode: str) -> None:
+    """``auto``: fast path on CUDA when Triton is there; ``off``: always the reference path; ``force``: also on CPU
+    tensors when Triton runs its interpreter (``TRITON_INTERPRET=1``; slow, for tests). Env: ``NOISEBENCH_FAST``."""
+    global MODE
+    if mode not in MODES:
+        raise ValueError(f"fast-path mode {mode!r} unknown; valid choices: {list(MODES)}")
+    MODE = mode
+
+
+def kernels():
+    """The Triton kernels module, or None when Triton cannot be imported (then everything takes the reference path)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import kernels as k
+            _KERNELS = k
+        except ImportError:
+            _KERNELS = False
+    return _KERNELS or None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def device_ok(device: torch.device) -> bool:
+    """Whether the fast path may run on ``device`` under the current mode."""
+    if MODE == "off":
+        return False
+    if device.type == "cuda":
+        return kernels() is not None
+    return MODE == "force" and device.type == "cpu" and interpreting() and kernels() is not None
+
+
+def covers(spec, t: Tensor) -> bool:
+    """True when the fused kernel implements ``spec``'s model for ``t``; anything else takes the reference path."""
+    if spec.type not in FAST_KINDS or (spec.type == "systematic_bias" and spec.per_channel):
+        return False
+    if t.dtype not in _DTYPES or t.numel() >= 4 * (2 ** 31 - 1):
+        return False
+    return device_ok(t.device)
+
+
+def capturing(t: Tensor) -> bool:
+    """Whether ``t``'s device stream is being captured into a CUDA graph (host code will not run on replay)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _norm(device: torch.device) -> torch.device:
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def counters(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(ctr int64[2], done int32[2]) on ``device``: slot 0 forward, slot 1 backward. Allocated once and only ever
+    changed in place, so pointers baked into captured graphs stay valid."""
+    device = _norm(device)
+    got = _COUNTERS.get(device)
+    if got is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("noisebench fast path: first noise call on this device happens inside a CUDA graph "
+                               "capture; run one step outside capture first (torch.compile's cudagraphs does)")
+        got = _COUNTERS[device] = (torch.zeros(2, dtype=torch.int64, device=device),
+                                   torch.zeros(2, dtype=torch.int32, device=device))
+    return got
+
+
+def reset_counters() -> None:
+    """Zero the graph-replay counters in place (on install), so captured noise is reproducible from a fixed seed."""
+    for ctr, done in _COUNTERS.values():
+        ctr.zero_()
+        done.zero_()
+
+
+def perturb(t: Tensor, kind: str, scale: float, seed: int, direction: str, capture: bool) -> Tensor:
+    """Apply ``kind`` to ``t`` with the fused kernel. ``seed``: the call's key from the engine's counters (the same
+    key the reference path would seed its generator with); ``capture``: mix in the device counter of ``direction``."""
+    ctr, done = counters(t.device)
+    slot = 0 if direction == "fwd" else 1
+    return kernels().launch(t, kind, scale, seed, ctr[slot:slot + 1], done[slot:slot + 1], capture)
+
+
+def state() -> Dict[str, list]:
+    """Device counters as lists (for logs; a sync)."""
+    return {str(d): c[0].tolist() for d, c in _COUNTERS.items()}
+
+
+_LAST_SEED: list = [None]
+
+
+def reset_all(seed: int) -> None:
+    """Restart the device-side streams (fused-kernel graph counters, compiled-graph seeds) when ``seed`` differs from
+    the last one: a fresh process with a fixed seed reproduces its draws, and re-installing the same seed continues
+    the stream (replays of graphs captured earlier keep drawing fresh noise instead of repeating it)."""
+    from . import inline
+    if seed != _LAST_SEED[0] or not inline.SEEDS:
+        reset_counters()
+        inline.reset(seed)
+        _LAST_SEED[0] = seed

@@ -1,0 +1,61 @@
+"""Opt-in cheaper CPU normals: a shared noise table, read at a per-call offset (as Salimans et al. 2017 did for ES).
+
+Why: on CPU, ``torch.randn`` is single-threaded (~3.5 ns an element here) and is most of the noise cost. A table of
+``2**log2_size`` standard normals, drawn once from a fixed seed, costs nothing per call: the call's key picks the
+offset of a contiguous window. Trade-off, stated plainly: each call's values are exact N(0, 1) draws and i.i.d.
+within the call (distinct table entries), but two calls whose windows overlap reuse the same values at shifted
+positions, so the noise of different ops is no longer independent. Calls larger than the table use ``randn``.
+Default off; ``NOISEBENCH_CPU_RNG=table`` (``NOISEBENCH_CPU_TABLE_LOG2``, default 24 = 64 MiB) or
+``set_cpu_generator("table")``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+GENERATORS = ("randn", "table")
+_TABLE_SEED = 0x5EED_7AB1E
+_state = {"name": "randn", "log2": 24, "table": None}
+
+
+def set_cpu_generator(name: str, log2_size: Optional[int] = None) -> None:
+    """Choose the CPU normal generator of the Gaussian models: ``randn`` (exact, default) or ``table``."""
+    if name not in GENERATORS:
+        raise ValueError(f"CPU noise generator {name!r} unknown; valid choices: {list(GENERATORS)}")
+    if log2_size is not None and not 10 <= int(log2_size) <= 30:
+        raise ValueError(f"NOISEBENCH_CPU_TABLE_LOG2 must be in [10, 30], got {log2_size}")
+    _state["name"] = name
+    if log2_size is not None and int(log2_size) != _state["log2"]:
+        _state["log2"], _state["table"] = int(log2_size), None
+
+
+def active() -> bool:
+    """Whether CPU Gaussian draws come from the table."""
+    return _state["name"] == "table"
+
+
+def _table() -> Tensor:
+    t = _state["table"]
+    if t is None:
+        g = torch.Generator().manual_seed(_TABLE_SEED)
+        t = _state["table"] = torch.randn(1 << _state["log2"], generator=g, dtype=torch.float32)
+    return t
+
+
+def normals(shape, key: int) -> Optional[Tensor]:
+    """A float32 view of shape ``shape`` into the table at an offset set by ``key``; None when too large."""
+    t = _table()
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n > t.numel():
+        return None
+    off = (int(key) * 0x9E3779B97F4A7C15 >> 7) % (t.numel() - n + 1)
+    return t[off:off + n].view(shape)
+
+
+set_cpu_generator(os.environ.get("NOISEBENCH_CPU_RNG", "randn").strip().lower() or "randn",
+                  int(os.environ["NOISEBENCH_CPU_TABLE_LOG2"]) if os.environ.get("NOISEBENCH_CPU_TABLE_LOG2") else None)

@@ -1,0 +1,208 @@
+"""Fast paths of the noise engine (issue 7): fused Triton kernel, CUDA-graph / compiled noise, CPU noise table.
+
+Kernel tests run on CUDA; without CUDA they run through Triton's CPU interpreter when Triton is installed (float32
+only: the interpreter truncates bf16 casts), else they skip with the reason. The noise-table tests need neither.
+"""
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+if HAS_TRITON and not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels module is first imported
+
+from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
+from noisebench.noise.fast import dispatch, inline, table  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+needs_kernel = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON) and not (HAS_TRITON and dispatch.interpreting()),
+                                  reason="fast path needs CUDA + Triton (or Triton's CPU interpreter); neither here")
+needs_cuda = pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs a CUDA GPU and Triton (graph capture)")
+DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def _fast_mode():
+    dispatch.set_mode("auto" if HAS_CUDA else "force")
+    yield
+    dispatch.set_mode("auto")
+    table.set_cpu_generator("randn")
+
+
+def _linear_inputs(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 256, generator=g).to(DEV, dtype)
+    w = torch.randn(384, 256, generator=g).to(DEV, dtype)
+    return x, w
+
+
+def _noisy_linear(kind, scale, x, w, seed=0, calls=1):
+    inj = NoiseInjector(NoiseSpec(type=kind, scale=scale, seed=seed, telemetry_rate=1.0), global_phase=True)
+    with inj:
+        ys = [F.linear(x, w) for _ in range(calls)]
+    return ys, inj.telemetry()
+
+
+def _rel(y, ref):
+    y, ref = y.double(), ref.double()
+    big = ref.abs() > 1.0
+    return (y - ref)[big] / ref[big]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,scale", [("relative_gaussian", 1e-2), ("absolute_gaussian", 2e-2)])
+def test_fused_kernel_statistics_match_reference_path(kind, scale, dtype):
+    x, w = _linear_inputs(dtype)
+    ref = F.linear(x, w)
+    cpu_rng, cuda_rng = torch.get_rng_state(), (torch.cuda.get_rng_state() if HAS_CUDA else None)
+    stats = {}
+    for mode in ("fast", "off"):
+        dispatch.set_mode(mode if mode == "off" else ("auto" if HAS_CUDA else "force"))
+        (y,), tel = _noisy_linear(kind, scale, x, w)
+        d = _rel(y, ref) if kind == "relative_gaussian" else (y.double() - ref.double()).flatten()
+        stats[mode] = (d.std().item(), d.mean().item(), tel["noise/global/linear/fwd/calls"])
+    assert torch.equal(torch.get_rng_state(), cpu_rng)
+    if HAS_CUDA:
+        assert torch.equal(torch.cuda.get_rng_state(), cuda_rng)
+    tol = 0.05 if dtype == torch.float32 else 0.15   # bf16 rounding (ulp 2**-8) widens the realized spread
+    for mode, (std, mean, calls) in stats.items():
+        assert std == pytest.approx(scale, rel=tol), (mode, std)
+        assert abs(mean) < 6 * scale / math.sqrt(x.shape[0] * w.shape[0] / 4)
+        assert calls == 1.0
+    assert stats["fast"][0] == pytest.approx(stats["off"][0], rel=tol)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_systematic_bias_fast_is_bitwise_the_reference(dtype):
+    x, w = _linear_inputs(dtype)
+    (fast,), _ = _noisy_linear("systematic_bias", 3e-3, x, w)
+    dispatch.set_mode("off")
+    (ref,), _ = _noisy_linear("systematic_bias", 3e-3, x, w)
+    assert torch.equal(fast, ref)
+    assert not torch.equal(fast, F.linear(x, w))
+
+
+@needs_kernel
+def test_fast_draws_reproducible_per_seed_fresh_per_call():
+    x, w = _linear_inputs(torch.float32)
+    a, _ = _noisy_linear("relative_gaussian", 1e-2, x, w, seed=3, calls=2)
+    b, _ = _noisy_linear("relative_gaussian", 1e-2, x, w, seed=3, calls=2)
+    c, _ = _noisy_linear("relative_gaussian", 1e-2, x, w, seed=4, calls=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ref = F.linear(x, w)
+    corr = torch.corrcoef(torch.stack([(a[0] - ref).flatten(), (a[1] - ref).flatten()]))[0, 1].item()
+    assert abs(corr) < 0.02
+    assert not torch.equal(a[0], c[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("spec", [dict(type="bitflip", scale=0.01), dict(type="round", rounding="stochastic"),
+                                  dict(type="systematic_bias", scale=1e-2, per_channel=True)])
+def test_uncovered_models_fall_back_to_reference_not_to_no_noise(spec):
+    x, w = _linear_inputs(torch.float32)
+    assert not dispatch.covers(NoiseSpec(**spec), x)
+    inj = NoiseInjector(NoiseSpec(**spec), global_phase=True)
+    with inj:
+        y = F.linear(x, w)
+    assert (y != F.linear(x, w)).float().mean().item() > 0.005
+
+
+@needs_kernel
+def test_fast_training_step_noises_outputs_and_gradients():
+    x, w = _linear_inputs(torch.float32)
+    w.requires_grad_(True)
+    g_out = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
+    F.linear(x, w).backward(g_out)
+    clean = w.grad.clone()
+    w.grad = None
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward", "train_backward"]))
+    with inj:
+        with inj.phase("train_forward"):
+            y = F.linear(x, w)
+        with inj.phase("train_backward"):
+            y.backward(g_out)
+    # weight grad = noisy(g_out)^T x, then noised itself: relative error of ~1e-2 on the grad, not 0
+    rel = _rel(w.grad, clean)
+    assert 0.5e-2 < rel.std().item() < 2e-2
+    assert inj.telemetry()["noise/train_backward/linear/bwd/calls"] == 1.0
+
+
+@pytest.mark.slow
+@needs_kernel
+def test_compiled_no_grad_noise_is_inline_fresh_per_call_and_spares_global_rng():
+    torch._dynamo.reset()
+    x, w = _linear_inputs(torch.float32)
+    ref = F.linear(x, w)
+    f = torch.compile(lambda v: F.linear(v, w), fullgraph=True, mode="reduce-overhead" if HAS_CUDA else "default")
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["rollout"]))
+    rng = torch.cuda.get_rng_state() if HAS_CUDA else torch.get_rng_state()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    with inj, torch.no_grad(), inj.phase("rollout"):
+        ys = [f(x).clone() for _ in range(4)]
+    assert torch.equal(torch.cuda.get_rng_state() if HAS_CUDA else torch.get_rng_state(), rng)
+    assert dict(counters["inductor"]).get("cudagraph_skips", 0) == 0
+    for y in ys:
+        assert _rel(y, ref).std().item() == pytest.approx(1e-2, rel=0.05)
+    corr = torch.corrcoef(torch.stack([(ys[2] - ref).flatten(), (ys[3] - ref).flatten()]))[0, 1].item()
+    assert abs(corr) < 0.02                          # replays draw fresh noise
+    assert inline.FUSABLE
+    torch._dynamo.reset()
+
+
+@needs_cuda
+def test_cuda_graph_capture_of_fused_kernel_draws_fresh_noise_each_replay():
+    x, w = _linear_inputs(torch.float32)
+    ref = F.linear(x, w)
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2), global_phase=True)
+    with inj:
+        F.linear(x, w)                                # warm-up outside capture (allocates the device counters)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = F.linear(x, w)
+        outs = []
+        for _ in range(3):
+            graph.replay()
+            outs.append(y.clone())
+    for o in outs:
+        assert _rel(o, ref).std().item() == pytest.approx(1e-2, rel=0.05)
+    corr = torch.corrcoef(torch.stack([(outs[0] - ref).flatten(), (outs[1] - ref).flatten()]))[0, 1].item()
+    assert abs(corr) < 0.02
+
+
+@needs_cuda
+def test_reference_only_model_under_capture_raises_clearly():
+    x, w = _linear_inputs(torch.float32)
+    inj = NoiseInjector(NoiseSpec(type="bitflip", scale=1e-3), global_phase=True)
+    with inj:
+        F.linear(x, w)
+        with pytest.raises(RuntimeError, match="cannot be captured"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                F.linear(x, w)
+
+
+@pytest.mark.parametrize("kind,scale", [("relative_gaussian", 1e-2), ("absolute_gaussian", 2e-2)])
+def test_cpu_noise_table_statistics_and_reproducibility(kind, scale):
+    table.set_cpu_generator("table", log2_size=20)
+    x, w = (t.cpu() for t in _linear_inputs(torch.float32))
+    ref = F.linear(x, w)
+    dispatch.set_mode("off")
+    a, _ = _noisy_linear(kind, scale, x, w, seed=1, calls=2)
+    b, _ = _noisy_linear(kind, scale, x, w, seed=1, calls=1)
+    d = _rel(a[0], ref) if kind == "relative_gaussian" else (a[0] - ref).flatten()
+    assert d.std().item() == pytest.approx(scale, rel=0.05)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_bad_fast_mode_and_cpu_generator_name_the_choices():
+    with pytest.raises(ValueError, match="valid choices"):
+        dispatch.set_mode("fastest")
+    with pytest.raises(ValueError, match="valid choices"):
+        table.set_cpu_generator("mersenne")
