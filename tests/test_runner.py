@@ -90,6 +90,10 @@ def test_wandb_offline_files_written(tmp_path, cache_dir):
     rec = _run(tmp_path, cache_dir, ["+exp=e4c", "logger=wandb"], steps=1)
     runs = list((Path(rec["run_dir"]) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    from noisebench.train.callbacks import phase_telemetry
+
+    per_phase = phase_telemetry(rec["telemetry"])  # what each step logs to wandb
+    assert per_phase["noise/rollout/calls"] > 0 and per_phase["noise/train_backward/elements"] > 0
 
 
 @pytest.mark.slow

@@ -47,6 +47,17 @@ class RunHistory:
         return cls(**json.loads(Path(path).read_text()))
 
 
+def phase_telemetry(telemetry: dict) -> dict[str, float]:
+    """Per-phase totals of the injector's flat telemetry (noisy calls and elements so far): a step-level view."""
+    out: dict[str, float] = {}
+    for key, value in telemetry.items():
+        parts = key.split("/")  # noise/<phase>/<op>/<dir>/<stat>
+        if len(parts) == 5 and parts[4] in ("calls", "elements"):
+            name = f"noise/{parts[1]}/{parts[4]}"
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
 def _finite(x) -> bool:
     return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
 
@@ -132,6 +143,9 @@ class NoisebenchCallback(TrainerCallback):
         if self.on_step:
             m = {"train/reward": reward, "train/step_time_s": dt}
             m.update({f"mismatch/{k}": v for k, v in mismatch.items()})
+            injector = getattr(self.trainer, "injector", None)
+            if injector is not None and hasattr(injector, "telemetry"):
+                m.update(phase_telemetry(injector.telemetry()))
             self.on_step(m, step)
         if self._bar is not None:
             self._bar.update(1)
