@@ -76,3 +76,12 @@ def mismatch_stats(sampling_logps: torch.Tensor, train_logps: torch.Tensor, mask
         "is_ratio_min": float(ratio.min()),
         "is_ratio_max": float(ratio.max()),
     }
+
+
+def aggregate(key: str, values: list[float]) -> float:
+    """Combine one statistic over micro-batches or steps: extremes stay extremes (``*_max``, ``*_min``), else mean."""
+    if key.endswith("_max"):
+        return float(max(values))
+    if key.endswith("_min"):
+        return float(min(values))
+    return float(sum(values) / len(values))

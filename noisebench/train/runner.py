@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, write_record
 from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
+from noisebench.train.mismatch import aggregate
 
 log = logging.getLogger("noisebench")
 
@@ -147,13 +148,11 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         if history.final_items.get("step") == last["step"]:
             final["per_item"] = history.final_items.get("per_item")
             final["per_item_clean"] = history.final_items.get("per_item_clean")
-    keys = sorted({k for m in history.mismatch for k in m if k != "step"})
-    mismatch = {f"mean_{k}" if not k.startswith(("abs", "is_")) else k: None for k in keys}
-    for k in keys:
+    # Run-level mismatch: mean of each per-step statistic; *_max / *_min keep the extreme ("kl" -> "mean_kl").
+    mismatch = {}
+    for k in sorted({k for m in history.mismatch for k in m if k != "step"}):
         vals = [m[k] for m in history.mismatch if m.get(k) is not None and math.isfinite(m[k])]
-        name = f"mean_{k}" if not k.startswith(("abs", "is_")) else k
-        if vals:
-            mismatch[name] = max(vals) if k.endswith("_max") else min(vals) if k.endswith("_min") else sum(vals) / len(vals)
+        mismatch[k if k.startswith(("abs", "is_")) else f"mean_{k}"] = aggregate(k, vals) if vals else None
     mismatch["per_step"] = history.mismatch
     return {
         "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",

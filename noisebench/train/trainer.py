@@ -21,7 +21,7 @@ from trl import GRPOTrainer
 
 from noisebench.train.aqn import AQN
 from noisebench.train.lm_head import unfused_lm_head
-from noisebench.train.mismatch import SampledLogprobRecorder, mismatch_stats
+from noisebench.train.mismatch import SampledLogprobRecorder, aggregate, mismatch_stats
 from noisebench.train.vllm import check_rollout_noise
 
 NOISE_STATE_FILE = "noisebench_noise_state.pt"
@@ -133,10 +133,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
 
     def pop_step_mismatch(self) -> dict[str, float]:
         """Mean (max for *_max, min for *_min) of this step's mismatch statistics; clears them."""
-        out = {}
-        for k, vals in self._step_mismatch.items():
-            agg = max if k.endswith("_max") else min if k.endswith("_min") else (lambda v: sum(v) / len(v))
-            out[k] = float(agg(vals))
+        out = {k: aggregate(k, vals) for k, vals in self._step_mismatch.items()}
         self._step_mismatch.clear()
         return out
 
