@@ -49,11 +49,16 @@ def curves_plot(testbed: str, runs: pd.DataFrame, exps: pd.DataFrame, path: Path
                 ax.fill_between(mc.step, 100 * mc.lo, 100 * mc.hi, color=color, alpha=0.15, lw=0)
         ax.set(xlabel="training step", ylabel="strict accuracy (%)",
                title=f"{testbed}: accuracy vs step (band: min–max over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        save_png(fig, path)
+        _finish(fig, ax, path)
     return path
+
+
+def _finish(fig, ax, path: Path) -> None:
+    """Shared styling tail of every plot: grid, legend, tight layout, deterministic PNG."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    save_png(fig, path)
 
 
 def tolerance_plot(testbed: str, exps: pd.DataFrame, path: Path) -> Path | None:
@@ -80,10 +85,7 @@ def tolerance_plot(testbed: str, exps: pd.DataFrame, path: Path) -> Path | None:
         ax.set_xscale("log")
         ax.set(xlabel="noise scale", ylabel="Δ accuracy vs baseline (points, 95% CI)",
                title=f"{testbed}: tolerance to noise scale")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        save_png(fig, path)
+        _finish(fig, ax, path)
     return path
 
 
