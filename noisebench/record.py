@@ -31,6 +31,8 @@ from typing import Any, Iterable
 SCHEMA_VERSION = 1
 STATUSES = ("running", "ok", "diverged", "failed")
 RECORD_NAME = "record.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -52,6 +54,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared and read by others
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -245,3 +245,19 @@ def test_minimal_and_unfinished_records_do_not_break_the_board(tmp_path):
     md = (tmp_path / "o" / "tb.md").read_text()
     assert [p.name for p in paths] == ["tb.md"]
     assert "No finished runs yet." in md and "`e4c`" in md.split("## Not ranked")[1]
+
+
+def test_records_are_written_atomically_and_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from noisebench.record import read_record, write_record
+
+    path = tmp_path / "r" / "record.json"
+    write_record(path, {"run_id": "x", "testbed": "t", "experiment": "e", "seed": 0, "status": "ok",
+                        "final": {"acc": float("nan")}})
+    assert read_record(path)["final"]["acc"] is None  # NaN stored as null: valid JSON
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~mask  # not mkstemp's 0600
+    assert [p.name for p in path.parent.iterdir()] == ["record.json"]  # no temp file left behind
