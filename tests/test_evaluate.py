@@ -239,13 +239,14 @@ def test_real_noise_injector_changes_answers_reproducibly_and_clean_stays_clean(
     model, tok = tiny
     kw = dict(task="noisebench_arith", data_files={"test": arith_file}, limit=16, max_gen_toks=8, batch_size=16)
     plain = evaluate_checkpoint(model, tok, output_dir=tmp_path / "plain", **kw)
-    spec = NoiseSpec(type="relative_gaussian", scale=0.1, ops=["matmul_family"], phases=["eval"], seed=0)
+    spec = NoiseSpec(type="relative_gaussian", scale=0.3, ops=["matmul_family"], phases=["eval"], seed=0)
     inj = NoiseInjector(spec)
     start = inj.state_dict()
     a = evaluate_checkpoint(model, tok, injector=inj, clean_too=True, output_dir=tmp_path / "a", **kw)
     assert a.noisy and not inj.installed  # installed for the call only
     assert inj.telemetry()["noise/eval/linear/fwd/calls"] > 0
-    assert sum(x != y for x, y in zip(_strict_resps(a), _strict_resps(plain))) >= 8  # random model: most change
+    changed = sum(x != y for x, y in zip(_strict_resps(a), _strict_resps(plain)))
+    assert changed >= 8  # random model at scale 0.3: most answers change (15 of 16 with this seed)
     assert _strict_resps(a.clean) == _strict_resps(plain)
     inj.load_state_dict(start)  # same stream position, same batch size and order -> the same noisy answers
     b = evaluate_checkpoint(model, tok, injector=inj, output_dir=tmp_path / "b", **kw)

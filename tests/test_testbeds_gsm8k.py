@@ -59,7 +59,7 @@ def test_unreachable_data_is_one_clear_paragraph(data, match):
 
 
 def _qwen(**over):
-    cfg = OmegaConf.load(QWEN)
+    cfg = OmegaConf.load(QWEN).testbed  # a global-package file: testbed keys live under `testbed:`
     for k, v in over.items():
         OmegaConf.update(cfg, k, v)
     return cfg
@@ -69,8 +69,8 @@ def test_shipped_qwen_config_keys():
     cfg = OmegaConf.to_container(_qwen(**{"data.data_dir": None}), resolve=True)
     assert cfg["model_id"] == "Qwen/Qwen2.5-1.5B-Instruct" and cfg["dtype"] == "bf16" and cfg["use_chat_template"]
     assert (cfg["max_prompt_length"], cfg["max_completion_length"]) == (512, 1024)
-    g = cfg["grpo"]
-    assert (g["learning_rate"], g["num_generations"], g["beta"], g["prompts_per_step"]) == (1e-6, 5, 0.001, 64)
+    g = OmegaConf.load(QWEN.parents[1] / "trainer" / "grpo_qwen.yaml")  # the study's recipe, selected by the testbed
+    assert (g.args.learning_rate, g.num_generations, g.args.beta, g.prompts_per_step) == (1e-6, 5, 0.001, 64)
 
 
 def test_check_reachable_names_each_missing_piece(tmp_path):
@@ -91,7 +91,7 @@ def test_hf_kind_loads_a_local_model_with_chat_template(tmp_path):
     folder = gsm8k_dir()
     tb = load_testbed(_qwen(model_path=local, dtype="fp32", **{"data.data_dir": str(folder)}), cache_dir=tmp_path)
     assert tb.eval_task == "noisebench_gsm8k" and tb.eval_data_files["test"] == str((folder / "test.jsonl").resolve())
-    assert len(tb.train_dataset) == 7473 and tb.use_chat_template and tb.grpo["learning_rate"] == 1e-6
+    assert len(tb.train_dataset) == 7473 and tb.use_chat_template
     q = json.loads((folder / "train.jsonl").read_text().splitlines()[0])
     want = "<|im_start|>user\n" + make_prompt(q["question"]) + "<|im_end|>\n<|im_start|>assistant\n"
     assert tb.train_dataset[0] == {"prompt": want, "answer": gold_answer(q["answer"])}

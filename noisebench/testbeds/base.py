@@ -25,7 +25,6 @@ class Testbed:
         eval_data_files: ``{"test": abs path}`` of a GSM8K-schema jsonl (question, answer).
         max_prompt_length, max_completion_length: token limits for GRPO rollouts and evaluation.
         use_chat_template: whether ``prompt`` was rendered through the tokenizer's chat template.
-        grpo: the testbed's recommended GRPO hyperparameters (may be empty).
         meta: build facts: warm-start seconds, greedy strict/flexible accuracy, cache folder, ...
     """
 
@@ -41,7 +40,6 @@ class Testbed:
     max_prompt_length: int
     max_completion_length: int
     use_chat_template: bool = False
-    grpo: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 

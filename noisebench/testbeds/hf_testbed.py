@@ -14,7 +14,7 @@ from noisebench.testbeds.gsm8k import gsm8k_problems, load_gsm8k, write_records
 from noisebench.testbeds.warmstart import check_keys
 
 TOP_KEYS = ("name", "kind", "eval_task", "seed", "model_id", "model_path", "model_init", "tokenizer_path", "dtype",
-            "use_chat_template", "max_prompt_length", "max_completion_length", "data", "grpo")
+            "use_chat_template", "max_prompt_length", "max_completion_length", "data")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODEL_INITS = ("pretrained", "random")
 
@@ -135,6 +135,6 @@ def load(cfg: Mapping, cache_dir, device: str = "cpu") -> Testbed:
                    eval_task=cfg["eval_task"], eval_data_files={"test": str(Path(test).resolve())},
                    max_prompt_length=int(cfg["max_prompt_length"]),
                    max_completion_length=int(cfg["max_completion_length"]),
-                   use_chat_template=bool(cfg.get("use_chat_template")), grpo=dict(cfg.get("grpo") or {}),
+                   use_chat_template=bool(cfg.get("use_chat_template")),
                    meta={"model_init": cfg.get("model_init", "pretrained"), "n_train": len(train),
                          "n_test": len(recs["test"])})

@@ -18,8 +18,8 @@ from noisebench.testbeds.warmstart import (FORMAT_KEYS, WARMSTART_KEYS, check_ke
                                            sft_pairs, train_sft)
 
 TOP_KEYS = ("name", "kind", "eval_task", "seed", "max_prompt_length", "max_completion_length", "data", "tokenizer",
-            "model", "warmstart", "grpo")
-#: The keys that shape what is built; only they enter the cache hash (changing e.g. ``grpo`` reuses the cache).
+            "model", "warmstart")
+#: The keys that shape what is built; only they enter the cache hash (changing e.g. ``eval_task`` reuses the cache).
 BUILD_KEYS = ("kind", "seed", "max_completion_length", "data", "tokenizer", "model", "warmstart")
 
 
@@ -105,4 +105,4 @@ def load(cfg: Mapping, cache_dir, device: str = "cpu", log=print) -> Testbed:
                    eval_data_files={"test": str(folder / "test.jsonl")},
                    max_prompt_length=int(cfg["max_prompt_length"]),
                    max_completion_length=int(cfg["max_completion_length"]),
-                   use_chat_template=False, grpo=dict(cfg.get("grpo") or {}), meta=meta)
+                   use_chat_template=False, meta=meta)
