@@ -44,6 +44,15 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
+def eager_then_compiled(model, compiled, inj):
+    """Telemetry of one eager step, then of one compiled step of the same model (counters reset in between)."""
+    step(model, inj)
+    eager = inj.telemetry()
+    inj.reset_telemetry()
+    step(compiled, inj)
+    return eager, inj.telemetry()
+
+
 def test_aot_eager_fullgraph_matches_eager_and_reads_backward_phase_at_run_time():
     model = tiny()
     spec = NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["all"], telemetry_rate=1.0)
@@ -52,11 +61,7 @@ def test_aot_eager_fullgraph_matches_eager_and_reads_backward_phase_at_run_time(
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True)   # fullgraph: any graph break raises
     with inj:
-        step(model, inj)
-        eager = inj.telemetry()
-        inj.reset_telemetry()
-        step(compiled, inj)
-        comp = inj.telemetry()
+        eager, comp = eager_then_compiled(model, compiled, inj)
         frames = counter.frame_count
         assert _counts(comp) == _counts(eager) and _counts(comp, "elements") == _counts(eager, "elements")
         for key, value in comp.items():
@@ -98,11 +103,7 @@ def test_inductor_fullgraph_noise():
     torch.manual_seed(5)
     rng = torch.get_rng_state()
     with inj:
-        step(model, inj)
-        eager = inj.telemetry()
-        inj.reset_telemetry()
-        step(compiled, inj)
-        comp = inj.telemetry()
+        eager, comp = eager_then_compiled(model, compiled, inj)
     assert torch.equal(rng, torch.get_rng_state())               # inductor did not draw from the global RNG
     assert _counts(comp) == _counts(eager)
     assert comp["noise/train_forward/linear/fwd/rel_err_rms"] == pytest.approx(1e-2, rel=0.15)
