@@ -44,15 +44,20 @@ def _op_table() -> dict:
 FUNC_OPS = _op_table()
 
 
-@torch.library.custom_op("noisebench::fwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def fwd_noise(y: Tensor, op: str) -> Tensor:
-    """Opaque forward noise on an op output; reads the process state when it runs."""
-    return STATE.perturb(y, op, "fwd")
+def _define_noise_op(direction: str):
+    """The opaque op ``noisebench::<direction>``: reads the process state when it runs, so under compile the phase,
+    scale and counters in force at run time decide (fwd: noise on an op output; bwd: noise on a gradient, applied only
+    if the phase in force now is train_backward/global)."""
+    @torch.library.custom_op(f"noisebench::{direction}", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+    def noise_op(t: Tensor, op: str) -> Tensor:
+        return STATE.perturb(t, op, direction)
+
+    noise_op.register_fake(lambda t, op: torch.empty_like(t))
+    return noise_op
 
 
-@fwd_noise.register_fake
-def _fwd_fake(y: Tensor, op: str) -> Tensor:
-    return torch.empty_like(y)
+fwd_noise = _define_noise_op("fwd")
+bwd_noise = _define_noise_op("bwd")
 
 
 def _fwd_backward(ctx, g):
@@ -60,17 +65,6 @@ def _fwd_backward(ctx, g):
 
 
 fwd_noise.register_autograd(_fwd_backward, setup_context=lambda ctx, inputs, output: None)
-
-
-@torch.library.custom_op("noisebench::bwd", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def bwd_noise(g: Tensor, op: str) -> Tensor:
-    """Opaque backward noise on a gradient; applies only if the phase in force now is train_backward/global."""
-    return STATE.perturb(g, op, "bwd")
-
-
-@bwd_noise.register_fake
-def _bwd_fake(g: Tensor, op: str) -> Tensor:
-    return torch.empty_like(g)
 
 
 class MarkForBackward(torch.autograd.Function):
