@@ -23,7 +23,9 @@ def _run(tmp_path, cache, extra, name="run", steps=2, callbacks=None):
 
 
 def _phase_calls(telemetry: dict, phase: str) -> float:
-    return sum(v for k, v in telemetry.items() if k.startswith(f"noise/{phase}/") and k.endswith("/calls"))
+    from noisebench.train.callbacks import phase_telemetry
+
+    return phase_telemetry(telemetry).get(f"noise/{phase}/calls", 0.0)
 
 
 @pytest.mark.slow

@@ -144,7 +144,7 @@ class NoisebenchCallback(TrainerCallback):
             m = {"train/reward": reward, "train/step_time_s": dt}
             m.update({f"mismatch/{k}": v for k, v in mismatch.items()})
             injector = getattr(self.trainer, "injector", None)
-            if injector is not None and hasattr(injector, "telemetry"):
+            if injector is not None:
                 m.update(phase_telemetry(injector.telemetry()))
             self.on_step(m, step)
         if self._bar is not None:

@@ -220,7 +220,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
-    import torch
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -293,7 +292,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("run failed at step %d:\n%s", trainer.state.global_step, traceback.format_exc())
 
-    telemetry = injector.telemetry() if hasattr(injector, "telemetry") else {}
+    telemetry = injector.telemetry()
     if aqn is not None:
         telemetry["aqn/last_sigma"] = aqn.last_sigma
     record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,

@@ -49,7 +49,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
         self.mismatch_history: list[dict[str, float]] = []
         self._step_mismatch: dict[str, list[float]] = defaultdict(list)
         super().__init__(*args, **kwargs)
-        if injector is not None and hasattr(injector, "attach"):
+        if injector is not None:
             injector.attach(self.model)
             if getattr(self, "ref_model", None) is not None:
                 injector.attach(self.ref_model)
@@ -141,7 +141,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
         state = {}
-        if self.injector is not None and hasattr(self.injector, "state_dict"):
+        if self.injector is not None:
             state["injector"] = self.injector.state_dict()
         if self.aqn is not None:
             state["aqn"] = self.aqn.state_dict()

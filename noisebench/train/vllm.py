@@ -32,6 +32,8 @@ from typing import Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from noisebench.train.callbacks import phase_telemetry
+
 log = logging.getLogger("noisebench")
 
 MODES = ("colocate", "server")
@@ -157,9 +159,10 @@ def vllm_rollouts(cfg: DictConfig, spec, model_path: Optional[str] = None) -> It
 
 
 def rollout_noise_calls(injector) -> int:
-    """Noisy forward calls counted under the ``rollout`` phase so far."""
-    tel = injector.telemetry() if injector is not None else {}
-    return int(sum(v for k, v in tel.items() if k.startswith("noise/rollout/") and k.endswith("/fwd/calls")))
+    """Noisy calls counted under the ``rollout`` phase so far (rollouts run no backward: all forward)."""
+    if injector is None:
+        return 0
+    return int(phase_telemetry(injector.telemetry()).get("noise/rollout/calls", 0))
 
 
 def check_rollout_noise(injector, mode: str) -> None:
