@@ -285,7 +285,8 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     except (RuntimeError, ValueError, FloatingPointError) as exc:  # NaN sampling, inf logits, ...
         status = "diverged" if _looks_diverged(exc) else "failed"
         error = f"{type(exc).__name__}: {exc}"
-        history.diverged_at = history.diverged_at or trainer.state.global_step
+        if status == "diverged" and history.diverged_at is None:  # a failed run did not diverge
+            history.diverged_at = trainer.state.global_step
         log.error("run ended %s at step %d: %s", status, trainer.state.global_step, error)
         log.debug(traceback.format_exc())
     except Exception as exc:  # anything else still leaves a record and keeps the partial curve
