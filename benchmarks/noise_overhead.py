@@ -53,6 +53,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--cpu-rng", default="randn", choices=["randn", "table", "both"],
                    help="CPU normal generator for the grpo-like step (table: opt-in shared noise table)")
     p.add_argument("--cpu-small", action="store_true", help="tiny CPU shapes: 2 layers, hidden 256, 512 tokens")
+    p.add_argument("--grpo", action="store_true",
+                   help="time the embedded testbed's real GRPO step (NoisyGRPOTrainer, conf/ defaults) with +exp=e4c "
+                        "against +exp=baseline (issue 7 item 4); see --grpo-steps, --grpo-pairs")
+    p.add_argument("--grpo-steps", type=int, default=6, help="trainer steps per run (the first is not timed)")
+    p.add_argument("--grpo-pairs", type=int, default=2, help="baseline/e4c run pairs, alternated")
+    p.add_argument("--grpo-exp", default="e4c", help="the noisy experiment preset (conf/exp/)")
     p.add_argument("--grpo-like", action="store_true",
                    help="also time a GRPO-shaped step on the tiny testbed's model (hidden 128, 4 layers, vocab 492): "
                         "rollout generate 128 x 48 tokens (phase rollout) + train fwd+bwd on 128 x 112 tokens")
@@ -65,7 +71,7 @@ def parse() -> argparse.Namespace:
     if a.paths is None:
         gpu = a.device.startswith("cuda")
         a.paths = "compiled" if a.compile else ("reference,fast,compiled" if gpu else "reference")
-    bad = [x for x in a.paths.split(",") if x not in ("reference", "fast", "compiled")]
+    bad = [x for x in a.paths.split(",") if x not in ("reference", "fast", "compiled", "none")]
     if bad:
         p.error(f"--paths: unknown {bad}; valid choices: ['reference', 'fast', 'compiled']")
     return a
@@ -101,22 +107,26 @@ def make_steps(model, x, inj):
     return {"fwd+bwd": train, "fwd": forward}
 
 
-def time_pair(fn, inj, a) -> tuple:
-    """Median seconds of ``fn`` clean and noisy, interleaved so drift hits both alike."""
+def time_pair(fn, inj, a, blocks: int = 2) -> tuple:
+    """Median seconds of ``fn`` clean and noisy: alternating blocks of steps (warm-ups untimed), the injector
+    installed once per noisy block, so drift hits both alike and install costs stay outside the timed steps."""
     clean, noisy = [], []
-    for i in range(a.warmup + a.steps):
+    per_block = max(1, -(-a.steps // blocks))
+    for _ in range(blocks):
         for installed, store in ((False, clean), (True, noisy)):
             if installed:
                 inj.install()
-            _sync(a.device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(a.device)
-            dt = time.perf_counter() - t0
-            if installed:
-                inj.uninstall()
-            if i >= a.warmup:
-                store.append(dt)
+            try:
+                for i in range(a.warmup + per_block):
+                    _sync(a.device)
+                    t0 = time.perf_counter()
+                    fn()
+                    _sync(a.device)
+                    if i >= a.warmup:
+                        store.append(time.perf_counter() - t0)
+            finally:
+                if installed:
+                    inj.uninstall()
     return statistics.median(clean), statistics.median(noisy)
 
 
@@ -155,6 +165,51 @@ def grpo_like(a: argparse.Namespace) -> None:
     set_cpu_generator("randn")
 
 
+def grpo(a: argparse.Namespace) -> None:
+    """The embedded testbed's GRPO step, whole (TRL's generate, reward, reference and policy passes, optimizer):
+    ``noisebench +exp=<noisy>`` against ``+exp=baseline``, alternated run by run, per-step wall times from a
+    trainer callback. Uses the warm-start cache (built on first use, ~2-3 min on 2 cores)."""
+    import tempfile
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from transformers import TrainerCallback
+
+    from noisebench.train.rundirs import register_resolvers
+    from noisebench.train.runner import run
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self._t = [], None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.times.append(time.perf_counter() - self._t)
+
+    register_resolvers()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    tmp = Path(tempfile.mkdtemp(prefix="nb_grpo_bench_"))
+    times = {"baseline": [], a.grpo_exp: []}
+    for pair in range(a.grpo_pairs):
+        for exp in times:
+            over = [f"+exp={exp}", f"trainer.max_steps={a.grpo_steps}", "logger=none", "device=cpu",
+                    "eval.eval_every=100000", "eval.limit=8", f"results_dir={tmp}", f"seed={pair}",
+                    f"leaderboard.out_dir={tmp / 'boards'}"]
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                cfg = compose(config_name="config", overrides=over)
+            timer = StepTimer()
+            rec = run(cfg, tmp / f"{exp}-{pair}", callbacks=[timer])
+            times[exp] += timer.times[1:]
+            print(f"  run {exp} seed {pair}: status {rec['status']}, step s {[round(t, 2) for t in timer.times]}",
+                  flush=True)
+    c, n = statistics.median(times["baseline"]), statistics.median(times[a.grpo_exp])
+    print(f"GRPO step, embedded testbed (conf defaults: {torch.get_num_threads()} threads, torch {torch.__version__}):"
+          f" baseline {c:.2f} s, {a.grpo_exp} {n:.2f} s, ratio x{n / c:.2f} (median of {len(times['baseline'])} "
+          f"steps each; target <= x1.5)")
+
+
 def run_path(a: argparse.Namespace, model, path: str) -> None:
     """One table: every noise model, fwd+bwd and fwd, clean vs noisy, on the reference, fast or compiled path."""
     set_mode("off" if path == "reference" else "auto")
@@ -191,11 +246,15 @@ def run_path(a: argparse.Namespace, model, path: str) -> None:
 
 def main() -> None:
     a = parse()
+    if a.grpo and a.paths == "none":
+        return grpo(a)
     model = build(a)
     for path in a.paths.split(","):
         run_path(a, model, path)
     if a.grpo_like:
         grpo_like(a)
+    if a.grpo:
+        grpo(a)
 
 
 if __name__ == "__main__":

@@ -206,3 +206,62 @@ def test_bad_fast_mode_and_cpu_generator_name_the_choices():
         dispatch.set_mode("fastest")
     with pytest.raises(ValueError, match="valid choices"):
         table.set_cpu_generator("mersenne")
+
+
+@needs_kernel
+@pytest.mark.parametrize("numel", [1, 8191, 20000])
+def test_fused_kernel_draws_are_the_documented_definition(numel):
+    """For a fixed seed the kernel's noise is ``kernels.reference_normals`` (Philox4x32-7, 16-bit Box-Muller):
+    float64 NumPy vs the kernel, up to fp32 arithmetic and (on CUDA) the hardware log/sin/cos."""
+    from noisebench.noise.fast import kernels
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(1)).to(DEV)
+    ctr, done = torch.zeros(1, dtype=torch.int64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    y = kernels.launch(x, "absolute_gaussian", 1.0, 987654321, ctr, done, False)
+    n = torch.from_numpy(kernels.reference_normals(987654321, numel))
+    got = y.double().cpu() - x.double().cpu()
+    assert (got - n).abs().max().item() < (2e-5 if HAS_CUDA else 1e-6)
+    assert n.abs().max().item() <= 4.86                       # 16-bit uniforms bound |n|
+
+
+def test_documented_noise_definition_is_standard_normal():
+    """The definition itself (no kernel needed): moments, tails and independence over 4M draws."""
+    from noisebench.noise.fast import kernels
+    z = torch.from_numpy(kernels.reference_normals(5, 1 << 22))
+    assert abs(z.mean().item()) < 5 / 2 ** 11                  # 5 sigma of the mean
+    assert z.std().item() == pytest.approx(1.0, abs=2e-3)
+    assert (z ** 4).mean().item() == pytest.approx(3.0, abs=0.03)
+    assert (z.abs() > 3).float().mean().item() == pytest.approx(2.7e-3, rel=0.1)
+    s = z.reshape(-1, kernels.SLICES, kernels.Q)               # the cos/sin halves of one Box-Muller pair
+    assert abs(torch.corrcoef(torch.stack([s[:, 0].flatten(), s[:, 1].flatten()]))[0, 1].item()) < 5e-3
+    assert abs(torch.corrcoef(torch.stack([s[:, 0].flatten() ** 2, s[:, 1].flatten() ** 2]))[0, 1].item()) < 5e-3
+    other = torch.from_numpy(kernels.reference_normals(6, 1 << 20))
+    assert abs(torch.corrcoef(torch.stack([z[:1 << 20], other]))[0, 1].item()) < 5e-3
+
+
+@needs_kernel
+def test_in_kernel_telemetry_matches_the_reference_sums():
+    x, w = _linear_inputs(torch.float32)
+    ref = F.linear(x, w)
+    (y,), tel = _noisy_linear("relative_gaussian", 1e-2, x, w)
+    e = (y.double() - ref.double()).flatten()[:4096]
+    expect = (e.square().sum() / ref.double().flatten()[:4096].square().sum()).sqrt().item()
+    assert tel["noise/global/linear/fwd/rel_err_rms"] == pytest.approx(expect, rel=1e-4)
+
+
+@needs_kernel
+def test_fast_inplace_forward_noise_keeps_gradients_straight_through():
+    """Forward-only noise on linear outputs is written in place by the kernel: outputs noisy, gradients exactly
+    those of the clean op evaluated at the same inputs."""
+    x, w = _linear_inputs(torch.float32)
+    w.requires_grad_(True)
+    g_out = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
+    F.linear(x, w).backward(g_out)
+    clean = w.grad.clone()
+    w.grad = None
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward"]))
+    with inj, inj.phase("train_forward"):
+        y = F.linear(x, w)
+        assert type(y.grad_fn).__name__ != "_StraightThroughBackward"   # no Python node
+        y.backward(g_out)
+    assert _rel(y.detach(), F.linear(x, w.detach())).std().item() == pytest.approx(1e-2, rel=0.1)
+    assert torch.equal(w.grad, clean)

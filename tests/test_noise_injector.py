@@ -293,3 +293,57 @@ def test_rank_changes_the_stream(monkeypatch):
             outs.append(_lin_case(inj, None, None))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert not torch.equal(outs[0][0], outs[2][0])
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (3, 5, 16), (16,)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_noisy_linear_node_gradients_bitwise_when_backward_not_live(shape, bias):
+    """Linear with backward noise runs as one autograd node with torch's own gradient formulas: outside
+    train_backward its gradients are bitwise torch's; inside, each input gradient is noised once."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(12, 16, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    gy = torch.randn(*(shape[:-1] + (12,)), generator=g)
+
+    def grads(inj=None, bwd_phase=None):
+        for t in leaves:
+            t.grad = None
+        if inj is None:
+            F.linear(x, w, b).backward(gy)
+        else:
+            with inj:
+                with inj.phase("train_forward"):
+                    y = F.linear(x, w, b)
+                assert type(y.grad_fn).__name__ == "NoisyLinearBackward"
+                with inj.phase(bwd_phase):
+                    y.backward(gy)
+        return [t.grad.clone() for t in leaves]
+
+    clean = grads()
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward", "train_backward"]))
+    assert all(torch.equal(a, c) for a, c in zip(grads(inj, None), clean))
+    noisy = grads(inj, "train_backward")
+    for a, c in zip(noisy, clean):
+        assert 2e-3 < ((a - c) / c).std().item() < 5e-2
+    assert inj.telemetry()["noise/train_backward/linear/bwd/calls"] == len(leaves)
+
+
+def test_reinstalling_does_not_recompile():
+    """The global module hooks keep their ids across installs: Dynamo guards on them, so fresh ids recompiled every
+    compiled model at every install (a rollout that installs per generation recompiled its decode step each time)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = tiny_qwen2()
+    f = torch.compile(model, backend="eager", fullgraph=True)
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-3, phases=["rollout"]))
+    counters.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            with inj, inj.phase("rollout"):
+                f(input_ids=IDS)
+            f(input_ids=IDS)
+    assert counters["stats"]["unique_graphs"] == 2          # one clean graph, one noisy graph
+    assert _no_engine_left()
+    torch._dynamo.reset()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .fast import dispatch as fast
 from .fast import inline as fast_inline
 from .runtime import STATE
 
@@ -108,18 +109,71 @@ def mark(x, op: str):
     return x
 
 
+# Ops whose autograd node does not save its own output: forward noise may overwrite the output in place on the
+# fast path (the raw kernel write bypasses autograd, so the gradient is straight-through with no Python node).
+# softmax and sdpa save their outputs; norms are left out (their saved tensors vary across torch versions).
+OUTPUT_UNSAVED = frozenset(("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "silu", "gelu"))
+
+
 def noise_output(y, op: str):
-    """Forward noise on an op result (tensors only). Compiled code gets the opaque op; eager code calls the noise
-    directly (no_grad, e.g. rollouts) or through a straight-through autograd.Function: same draws, same results."""
+    """Forward noise on an op result (tensors only). Compiled code gets the opaque op; eager code overwrites the
+    output in place on the fast path when the op does not save it, else calls the noise directly (no_grad, e.g.
+    rollouts) or through a straight-through autograd.Function: same draws, same results."""
     if not (isinstance(y, Tensor) and y.is_floating_point()):
         return y
     if torch.compiler.is_compiling():
         if fast_inline.applicable(y, STATE.spec):  # issue 7 hook: fusable, graph-capturable noise (no-grad CUDA)
             return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
+    if op in OUTPUT_UNSAVED and y.is_contiguous() and fast.covers(STATE.spec, y):
+        return STATE.perturb(y, op, "fwd", inplace=True)
     if y.requires_grad:
         return _StraightThrough.apply(y, op)
     return STATE.perturb(y, op, "fwd")
+
+
+class NoisyLinear(torch.autograd.Function):
+    """Eager ``F.linear`` with forward and backward noise in one autograd node (issue 7: per-input marks plus a
+    straight-through node cost four Python nodes a call). Backward computes the input, weight and bias gradients
+    with the formulas of torch's own linear backward (``g @ W``, ``g^T x``, ``sum g``; bitwise the same values)
+    and noises each one the op returns, as ``MarkForBackward`` would."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b, fwd: bool) -> Tensor:
+        y = F.linear(x, w, b)
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return noise_output(y, "linear") if fwd else y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        live = STATE.bwd_live()
+        gx = gw = gb = None
+        g2 = g.reshape(-1, g.shape[-1])
+        mm = torch.ops.aten.mm.default   # aten overloads are never noised by the mode (it may be live in backward)
+        if need_x:
+            gx = mm(g2, w).view(x.shape)
+            gx = STATE.perturb(gx, "linear", "bwd", inplace=True) if live else gx
+        if need_w:
+            gw = mm(g2.t(), x.reshape(-1, x.shape[-1]))
+            gw = STATE.perturb(gw, "linear", "bwd", inplace=True) if live else gw
+        if need_b and ctx.has_bias:
+            gb = g2.sum(0)
+            gb = STATE.perturb(gb, "linear", "bwd", inplace=True) if live else gb
+        return gx, gw, gb, None
+
+
+def _linear_args(args, kwargs):
+    """(input, weight, bias) of an ``F.linear`` call, or None for spellings this fast route does not take."""
+    names = ("input", "weight", "bias")
+    if len(args) > 3 or any(k not in names for k in kwargs):
+        return None
+    vals = list(args) + [kwargs.get(n) for n in names[len(args):]]
+    x, w, b = vals
+    ok = all(isinstance(v, Tensor) and v.is_floating_point() for v in (x, w)) and (b is None or isinstance(b, Tensor))
+    return (x, w, b) if ok and w.dim() == 2 and x.dim() >= 1 else None
 
 
 class NoiseMode(TorchFunctionMode):
@@ -137,6 +191,10 @@ class NoiseMode(TorchFunctionMode):
         bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
         if (fwd or bwd) and st.blocked():
             fwd = bwd = False
+        if bwd and op == "linear" and not torch.compiler.is_compiling():
+            xwb = _linear_args(args, kwargs)
+            if xwb is not None:
+                return NoisyLinear.apply(*xwb, fwd)
         if bwd:
             args = tuple(mark(a, op) for a in args)
             kwargs = {k: mark(v, op) for k, v in kwargs.items()}

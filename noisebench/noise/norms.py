@@ -122,8 +122,28 @@ def clear(model: nn.Module) -> None:
         module.__dict__.pop(_ATTR, None)
 
 
+_HOOK_IDS: dict = {}  # hook dict name -> the handle id used the first time (reused on every later install)
+
+
 def install_hooks() -> List[torch.utils.hooks.RemovableHandle]:
-    """Register the global module hooks (every module of every model, while installed)."""
+    """Register the global module hooks (every module of every model, while installed).
+
+    Each reinstall reuses the handle ids of the first install: Dynamo guards on the keys of torch's global hook
+    dicts, so fresh ids would recompile every compiled model at every install (issue 7: a rollout that installs the
+    injector per generation recompiled its decode step each time)."""
     _CLASS_INFO.clear()
-    return [nn.modules.module.register_module_forward_pre_hook(pre_hook),
-            nn.modules.module.register_module_forward_hook(post_hook)]
+    mod = nn.modules.module
+    handles = []
+    for name, hook, register in (("_global_forward_pre_hooks", pre_hook, mod.register_module_forward_pre_hook),
+                                 ("_global_forward_hooks", post_hook, mod.register_module_forward_hook)):
+        hooks = getattr(mod, name)
+        hid = _HOOK_IDS.get(name)
+        if hid is None or hid in hooks:
+            h = register(hook)
+            _HOOK_IDS.setdefault(name, h.id)
+        else:
+            h = torch.utils.hooks.RemovableHandle(hooks)
+            h.id = hid
+            hooks[hid] = hook
+        handles.append(h)
+    return handles

@@ -128,17 +128,23 @@ class NoiseState:
         return gen
 
     # -- the noise itself ----------------------------------------------------------------------------------------
-    def perturb(self, t: Tensor, op: str, direction: str) -> Tensor:
-        """Apply the spec's noise model to ``t`` (an op output or a gradient); always returns a new tensor."""
+    def perturb(self, t: Tensor, op: str, direction: str, inplace: bool = False) -> Tensor:
+        """Apply the spec's noise model to ``t`` (an op output or a gradient) and return the result. ``inplace``: the
+        fast path may write into ``t`` (callers guarantee nothing else reads the clean ``t``); otherwise, and always
+        on the reference path, the result is a new tensor."""
         spec = self.spec
         if direction == "bwd" and not self.bwd_live() or spec is None or not spec.enabled:
             return t.clone()
         phase = self.effective_phase()
         kind, n_pert = spec.type, t.numel()
         capture = t.is_cuda and fast.capturing(t)
-        if fast.covers(spec, t):  # issue 7 hook: fused Triton kernel (fast/), same model, its own Philox draws
+        key = (phase, op, direction)
+        sample = not capture and self._tick(key)   # host code does not run on graph replays: no telemetry there
+        if fast.covers(spec, t):  # issue 7: fused Triton kernel (fast/), same model, its own Philox draws
             seed = self.next_seed(direction) if kind != "systematic_bias" else 0
-            out = fast.perturb(t, kind, spec.scale, seed, direction, capture)
+            tele = self._slot(key, t) if sample else None   # the kernel adds the sampled error sums itself
+            out = fast.perturb(t, kind, spec.scale, seed, direction, capture, inplace=inplace, tele=tele)
+            sample = False
         elif capture and kind in ("relative_gaussian", "absolute_gaussian", "bitflip") or (
                 capture and kind == "round" and spec.rounding == "stochastic"):
             raise RuntimeError(f"noise type {kind!r} cannot be captured in a CUDA graph by the reference path (it "
@@ -156,8 +162,10 @@ class NoiseState:
         else:  # round
             gen = self.generator(t.device, direction) if spec.rounding == "stochastic" else None
             out = models.round_format(t, spec.round_format, spec.rounding, gen)
-        if not capture:  # host code does not run on graph replays: telemetry counts eager and compiled calls only
-            self._record(phase, op, direction, t, out, n_pert)
+        if not capture:
+            self.elements[key] = self.elements.get(key, 0) + n_pert
+            if sample:
+                self._sample(key, t, out)
         return out
 
     def _channel_bias(self, t: Tensor) -> Tensor:
@@ -174,17 +182,24 @@ class NoiseState:
         self.elements: Dict[tuple, int] = {}
         self.err_sums: Dict[tuple, Tensor] = {}
 
-    def _record(self, phase, op, direction, t: Tensor, out: Tensor, n_pert: int) -> None:
-        key = (phase, op, direction)
+    def _tick(self, key: tuple) -> bool:
+        """Count a call of ``key``; True when this call's realized error is sampled (every ``1/telemetry_rate``)."""
         n = self.calls.get(key, 0)
         self.calls[key] = n + 1
-        self.elements[key] = self.elements.get(key, 0) + n_pert
-        if self._period and n % self._period == 0:
-            ref = t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
-            err = out.detach().reshape(-1)[:_SAMPLE_ELEMS].float() - ref
-            s = torch.stack([err.square().sum(), ref.square().sum()])
-            acc = self.err_sums.get(key)
-            self.err_sums[key] = s if acc is None else acc.add_(s)
+        return bool(self._period) and n % self._period == 0
+
+    def _slot(self, key: tuple, t: Tensor) -> Tensor:
+        """The float32 [sum err^2, sum y^2] accumulator of ``key`` on ``t``'s device (created zeroed)."""
+        acc = self.err_sums.get(key)
+        if acc is None or acc.device != t.device:
+            acc = self.err_sums[key] = torch.zeros(2, dtype=torch.float32, device=t.device)
+        return acc
+
+    def _sample(self, key: tuple, t: Tensor, out: Tensor) -> None:
+        """Reference path: add the realized error of the first 4096 elements to the key's accumulator."""
+        ref = t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
+        err = out.detach().reshape(-1)[:_SAMPLE_ELEMS].float() - ref
+        self._slot(key, t).add_(torch.stack([err.square().sum(), ref.square().sum()]))
 
     def telemetry(self) -> Dict[str, float]:
         """Flat ``noise/<phase>/<op>/<fwd|bwd>/{calls,elements,rel_err_rms}``; rel_err_rms = sqrt(sum err^2 /

@@ -63,7 +63,7 @@ def covers(spec, t: Tensor) -> bool:
     """True when the fused kernel implements ``spec``'s model for ``t``; anything else takes the reference path."""
     if spec.type not in FAST_KINDS or (spec.type == "systematic_bias" and spec.per_channel):
         return False
-    if t.dtype not in _DTYPES or t.numel() >= 4 * (2 ** 31 - 1):
+    if t.dtype not in _DTYPES or t.numel() >= 8 * (2 ** 31 - 1):
         return False
     return device_ok(t.device)
 
@@ -100,12 +100,16 @@ def reset_counters() -> None:
         done.zero_()
 
 
-def perturb(t: Tensor, kind: str, scale: float, seed: int, direction: str, capture: bool) -> Tensor:
+def perturb(t: Tensor, kind: str, scale: float, seed: int, direction: str, capture: bool, inplace: bool = False,
+            tele: Optional[Tensor] = None) -> Tensor:
     """Apply ``kind`` to ``t`` with the fused kernel. ``seed``: the call's key from the engine's counters (the same
-    key the reference path would seed its generator with); ``capture``: mix in the device counter of ``direction``."""
+    key the reference path would seed its generator with); ``capture``: mix in the device counter of ``direction``;
+    ``inplace``: write into ``t`` when it is contiguous; ``tele``: float32 [2] accumulator for sampled telemetry."""
     ctr, done = counters(t.device)
     slot = 0 if direction == "fwd" else 1
-    return kernels().launch(t, kind, scale, seed, ctr[slot:slot + 1], done[slot:slot + 1], capture)
+    out = t if inplace and t.is_contiguous() else None
+    return kernels().launch(t, kind, scale, seed, ctr[slot:slot + 1], done[slot:slot + 1], capture, out=out,
+                            tele=tele)
 
 
 def state() -> Dict[str, list]:

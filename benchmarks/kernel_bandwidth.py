@@ -1,0 +1,113 @@
+"""The fused noise kernel alone: device time per call against a plain device copy, and host time per launch.
+
+Usage (GPU):  python benchmarks/kernel_bandwidth.py [--numel 16777216,67108864] [--dtype bf16]
+
+Prints, per size, the median device time (CUDA events, 50 calls) of:
+  copy        ``torch.clone`` (one read + one write: the floor for any separate noise pass)
+  v1          the first kernel (issue 7 version 1): one Philox4x32-10 call per 4 elements (``tl.randn4x``)
+  v2          the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math
+  v2 inplace  the same writing into its input (what eager linear outputs and gradients use)
+  v2 precise  the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
+and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+from noisebench.noise.fast import kernels as K
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _v1_kernel(x_ptr, y_ptr, numel, seed, scale, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    Q: tl.constexpr = BLOCK // 4
+    lane = tl.arange(0, Q)
+    offs = pid.to(tl.int64) * BLOCK + lane
+    r0, r1, r2, r3 = tl.randn4x(seed, pid * Q + lane)
+    m = offs < numel
+    x = tl.load(x_ptr + offs, mask=m).to(tl.float32)
+    tl.store(y_ptr + offs, (x + scale * r0 * x).to(y_ptr.dtype.element_ty), mask=m)
+    m = offs + Q < numel
+    x = tl.load(x_ptr + offs + Q, mask=m).to(tl.float32)
+    tl.store(y_ptr + offs + Q, (x + scale * r1 * x).to(y_ptr.dtype.element_ty), mask=m)
+    m = offs + 2 * Q < numel
+    x = tl.load(x_ptr + offs + 2 * Q, mask=m).to(tl.float32)
+    tl.store(y_ptr + offs + 2 * Q, (x + scale * r2 * x).to(y_ptr.dtype.element_ty), mask=m)
+    m = offs + 3 * Q < numel
+    x = tl.load(x_ptr + offs + 3 * Q, mask=m).to(tl.float32)
+    tl.store(y_ptr + offs + 3 * Q, (x + scale * r3 * x).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def v1(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(x)
+    _v1_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), K.kernel_key(12345), 1e-3, BLOCK=4096,
+                                                num_warps=4)
+    return out
+
+
+_CTR = {}
+
+
+def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True) -> torch.Tensor:
+    out = x if inplace else torch.empty_like(x)
+    ctr = _CTR.get(x.device) if x.device in _CTR else _CTR.setdefault(x.device, torch.zeros(1, dtype=torch.int64,
+                                                                                            device=x.device))
+    n = x.numel()
+    K._noise_kernel[(triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, triton.cdiv(n, K.BLOCK), K.kernel_key(7),
+                                                1e-3, KIND=0, USE_CTR=False, TELE=False, FAST=fast, ROUNDS=K.ROUNDS,
+                                                BLOCK=K.BLOCK, num_warps=4)
+    return out
+
+
+def device_us(fn, reps: int = 50) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--numel", default="16777216,67108864")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    a = p.parse_args()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} dtype {a.dtype}")
+    print(f"{'numel':>10} {'variant':<12} {'us':>9} {'GB/s':>7} {'x copy':>7}")
+    for numel in (int(v) for v in a.numel.split(",")):
+        x = torch.randn(numel, device="cuda", dtype=dtype)
+        nbytes = 2 * numel * x.element_size()
+        base = device_us(lambda: x.clone())
+        for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("v2", lambda: v2(x)),
+                         ("v2 inplace", lambda: v2(x, inplace=True)), ("v2 precise", lambda: v2(x, fast=False))):
+            us = device_us(fn)
+            print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
+    small = torch.randn(4096, device="cuda", dtype=dtype)
+    for name, fn in (("torch add", lambda: small.add(1.0)), ("v2", lambda: v2(small, inplace=True))):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(1000):
+            fn()
+        host = (time.perf_counter() - t) * 1e3
+        torch.cuda.synchronize()
+        print(f"host time per launch, {name}: {host:.1f} us")
+
+
+if __name__ == "__main__":
+    main()
