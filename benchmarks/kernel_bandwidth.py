@@ -8,7 +8,8 @@ Prints, per size, the median device time (CUDA events, 50 calls) of:
   v2          the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math
   v2 inplace  the same writing into its input (what eager linear outputs and gradients use)
   v2 precise  the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
-and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between).
+and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between): Triton's launcher
+against the engine's direct launch of the cached compiled kernel (``kernels.launch``).
 """
 from __future__ import annotations
 
@@ -97,7 +98,11 @@ def main() -> None:
             us = device_us(fn)
             print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
     small = torch.randn(4096, device="cuda", dtype=dtype)
-    for name, fn in (("torch add", lambda: small.add(1.0)), ("v2", lambda: v2(small, inplace=True))):
+    ctr = torch.zeros(1, dtype=torch.int64, device="cuda")
+    done = torch.zeros(1, dtype=torch.int32, device="cuda")
+    engine = lambda: K.launch(small, "relative_gaussian", 1e-3, 5, ctr, done, False, out=small)  # noqa: E731
+    for name, fn in (("torch add", lambda: small.add(1.0)), ("v2, Triton's launcher", lambda: v2(small, True)),
+                     ("v2, engine (direct launch)", engine)):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()

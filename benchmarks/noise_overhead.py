@@ -56,7 +56,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--grpo", action="store_true",
                    help="time the embedded testbed's real GRPO step (NoisyGRPOTrainer, conf/ defaults) with +exp=e4c "
                         "against +exp=baseline (issue 7 item 4); see --grpo-steps, --grpo-pairs")
-    p.add_argument("--grpo-steps", type=int, default=6, help="trainer steps per run (the first is not timed)")
+    p.add_argument("--grpo-steps", type=int, default=7,
+                   help="trainer steps per run (the first and the last, which saves a checkpoint, are not timed)")
     p.add_argument("--grpo-pairs", type=int, default=2, help="baseline/e4c run pairs, alternated")
     p.add_argument("--grpo-exp", default="e4c", help="the noisy experiment preset (conf/exp/)")
     p.add_argument("--grpo-like", action="store_true",
@@ -201,7 +202,7 @@ def grpo(a: argparse.Namespace) -> None:
                 cfg = compose(config_name="config", overrides=over)
             timer = StepTimer()
             rec = run(cfg, tmp / f"{exp}-{pair}", callbacks=[timer])
-            times[exp] += timer.times[1:]
+            times[exp] += timer.times[1:-1]   # first: warm-up; last: also saves the checkpoint
             print(f"  run {exp} seed {pair}: status {rec['status']}, step s {[round(t, 2) for t in timer.times]}",
                   flush=True)
     c, n = statistics.median(times["baseline"]), statistics.median(times[a.grpo_exp])

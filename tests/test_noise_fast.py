@@ -265,3 +265,27 @@ def test_fast_inplace_forward_noise_keeps_gradients_straight_through():
         y.backward(g_out)
     assert _rel(y.detach(), F.linear(x, w.detach())).std().item() == pytest.approx(1e-2, rel=0.1)
     assert torch.equal(w.grad, clean)
+
+
+@needs_kernel
+def test_one_launch_for_several_tensors_draws_what_separate_launches_draw():
+    """A linear's input, weight and bias gradients are noised by one launch; each must get exactly the noise (and
+    telemetry sums) of its own launch with its own seed."""
+    from noisebench.noise.fast import kernels
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, generator=g).to(DEV) for n in (20000, 1, 8192 * 2 + 3)]
+    ctr, done = torch.zeros(1, dtype=torch.int64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    seeds = [11, 22, 33]
+    teles = [torch.zeros(2, device=DEV), None, torch.zeros(2, device=DEV)]
+    sep_tele = [torch.zeros(2, device=DEV), None, torch.zeros(2, device=DEV)]
+    sep = [kernels.launch(x, "relative_gaussian", 1e-2, s, ctr, done, False, tele=t)
+           for x, s, t in zip(xs, seeds, sep_tele)]
+    many = [x.clone() for x in xs]
+    kernels.launch_many(many, "relative_gaussian", 1e-2, seeds, ctr, done, False, teles)
+    for a, b in zip(sep, many):
+        assert torch.equal(a, b)
+    for a, b in zip(sep_tele, teles):
+        assert (a is None and b is None) or torch.allclose(a, b)
+    two = [x.clone() for x in xs[:2]]
+    kernels.launch_many(two, "absolute_gaussian", 1e-2, seeds[:2], ctr, done, False, [None, None])
+    assert torch.equal(two[0], kernels.launch(xs[0], "absolute_gaussian", 1e-2, 11, ctr, done, False))

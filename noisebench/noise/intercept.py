@@ -125,7 +125,7 @@ def noise_output(y, op: str):
         if fast_inline.applicable(y, STATE.spec):  # issue 7 hook: fusable, graph-capturable noise (no-grad CUDA)
             return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
-    if op in OUTPUT_UNSAVED and y.is_contiguous() and fast.covers(STATE.spec, y):
+    if op in OUTPUT_UNSAVED and STATE.fast_kind and y.is_contiguous() and fast.tensor_ok(y):
         return STATE.perturb(y, op, "fwd", inplace=True)
     if y.requires_grad:
         return _StraightThrough.apply(y, op)
@@ -147,21 +147,26 @@ class NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        with torch._C.DisableTorchFunction():   # no mode dispatch for the ops below, wherever backward runs
+            return NoisyLinear._grads(ctx, g)
+
+    @staticmethod
+    def _grads(ctx, g: Tensor):
         x, w = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         live = STATE.bwd_live()
         gx = gw = gb = None
         g2 = g.reshape(-1, g.shape[-1])
-        mm = torch.ops.aten.mm.default   # aten overloads are never noised by the mode (it may be live in backward)
         if need_x:
-            gx = mm(g2, w).view(x.shape)
-            gx = STATE.perturb(gx, "linear", "bwd", inplace=True) if live else gx
+            gx = torch.mm(g2, w).view(x.shape)
         if need_w:
-            gw = mm(g2.t(), x.reshape(-1, x.shape[-1]))
-            gw = STATE.perturb(gw, "linear", "bwd", inplace=True) if live else gw
+            gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1]))
         if need_b and ctx.has_bias:
             gb = g2.sum(0)
-            gb = STATE.perturb(gb, "linear", "bwd", inplace=True) if live else gb
+        if live:   # one launch for all three on the fast path
+            grads = [t for t in (gx, gw, gb) if t is not None]
+            noisy = iter(STATE.perturb_many(grads, "linear", "bwd"))
+            gx, gw, gb = (next(noisy) if t is not None else None for t in (gx, gw, gb))
         return gx, gw, gb, None
 
 

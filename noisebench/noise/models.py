@@ -21,7 +21,9 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 def _randn(y: Tensor, gen: torch.Generator) -> Tensor:
     # CPU randn is single-threaded (~3.5 ns an element on this project's CPUs) and dominates Gaussian noise cost;
     # splitting it over Python threads was tried and lost to MKL's spinning worker threads right after a matmul.
-    if y.device.type == "cpu" and _table.active():  # issue 7 hook: opt-in shared noise table (fast/table.py)
+    if y.device.type == "cpu" and _table.name() != "randn":  # issue 7: cheaper CPU generators (fast/table.py)
+        if _table.name() == "icdf16":
+            return _table.icdf16(y.shape, gen.initial_seed())
         n = _table.normals(y.shape, gen.initial_seed())
         if n is not None:
             return n

@@ -57,6 +57,7 @@ class NoiseState:
         self._gens: Dict[torch.device, torch.Generator] = {}
         self._bias_cache: Dict[tuple, Tensor] = {}
         self._period = 0
+        self.fast_kind = False
         self._base = [0, 0]
         self.reset_telemetry()
 
@@ -72,6 +73,7 @@ class NoiseState:
         rate = float(spec.telemetry_rate) if spec else 0.0
         self._period = max(1, int(round(1.0 / rate))) if rate > 0 else 0
         self._bias_cache.clear()
+        self.fast_kind = bool(spec is not None and spec.enabled and fast.kind_covered(spec))
         seed = spec.seed if spec else 0
         self._base = [mix_seed(seed, self.rank, d) for d in range(len(DIRECTIONS))]  # per-call: one splitmix round
         if spec is not None:  # issue 7: device-side streams of the fast paths (restart only when the seed changes)
@@ -140,7 +142,7 @@ class NoiseState:
         capture = t.is_cuda and fast.capturing(t)
         key = (phase, op, direction)
         sample = not capture and self._tick(key)   # host code does not run on graph replays: no telemetry there
-        if fast.covers(spec, t):  # issue 7: fused Triton kernel (fast/), same model, its own Philox draws
+        if self.fast_kind and fast.tensor_ok(t):  # issue 7: fused Triton kernel (fast/), its own Philox draws
             seed = self.next_seed(direction) if kind != "systematic_bias" else 0
             tele = self._slot(key, t) if sample else None   # the kernel adds the sampled error sums itself
             out = fast.perturb(t, kind, spec.scale, seed, direction, capture, inplace=inplace, tele=tele)
@@ -167,6 +169,23 @@ class NoiseState:
             if sample:
                 self._sample(key, t, out)
         return out
+
+    def perturb_many(self, ts: list, op: str, direction: str) -> list:
+        """``perturb`` each tensor of ``ts`` in place where the fast path takes them all (one kernel launch for up to
+        three tensors, each drawing what its own call would); otherwise one ``perturb`` call each."""
+        if not (self.fast_kind and len(ts) <= 3 and all(t.is_contiguous() and fast.tensor_ok(t) for t in ts)
+                and len({t.device for t in ts}) == 1) or not (direction == "fwd" or self.bwd_live()):
+            return [self.perturb(t, op, direction, inplace=True) for t in ts]
+        key = (self.effective_phase(), op, direction)
+        if fast.capturing(ts[0]):
+            teles = [None] * len(ts)
+        else:
+            teles = [self._slot(key, t) if self._tick(key) else None for t in ts]
+            self.elements[key] = self.elements.get(key, 0) + sum(t.numel() for t in ts)
+        kind = self.spec.type
+        seeds = [self.next_seed(direction) if kind != "systematic_bias" else 0 for _ in ts]
+        fast.perturb_many(ts, kind, self.spec.scale, seeds, direction, teles)
+        return ts
 
     def _channel_bias(self, t: Tensor) -> Tensor:
         c = t.shape[-1] if t.dim() else 1

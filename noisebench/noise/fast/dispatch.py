@@ -59,13 +59,19 @@ def device_ok(device: torch.device) -> bool:
     return MODE == "force" and device.type == "cpu" and interpreting() and kernels() is not None
 
 
+def kind_covered(spec) -> bool:
+    """Whether the fused kernel implements ``spec``'s noise model at all."""
+    return spec.type in FAST_KINDS and not (spec.type == "systematic_bias" and spec.per_channel)
+
+
+def tensor_ok(t: Tensor) -> bool:
+    """Whether the fused kernel may take ``t`` (dtype, size, device under the current mode)."""
+    return t.dtype in _DTYPES and t.numel() < 8 * (2 ** 31 - 1) and device_ok(t.device)
+
+
 def covers(spec, t: Tensor) -> bool:
     """True when the fused kernel implements ``spec``'s model for ``t``; anything else takes the reference path."""
-    if spec.type not in FAST_KINDS or (spec.type == "systematic_bias" and spec.per_channel):
-        return False
-    if t.dtype not in _DTYPES or t.numel() >= 8 * (2 ** 31 - 1):
-        return False
-    return device_ok(t.device)
+    return kind_covered(spec) and tensor_ok(t)
 
 
 def capturing(t: Tensor) -> bool:
@@ -90,7 +96,12 @@ def counters(device: torch.device) -> Tuple[Tensor, Tensor]:
                                "capture; run one step outside capture first (torch.compile's cudagraphs does)")
         got = _COUNTERS[device] = (torch.zeros(2, dtype=torch.int64, device=device),
                                    torch.zeros(2, dtype=torch.int32, device=device))
+        ctr, done = got
+        _SLOTS[device] = {"fwd": (ctr[0:1], done[0:1]), "bwd": (ctr[1:2], done[1:2])}
     return got
+
+
+_SLOTS: Dict[torch.device, dict] = {}   # device -> direction -> (ctr, done) one-element views (made once)
 
 
 def reset_counters() -> None:
@@ -105,11 +116,29 @@ def perturb(t: Tensor, kind: str, scale: float, seed: int, direction: str, captu
     """Apply ``kind`` to ``t`` with the fused kernel. ``seed``: the call's key from the engine's counters (the same
     key the reference path would seed its generator with); ``capture``: mix in the device counter of ``direction``;
     ``inplace``: write into ``t`` when it is contiguous; ``tele``: float32 [2] accumulator for sampled telemetry."""
-    ctr, done = counters(t.device)
-    slot = 0 if direction == "fwd" else 1
-    out = t if inplace and t.is_contiguous() else None
-    return kernels().launch(t, kind, scale, seed, ctr[slot:slot + 1], done[slot:slot + 1], capture, out=out,
+    slots = _SLOTS.get(t.device)
+    if slots is None:
+        counters(t.device)
+        slots = _SLOTS[_norm(t.device)]
+        if t.device not in _SLOTS:
+            _SLOTS[t.device] = slots
+    ctr, done = slots[direction]
+    return kernels().launch(t, kind, scale, seed, ctr, done, capture, out=t if inplace and t.is_contiguous() else None,
                             tele=tele)
+
+
+def perturb_many(ts: list, kind: str, scale: float, seeds: list, direction: str, teles: list) -> None:
+    """In-place ``perturb`` of up to three contiguous tensors on one device, one kernel launch."""
+    capture = capturing(ts[0])
+    if len(ts) == 1:
+        perturb(ts[0], kind, scale, seeds[0], direction, capture, inplace=True, tele=teles[0])
+        return
+    slots = _SLOTS.get(ts[0].device)
+    if slots is None:
+        counters(ts[0].device)
+        slots = _SLOTS.setdefault(ts[0].device, _SLOTS[_norm(ts[0].device)])
+    ctr, done = slots[direction]
+    kernels().launch_many(ts, kind, scale, seeds, ctr, done, capture, teles)
 
 
 def state() -> Dict[str, list]:

@@ -1,4 +1,12 @@
-"""Opt-in cheaper CPU normals: a shared noise table, read at a per-call offset (as Salimans et al. 2017 did for ES).
+"""Cheaper CPU normals than ``torch.randn``: a 16-bit inverse-CDF lookup, or a shared noise table.
+
+``icdf16``: each normal is Phi^-1((k + 1/2) / 2^16) for a uniform 16-bit k from NumPy's SFC64 bit generator seeded by
+the call's key (bulk 64-bit output: ~0.25 ns a normal), gathered from a 65536-entry float32 table (multithreaded).
+Values are the 65536 midpoint quantiles of N(0, 1): mean 0, variance 1 - 2.5e-6, |n| <= 4.33 (the tail beyond
+4.33 sigma, probability 1.5e-5, is folded onto its edge quantiles); i.i.d. within and across calls, reproducible per
+seed. ~2 ns a normal against ~4-5 for ``torch.randn`` (single-threaded MT19937 + Box-Muller) on this project's CPUs.
+
+``table``: a shared noise table read at a per-call offset (as Salimans et al. 2017 did for ES).
 
 Why: on CPU, ``torch.randn`` is single-threaded (~3.5 ns an element here) and is most of the noise cost. A table of
 ``2**log2_size`` standard normals, drawn once from a fixed seed, costs nothing per call: the call's key picks the
@@ -13,16 +21,17 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
-GENERATORS = ("randn", "table")
+GENERATORS = ("randn", "icdf16", "table")
 _TABLE_SEED = 0x5EED_7AB1E
 _state = {"name": "randn", "log2": 24, "table": None}
 
 
 def set_cpu_generator(name: str, log2_size: Optional[int] = None) -> None:
-    """Choose the CPU normal generator of the Gaussian models: ``randn`` (exact, default) or ``table``."""
+    """Choose the CPU normal generator of the Gaussian models: ``randn`` (torch.randn), ``icdf16`` or ``table``."""
     if name not in GENERATORS:
         raise ValueError(f"CPU noise generator {name!r} unknown; valid choices: {list(GENERATORS)}")
     if log2_size is not None and not 10 <= int(log2_size) <= 30:
@@ -35,6 +44,28 @@ def set_cpu_generator(name: str, log2_size: Optional[int] = None) -> None:
 def active() -> bool:
     """Whether CPU Gaussian draws come from the table."""
     return _state["name"] == "table"
+
+
+def name() -> str:
+    """The CPU normal generator in force."""
+    return _state["name"]
+
+
+_ICDF: list = [None]
+
+
+def icdf16(shape, key: int) -> Tensor:
+    """float32 normals of ``shape`` from the 16-bit inverse-CDF lookup, determined by ``key``."""
+    t = _ICDF[0]
+    if t is None:
+        q = (torch.arange(1 << 16, dtype=torch.float64) + 0.5) / (1 << 16)
+        t = _ICDF[0] = torch.special.ndtri(q).float()
+    n = 1
+    for s in shape:
+        n *= int(s)
+    raw = np.random.SFC64(int(key) & ((1 << 63) - 1)).random_raw(-(-n // 4))
+    idx = torch.from_numpy(raw.view(np.uint16)[:n].astype(np.int32))
+    return t.index_select(0, idx).view(shape)
 
 
 def _table() -> Tensor:
