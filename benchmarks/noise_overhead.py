@@ -8,7 +8,9 @@ For each noise model it times forward+backward (phases train_forward / train_bac
 (phase rollout, no_grad), clean and noisy interleaved step by step, and prints median step times and their ratio.
 ``--paths`` (issue 7) repeats this for the reference path (``NOISEBENCH_FAST=off``), the fast path (fused Triton
 kernel, CUDA) and the compiled stack (torch.compile fullgraph, fast path inside), each against its own clean twin;
-``--cpu-rng table`` times the opt-in CPU noise table (``noisebench.noise.fast.table``) in the GRPO-like step.
+``--cpu-rng`` picks the CPU normal generator of the GRPO-like step (``noisebench.noise.fast.table``); ``--grpo`` times
+the embedded testbed's real GRPO step (TRL) with e4c against baseline, under the CPU generator in force
+(``NOISEBENCH_CPU_RNG``, default icdf16).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from transformers import Qwen2Config, Qwen2Model  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import set_cpu_generator, set_mode  # noqa: E402
+from noisebench.noise.fast.table import name as table_name  # noqa: E402
 
 MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
 
@@ -50,8 +53,9 @@ def parse() -> argparse.Namespace:
                    help="torch.compile the stack (fullgraph); same as --paths compiled")
     p.add_argument("--paths", default=None, help="comma list of reference,fast,compiled (default: all three on CUDA, "
                    "reference on CPU)")
-    p.add_argument("--cpu-rng", default="randn", choices=["randn", "table", "both"],
-                   help="CPU normal generator for the grpo-like step (table: opt-in shared noise table)")
+    p.add_argument("--cpu-rng", default="icdf16", choices=["icdf16", "randn", "table", "all"],
+                   help="CPU normal generator for the grpo-like step (icdf16: the default; randn: torch.randn; "
+                        "table: opt-in shared noise table)")
     p.add_argument("--cpu-small", action="store_true", help="tiny CPU shapes: 2 layers, hidden 256, 512 tokens")
     p.add_argument("--grpo", action="store_true",
                    help="time the embedded testbed's real GRPO step (NoisyGRPOTrainer, conf/ defaults) with +exp=e4c "
@@ -153,7 +157,8 @@ def grpo_like(a: argparse.Namespace) -> None:
         model.zero_grad(set_to_none=True)
 
     print("grpo-like step (tiny testbed shapes, 128 sequences, 48 new tokens), fp32 cpu:")
-    for rng in (["randn", "table"] if a.cpu_rng == "both" else [a.cpu_rng]):
+    default = table_name()
+    for rng in (["icdf16", "randn", "table"] if a.cpu_rng == "all" else [a.cpu_rng]):
         set_cpu_generator(rng)
         for kind in a.models.split(","):
             scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
@@ -163,7 +168,7 @@ def grpo_like(a: argparse.Namespace) -> None:
                              argparse.Namespace(device="cpu", warmup=1, steps=max(3, a.steps // 3)))
             print(f"{kind:<18} {'step':<8} {c * 1e3:9.1f} {n * 1e3:9.1f} {n / c:6.2f}  cpu-rng={rng}")
             inj.detach(model)
-    set_cpu_generator("randn")
+    set_cpu_generator(default)
 
 
 def grpo(a: argparse.Namespace) -> None:

@@ -28,10 +28,11 @@ DTYPES = [torch.float32, torch.bfloat16] if HAS_CUDA else [torch.float32]
 
 @pytest.fixture(autouse=True)
 def _fast_mode():
+    cpu_rng = table.name()
     dispatch.set_mode("auto" if HAS_CUDA else "force")
     yield
     dispatch.set_mode("auto")
-    table.set_cpu_generator("randn")
+    table.set_cpu_generator(cpu_rng)
 
 
 def _linear_inputs(dtype, seed=0):
@@ -213,11 +214,11 @@ def test_bad_fast_mode_and_cpu_generator_name_the_choices():
 def test_fused_kernel_draws_are_the_documented_definition(numel):
     """For a fixed seed the kernel's noise is ``kernels.reference_normals`` (Philox4x32-7, 16-bit Box-Muller):
     float64 NumPy vs the kernel, up to fp32 arithmetic and (on CUDA) the hardware log/sin/cos."""
-    from noisebench.noise.fast import kernels
+    from noisebench.noise.fast import definition, kernels
     x = torch.randn(numel, generator=torch.Generator().manual_seed(1)).to(DEV)
     ctr, done = torch.zeros(1, dtype=torch.int64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
     y = kernels.launch(x, "absolute_gaussian", 1.0, 987654321, ctr, done, False)
-    n = torch.from_numpy(kernels.reference_normals(987654321, numel))
+    n = torch.from_numpy(definition.reference_normals(987654321, numel))
     got = y.double().cpu() - x.double().cpu()
     assert (got - n).abs().max().item() < (2e-5 if HAS_CUDA else 1e-6)
     assert n.abs().max().item() <= 4.86                       # 16-bit uniforms bound |n|
@@ -225,16 +226,16 @@ def test_fused_kernel_draws_are_the_documented_definition(numel):
 
 def test_documented_noise_definition_is_standard_normal():
     """The definition itself (no kernel needed): moments, tails and independence over 4M draws."""
-    from noisebench.noise.fast import kernels
-    z = torch.from_numpy(kernels.reference_normals(5, 1 << 22))
+    from noisebench.noise.fast import definition
+    z = torch.from_numpy(definition.reference_normals(5, 1 << 22))
     assert abs(z.mean().item()) < 5 / 2 ** 11                  # 5 sigma of the mean
     assert z.std().item() == pytest.approx(1.0, abs=2e-3)
     assert (z ** 4).mean().item() == pytest.approx(3.0, abs=0.03)
     assert (z.abs() > 3).float().mean().item() == pytest.approx(2.7e-3, rel=0.1)
-    s = z.reshape(-1, kernels.SLICES, kernels.Q)               # the cos/sin halves of one Box-Muller pair
+    s = z.reshape(-1, definition.SLICES, definition.Q)               # the cos/sin halves of one Box-Muller pair
     assert abs(torch.corrcoef(torch.stack([s[:, 0].flatten(), s[:, 1].flatten()]))[0, 1].item()) < 5e-3
     assert abs(torch.corrcoef(torch.stack([s[:, 0].flatten() ** 2, s[:, 1].flatten() ** 2]))[0, 1].item()) < 5e-3
-    other = torch.from_numpy(kernels.reference_normals(6, 1 << 20))
+    other = torch.from_numpy(definition.reference_normals(6, 1 << 20))
     assert abs(torch.corrcoef(torch.stack([z[:1 << 20], other]))[0, 1].item()) < 5e-3
 
 
@@ -271,7 +272,7 @@ def test_fast_inplace_forward_noise_keeps_gradients_straight_through():
 def test_one_launch_for_several_tensors_draws_what_separate_launches_draw():
     """A linear's input, weight and bias gradients are noised by one launch; each must get exactly the noise (and
     telemetry sums) of its own launch with its own seed."""
-    from noisebench.noise.fast import kernels
+    from noisebench.noise.fast import definition, kernels
     g = torch.Generator().manual_seed(2)
     xs = [torch.randn(n, generator=g).to(DEV) for n in (20000, 1, 8192 * 2 + 3)]
     ctr, done = torch.zeros(1, dtype=torch.int64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
@@ -289,3 +290,39 @@ def test_one_launch_for_several_tensors_draws_what_separate_launches_draw():
     two = [x.clone() for x in xs[:2]]
     kernels.launch_many(two, "absolute_gaussian", 1e-2, seeds[:2], ctr, done, False, [None, None])
     assert torch.equal(two[0], kernels.launch(xs[0], "absolute_gaussian", 1e-2, 11, ctr, done, False))
+
+
+@needs_kernel
+def test_compiled_training_noise_is_inline_and_reads_backward_phase_on_device():
+    """Compiled training graphs get the noise as graph ops (forward straight-through, backward through a device
+    scale set at each phase change): realized 1e-2 both ways, bitwise-clean gradients when backward runs outside
+    train_backward, a new scale without recompiling, the global RNG untouched."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    x, w = _linear_inputs(torch.float32)
+    w.requires_grad_(True)
+    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
+    F.linear(x, w).backward(gy)
+    clean, w.grad = w.grad.clone(), None
+    ref = F.linear(x, w).detach()
+    counter = CompileCounterWithBackend("inductor" if HAS_CUDA else "aot_eager")
+    f = torch.compile(lambda v, ww: F.linear(v, ww), backend=counter, fullgraph=True)
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward", "train_backward"]))
+    rng = torch.cuda.get_rng_state() if HAS_CUDA else torch.get_rng_state()
+    got = []
+    with inj:
+        for bwd, scale in (("train_backward", 1e-2), ("eval", 1e-2), ("train_backward", 3e-2)):
+            inj.spec.scale = scale
+            with inj.phase("train_forward"):
+                y = f(x, w)
+            with inj.phase(bwd):
+                y.backward(gy)
+            got.append((_rel(y.detach(), ref).std().item(), w.grad.clone()))
+            w.grad = None
+    assert torch.equal(torch.cuda.get_rng_state() if HAS_CUDA else torch.get_rng_state(), rng)
+    assert counter.frame_count == 1
+    assert got[0][0] == pytest.approx(1e-2, rel=0.1) and got[2][0] == pytest.approx(3e-2, rel=0.1)
+    assert _rel(got[0][1], clean).std().item() == pytest.approx(1e-2, rel=0.1)
+    assert torch.equal(got[1][1], clean)                              # backward outside train_backward: clean
+    assert _rel(got[2][1], clean).std().item() == pytest.approx(3e-2, rel=0.1)
+    torch._dynamo.reset()

@@ -103,7 +103,11 @@ def backward_noise(g: Tensor, op: str) -> Tensor:
 def mark(x, op: str):
     """Mark ``x`` (a tensor, or a list/tuple of tensors) for backward noise if it needs a gradient."""
     if isinstance(x, Tensor):
-        return MarkForBackward.apply(x, op) if x.requires_grad and x.is_floating_point() else x
+        if not (x.requires_grad and x.is_floating_point()):
+            return x
+        if torch.compiler.is_compiling() and fast_inline.applicable(x, STATE.spec):  # issue 7: fusable graph ops
+            return fast_inline.mark(x, STATE.spec)
+        return MarkForBackward.apply(x, op)
     if isinstance(x, (list, tuple)):
         return type(x)(mark(v, op) for v in x)
     return x
@@ -122,7 +126,7 @@ def noise_output(y, op: str):
     if not (isinstance(y, Tensor) and y.is_floating_point()):
         return y
     if torch.compiler.is_compiling():
-        if fast_inline.applicable(y, STATE.spec):  # issue 7 hook: fusable, graph-capturable noise (no-grad CUDA)
+        if fast_inline.applicable(y, STATE.spec):  # issue 7: fusable, graph-capturable noise (CUDA)
             return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
     if op in OUTPUT_UNSAVED and STATE.fast_kind and y.is_contiguous() and fast.tensor_ok(y):

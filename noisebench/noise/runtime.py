@@ -102,6 +102,7 @@ class NoiseState:
         # Mark inputs whenever a later backward could be noisy: forward under any phase (or global default).
         bwd_possible = ph is not None and (self.default_phase == GLOBAL_PHASE or "train_backward" in spec.resolved_phases())
         self.bwd_ops = ops if bwd_possible else frozenset()
+        fast.set_inline_scales(spec.scale, spec.scale if self.bwd_live() else 0.0)   # compiled graphs read these
 
     def bwd_live(self) -> bool:
         """Run-time check in backward: the phase in force now is train_backward (enabled), or global."""

@@ -139,6 +139,12 @@ def make_evaluator(cfg: DictConfig, tb, injector, run_dir: Path):
     return evaluate
 
 
+def noise_engine() -> dict:
+    """Which noise paths drew this run's noise (same statistics, different draws): for reproducing it bitwise."""
+    from noisebench.noise.fast import dispatch, inline, table
+    return {"fast_mode": dispatch.MODE, "cpu_rng": table.name(), "inline": inline.ENABLED}
+
+
 def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, telemetry: dict, tb_name: str,
                  eval_task: str, steps: int, started: str, error: str | None) -> dict:
     final = {}
@@ -161,6 +167,7 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         "seed": int(cfg.seed),
         "status": status,
         "noise": spec.to_dict() if spec is not None else OmegaConf.to_container(cfg.noise, resolve=True),
+        "noise_engine": noise_engine(),
         "aqn": OmegaConf.to_container(cfg.aqn, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "versions": versions(),

@@ -149,6 +149,12 @@ def state() -> Dict[str, list]:
 _LAST_SEED: list = [None]
 
 
+def set_inline_scales(fwd: float, bwd: float) -> None:
+    """Forward and (live) backward scale for compiled graphs' inline noise (``inline.set_scales``)."""
+    from . import inline
+    inline.set_scales(fwd, bwd)
+
+
 def reset_all(seed: int) -> None:
     """Restart the device-side streams (fused-kernel graph counters, compiled-graph seeds) when ``seed`` differs from
     the last one: a fresh process with a fixed seed reproduces its draws, and re-installing the same seed continues

@@ -1,4 +1,4 @@
-"""Noise as graph ops in compiled no-grad code: Inductor fuses it into neighbouring kernels, CUDA graphs replay it.
+"""Noise as graph ops in compiled code: Inductor fuses it into neighbouring kernels, CUDA graphs replay it.
 
 Why: in a decode step the opaque noise op is one extra kernel per noised op (a few us each, ~200 per token for a
 28-layer model), which costs more than the noise. Here the noise is ``y (1 + s n)`` written with a keyed normal
@@ -6,8 +6,12 @@ draw, ``noisebench::keyed_randn(seed, size)``, whose seed is a device scalar adv
 (``seed.add_(1)`` per call), so every replay of a captured graph draws fresh noise and the global RNG is never used.
 Under Inductor the draw decomposes to Inductor's own fused Philox (``prims.inductor_random``, ``tl.randn``); under
 other backends (aot_eager) it runs eagerly from a private generator seeded by the seed's value.
-Only for no-grad graphs (rollouts, evaluation): training graphs keep the opaque op, whose backward phase is read at
-run time. Telemetry is not recorded on this path (host code does not run on replay).
+Training graphs (issue 7) use the same draw: forward noise is ``y + (noisy(y) - y).detach()`` (straight-through
+gradient), and backward noise is ``InlineMark``, an identity whose backward is ``g (1 + b n)`` with ``b`` a device
+scalar that the engine sets to the scale when the phase in force is train_backward (or global) and to 0 otherwise,
+at every phase change: so the backward phase is still read at run time, by the GPU, with no host work per op, and
+0 leaves gradients bitwise clean. The forward scale is a device scalar too (``inj.spec.scale`` changes apply at the
+next phase change without recompiling). Telemetry is not recorded on this path (host code does not run per op).
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from . import dispatch
 INLINE_KINDS = ("relative_gaussian", "absolute_gaussian")
 ENABLED = os.environ.get("NOISEBENCH_FAST_INLINE", "1").strip() not in ("0", "false", "off", "")
 SEEDS: Dict[str, Tensor] = {}   # device type -> 0-d int64 seed (static address; changed only in place)
+SCALES: Dict[str, Tensor] = {}  # device type -> float32 [2]: forward scale, backward scale (0 when not live)
+_BWD_OFFSET = 1 << 40           # backward draws use seed + 2**40: never the key of a forward draw
+_LAST_SCALES: list = [None]
 _MASK = (1 << 62) - 1
 
 
@@ -63,12 +70,29 @@ def reset(seed: Optional[int]) -> None:
             dev = torch.device("cuda", torch.cuda.current_device()) if typ == "cuda" else torch.device("cpu")
             t = SEEDS[typ] = torch.zeros((), dtype=torch.int64, device=dev)
             torch._dynamo.mark_static_address(t)
+            SCALES[typ] = torch.zeros(2, dtype=torch.float32, device=dev)
+            torch._dynamo.mark_static_address(SCALES[typ])
+            _LAST_SCALES[0] = None
         t.fill_(value)
 
 
+def set_scales(fwd: float, bwd: float) -> None:
+    """Set the device scale scalars read by compiled graphs (called by the engine at every phase change; a fill
+    kernel only when a value changes)."""
+    if not SCALES or _LAST_SCALES[0] == (fwd, bwd):
+        return
+    _LAST_SCALES[0] = (fwd, bwd)
+    for typ, t in SCALES.items():
+        if typ == "cuda" or dispatch.MODE == "force":
+            d = t.data        # its own version counter: graphs that saved ``t`` for backward stay valid
+            d[0].fill_(fwd)   # fills, not a host-to-device copy: no stream synchronisation
+            d[1].fill_(bwd)
+
+
 def applicable(y: Tensor, spec) -> bool:
-    """Trace-time test: compiled, no grad, a Gaussian model, a float tensor on a device with a seed scalar."""
-    if not ENABLED or dispatch.MODE == "off" or torch.is_grad_enabled():
+    """Trace-time test: compiled, a Gaussian model, a float tensor on a device with a seed scalar (CUDA, or CPU when
+    the fast path is forced)."""
+    if not ENABLED or dispatch.MODE == "off":
         return False
     if spec is None or spec.type not in INLINE_KINDS or y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False
@@ -78,11 +102,44 @@ def applicable(y: Tensor, spec) -> bool:
     return y.device.type == "cuda" or dispatch.MODE == "force"
 
 
+def _noisy(y: Tensor, n: Tensor, scale: Tensor, relative: bool) -> Tensor:
+    yf = y.float()
+    return (yf + (scale * n) * yf if relative else yf + scale * n).to(y.dtype)
+
+
 def noise(y: Tensor, spec) -> Tensor:
-    """``y (1 + s n)`` or ``y + s n`` in float32, cast back; n from the device seed, advanced once per call."""
-    s = SEEDS[y.device.type]
+    """``y (1 + s n)`` or ``y + s n`` in float32, cast back; n from the device seed, advanced once per call. With
+    grad enabled the gradient is straight-through (the noise is a measurement error, not part of the function)."""
+    typ = y.device.type
+    s = SEEDS[typ]
     s.add_(1)
     n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
-    yf = y.float()
-    out = yf + (spec.scale * n) * yf if spec.type == "relative_gaussian" else yf + spec.scale * n
-    return out.to(y.dtype)
+    out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
+    if torch.is_grad_enabled() and y.requires_grad:
+        return y + (out - y).detach()
+    return out
+
+
+class InlineMark(torch.autograd.Function):
+    """Identity in forward; in backward the gradient gets ``g (1 + b n)`` (relative) or ``g + b n`` (absolute) with
+    ``b`` = ``SCALES[..][1]`` read when backward runs and ``n`` keyed by the seed this call took in forward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, seed: Tensor, scales: Tensor, relative: bool) -> Tensor:
+        ctx.save_for_backward(seed, scales)
+        ctx.relative = relative
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        seed, scales = ctx.saved_tensors
+        n = torch.ops.noisebench.keyed_randn(seed, list(g.shape))
+        return _noisy(g, n, scales[1], ctx.relative), None, None, None
+
+
+def mark(x: Tensor, spec) -> Tensor:
+    """Backward noise for ``x`` in a compiled training graph (see ``InlineMark``); takes one seed per call."""
+    typ = x.device.type
+    s = SEEDS[typ]
+    s.add_(1)
+    return InlineMark.apply(x, s + _BWD_OFFSET, SCALES[typ], spec.type == "relative_gaussian")

@@ -1,7 +1,6 @@
 """Fused elementwise noise kernel (Triton): one read, one write per element, counter-based Gaussian noise.
 
-The noise for element ``e`` of a call with key ``k`` is defined by ``normals(k, e)`` below (the same definition is
-written in NumPy in ``reference_normals`` for the tests):
+The noise for element ``e`` of a call with key ``k`` (written in NumPy in ``definition.reference_normals``):
   program p = e // BLOCK covers BLOCK elements as 8 contiguous slices of Q = BLOCK // 8; lane i of the program draws
   one Philox4x32 block (``ROUNDS`` rounds, key k, counter p*Q + i) = four 32-bit words; word j is split into two
   16-bit halves (lo, hi) that give one Box-Muller pair: radius sqrt(-2 ln((lo + 1/2) / 2^16)), angle
@@ -14,9 +13,6 @@ On CUDA the logarithm, sine and cosine use the hardware approximations (|error| 
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -27,17 +23,12 @@ try:  # fast hardware math (lg2/sin/cos.approx); absent in Triton's CPU interpre
 except ImportError:  # pragma: no cover - depends on the Triton build
     _libdevice = None
 
-BLOCK = 8192   # elements per program. Fixed on purpose: the element -> (Philox counter, lane) map depends on it, so
-               # the draws for a given key never depend on launch tuning.
-SLICES = 8     # normals per Philox block (4 words x 2 halves)
-Q = BLOCK // SLICES
-ROUNDS = 7
+from .definition import BLOCK, Q, ROUNDS, SLICES, kernel_key, reference_normals  # noqa: F401  (the definition)
+
 TELE_ELEMS = 4096   # telemetry sample: the first 4096 elements of a call (as the reference path samples)
 KINDS = {"relative_gaussian": 0, "absolute_gaussian": 1, "systematic_bias": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NUMEL = SLICES * (2 ** 31 - 1)   # Philox counters are int32, one per SLICES elements
-_KEY_MASK, _KEY_BIT = (1 << 62) - 1, 1 << 62   # keys always >= 2**62: Triton then always types them int64
-_TWO_PI = 2.0 * math.pi
 
 
 @triton.jit
@@ -158,11 +149,6 @@ def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s
             _advance(ctr_ptr, done_ptr, v, nprog)
 
 
-def kernel_key(seed: int) -> int:
-    """The key the kernel receives for the engine's 63-bit per-call seed."""
-    return (int(seed) & _KEY_MASK) | _KEY_BIT
-
-
 _COMPILED: dict = {}      # our specialization key -> Triton CompiledKernel (launched directly: see _direct)
 _DIRECT = {"ok": None}   # None: not checked yet; False: direct launches disabled (mismatch or missing API)
 
@@ -281,33 +267,3 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     kern = _noise_kernel3[(nprog,)](*args, *consts, num_warps=4)
     if direct:
         _COMPILED[spec] = kern
-
-
-# -- the definition in NumPy (tests) ---------------------------------------------------------------------------------
-_PHILOX = (0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85)
-
-
-def reference_normals(seed: int, numel: int) -> np.ndarray:
-    """float64 normals the kernel draws for ``numel`` elements under the engine seed ``seed`` (no graph counter)."""
-    key = kernel_key(seed)
-    nprog = -(-numel // BLOCK)
-    ctr = np.arange(nprog * Q, dtype=np.uint64)
-    M32 = np.uint64(0xFFFFFFFF)
-    c0, c1 = ctr & M32, ctr >> np.uint64(32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64((key >> 32) & 0xFFFFFFFF)
-    A, B, KA, KB = (np.uint64(v) for v in _PHILOX)
-    for _ in range(ROUNDS):
-        pa, pb = A * c0, B * c2                              # < 2**64: exact in uint64
-        c0, c1, c2, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0) & M32, pb & M32, ((pa >> np.uint64(32)) ^ c3 ^ k1) & M32, \
-            pa & M32
-        k0, k1 = (k0 + KA) & M32, (k1 + KB) & M32
-    out = np.empty((nprog, SLICES, Q))
-    for j, w in enumerate((c0, c1, c2, c3)):
-        u = ((w & np.uint64(0xFFFF)).astype(np.float64) + 0.5) / 65536.0
-        th = ((w >> np.uint64(16)).astype(np.float64) + 0.5) * (_TWO_PI / 65536.0) - math.pi
-        r = np.sqrt(-2.0 * np.log(u))
-        out[:, 2 * j] = (r * np.cos(th)).reshape(nprog, Q)
-        out[:, 2 * j + 1] = (r * np.sin(th)).reshape(nprog, Q)
-    return out.reshape(-1)[:numel]

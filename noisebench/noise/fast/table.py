@@ -88,5 +88,5 @@ def normals(shape, key: int) -> Optional[Tensor]:
     return t[off:off + n].view(shape)
 
 
-set_cpu_generator(os.environ.get("NOISEBENCH_CPU_RNG", "randn").strip().lower() or "randn",
+set_cpu_generator(os.environ.get("NOISEBENCH_CPU_RNG", "icdf16").strip().lower() or "icdf16",
                   int(os.environ["NOISEBENCH_CPU_TABLE_LOG2"]) if os.environ.get("NOISEBENCH_CPU_TABLE_LOG2") else None)
