@@ -142,7 +142,7 @@ def make_evaluator(cfg: DictConfig, tb, injector, run_dir: Path):
 def noise_engine() -> dict:
     """Which noise paths drew this run's noise (same statistics, different draws): for reproducing it bitwise."""
     from noisebench.noise.fast import dispatch, inline, table
-    return {"fast_mode": dispatch.MODE, "cpu_rng": table.name(), "inline": inline.ENABLED}
+    return {"fast_mode": dispatch.MODE, "cpu_rng": table.name(), "compiled_noise": inline.MODE}
 
 
 def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, telemetry: dict, tb_name: str,

@@ -160,6 +160,8 @@ def reset_all(seed: int) -> None:
     the last one: a fresh process with a fixed seed reproduces its draws, and re-installing the same seed continues
     the stream (replays of graphs captured earlier keep drawing fresh noise instead of repeating it)."""
     from . import inline
+    if torch.cuda.is_available() and MODE != "off":
+        kernels()   # import (and register the graph op) outside any compiled region
     if seed != _LAST_SEED[0] or not inline.SEEDS:
         reset_counters()
         inline.reset(seed)

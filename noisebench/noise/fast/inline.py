@@ -24,11 +24,25 @@ from torch import Tensor
 from . import dispatch
 
 INLINE_KINDS = ("relative_gaussian", "absolute_gaussian")
-ENABLED = os.environ.get("NOISEBENCH_FAST_INLINE", "1").strip() not in ("0", "false", "off", "")
+MODES = ("kernel", "fused", "off")
+MODE = os.environ.get("NOISEBENCH_FAST_INLINE", "kernel").strip().lower() or "kernel"
+MODE = {"1": "kernel", "true": "kernel", "on": "kernel", "0": "off", "false": "off"}.get(MODE, MODE)
+if MODE not in MODES:
+    raise ValueError(f"NOISEBENCH_FAST_INLINE={MODE!r} unknown; valid choices: {list(MODES)}")
+ENABLED = MODE != "off"
+
+
+def _use_kernel(t: Tensor) -> bool:
+    """``kernel`` mode (default): on CUDA the draw is the fused Triton kernel called from the graph
+    (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one read and one write); ``fused``: Inductor's own
+    ``randn`` fused into neighbouring kernels (one Philox4x32-10 call per element: compute-bound at training sizes).
+    CPU tensors (forced fast path) always use ``fused``."""
+    return MODE == "kernel" and t.device.type == "cuda" and bool(dispatch._KERNELS)   # imported on install
 SEEDS: Dict[str, Tensor] = {}   # device type -> 0-d int64 seed (static address; changed only in place)
 SCALES: Dict[str, Tensor] = {}  # device type -> float32 [2]: forward scale, backward scale (0 when not live)
 _BWD_OFFSET = 1 << 40           # backward draws use seed + 2**40: never the key of a forward draw
 _LAST_SCALES: list = [None]
+_KIND = {"relative_gaussian": 0, "absolute_gaussian": 1}
 _MASK = (1 << 62) - 1
 
 
@@ -113,8 +127,11 @@ def noise(y: Tensor, spec) -> Tensor:
     typ = y.device.type
     s = SEEDS[typ]
     s.add_(1)
-    n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
-    out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
+    if _use_kernel(y):
+        out = torch.ops.noisebench.graph_noise(y.detach(), s, SCALES[typ], _KIND[spec.type], 0).view(y.shape)
+    else:
+        n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
+        out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
     if torch.is_grad_enabled() and y.requires_grad:
         return y + (out - y).detach()
     return out
@@ -133,6 +150,9 @@ class InlineMark(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         seed, scales = ctx.saved_tensors
+        if _use_kernel(g):
+            out = torch.ops.noisebench.graph_noise(g, seed, scales, 0 if ctx.relative else 1, 1).view(g.shape)
+            return out, None, None, None
         n = torch.ops.noisebench.keyed_randn(seed, list(g.shape))
         return _noisy(g, n, scales[1], ctx.relative), None, None, None
 

@@ -153,6 +153,38 @@ _COMPILED: dict = {}      # our specialization key -> Triton CompiledKernel (lau
 _DIRECT = {"ok": None}   # None: not checked yet; False: direct launches disabled (mismatch or missing API)
 
 
+@triton.jit
+def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.constexpr, SCALE_IDX: tl.constexpr,
+                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+    """The same noise for compiled graphs: key and scale read from device scalars (an in-graph seed advanced per call,
+    the engine's forward/backward scale), so Inductor launches it from generated code and CUDA graphs replay it."""
+    pid = tl.program_id(0)
+    key = (tl.load(seed_ptr) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
+    scale = tl.load(scales_ptr + SCALE_IDX)
+    _program(x_ptr, y_ptr, x_ptr, pid, numel, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK)
+
+
+def _define_graph_noise():
+    """``noisebench::graph_noise(x, seed, scales, kind, scale_idx)``: a ``torch.library.triton_op``, which Inductor
+    calls straight from its generated code (no Python per call), unlike an opaque custom op."""
+    from torch.library import triton_op, wrap_triton
+
+    @triton_op("noisebench::graph_noise", mutates_args=())
+    def graph_noise(x: Tensor, seed: Tensor, scales: Tensor, kind: int, scale_idx: int) -> Tensor:
+        xc = x.contiguous()
+        out = torch.empty_like(xc)
+        n = xc.numel()
+        if n:
+            wrap_triton(_graph_noise_kernel)[((n + BLOCK - 1) // BLOCK,)](
+                xc, out, seed, scales, n, KIND=kind, SCALE_IDX=scale_idx,
+                FAST=xc.device.type == "cuda" and _libdevice is not None, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=4)
+        return out
+    return graph_noise
+
+
+graph_noise = _define_graph_noise()
+
+
 def _spec_key(args: tuple, consts: tuple, device_index: int) -> tuple:
     """Everything Triton 3.x specializes a launch on (argument dtypes, 16-byte pointer alignment, integers equal to 1
     or divisible by 16, 32- vs 64-bit integers), plus the constexprs and the device: a superset, so one key never
