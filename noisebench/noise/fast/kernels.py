@@ -33,14 +33,21 @@ MAX_NUMEL = SLICES * (2 ** 31 - 1)   # Philox counters are int32, one per SLICES
 
 @triton.jit
 def _pair(word, FAST: tl.constexpr):
-    """Box-Muller on the two 16-bit halves of a 32-bit word: two independent N(0, 1) values."""
+    """Box-Muller on the two 16-bit halves of a 32-bit word: two independent N(0, 1) values. FAST: 0 accurate
+    log/sin/cos, 1 libdevice's fast versions, 2 the same hardware approximations as inline PTX."""
     lo = (word & 0xFFFF).to(tl.float32)
     hi = (word >> 16).to(tl.float32)
     u = (lo + 0.5) * (1.0 / 65536.0)
     th = (hi + 0.5) * (6.283185307179586 / 65536.0) - 3.141592653589793
-    if FAST:
+    if FAST == 1:     # libdevice's fast (hardware-approximate) functions
         r = tl.sqrt(-2.0 * _libdevice.fast_logf(u))
         return r * _libdevice.fast_cosf(th), r * _libdevice.fast_sinf(th)
+    elif FAST == 2:   # the same PTX instructions inline: for kernels Inductor re-emits (no module globals there)
+        lg = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [u], dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.sqrt(-1.3862943611198906 * lg)   # -2 ln(u) = -2 ln(2) log2(u)
+        c = tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", "=r,r", [th], dtype=tl.float32, is_pure=True, pack=1)
+        s = tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", "=r,r", [th], dtype=tl.float32, is_pure=True, pack=1)
+        return r * c, r * s
     else:
         r = tl.sqrt(-2.0 * tl.log(u))
         return r * tl.cos(th), r * tl.sin(th)
@@ -177,7 +184,7 @@ def _define_graph_noise():
         if n:
             wrap_triton(_graph_noise_kernel)[((n + BLOCK - 1) // BLOCK,)](
                 xc, out, seed, scales, n, KIND=kind, SCALE_IDX=scale_idx,
-                FAST=xc.device.type == "cuda" and _libdevice is not None, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=4)
+                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=4)
         return out
     return graph_noise
 
@@ -216,7 +223,7 @@ def _check_direct(device: torch.device) -> bool:
         done = torch.zeros(1, dtype=torch.int32, device=device)
         a, b = torch.empty_like(x), torch.empty_like(x)
         nprog = triton.cdiv(x.numel(), BLOCK)
-        consts = (0, False, False, device.type == "cuda" and _libdevice is not None, ROUNDS, BLOCK)
+        consts = (0, False, False, int(device.type == "cuda" and _libdevice is not None), ROUNDS, BLOCK)
         kern = _noise_kernel[(nprog,)](x, a, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5, *consts,
                                        num_warps=4)
         _direct(kern, nprog, (x, b, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5), consts, device)
@@ -242,7 +249,7 @@ def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Ten
     dev = xc.device
     cuda = dev.type == "cuda"
     args = (xc, out, ctr, done, tele if tele is not None else ctr, n, nprog, kernel_key(seed), arg)
-    consts = (KINDS[kind], bool(use_ctr), tele is not None, cuda and _libdevice is not None, ROUNDS, BLOCK)
+    consts = (KINDS[kind], bool(use_ctr), tele is not None, int(cuda and _libdevice is not None), ROUNDS, BLOCK)
     direct = cuda and dev.index == torch.cuda.current_device()
     if direct:
         if _DIRECT["ok"] is None:
@@ -283,7 +290,7 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     nprog = sum(g[3] for g in segs)
     args = (*segs[0], *segs[1], *(segs[2][:3] + segs[2][4:]), ctr, done, nprog,
             1.0 + float(scale) if kind == "systematic_bias" else float(scale))
-    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), cuda and _libdevice is not None, ROUNDS,
+    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), int(cuda and _libdevice is not None), ROUNDS,
               BLOCK)
     direct = cuda and dev.index == torch.cuda.current_device()
     if direct:
