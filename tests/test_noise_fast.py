@@ -189,9 +189,10 @@ def test_reference_only_model_under_capture_raises_clearly():
                 F.linear(x, w)
 
 
+@pytest.mark.parametrize("gen", ["table", "icdf16"])
 @pytest.mark.parametrize("kind,scale", [("relative_gaussian", 1e-2), ("absolute_gaussian", 2e-2)])
-def test_cpu_noise_table_statistics_and_reproducibility(kind, scale):
-    table.set_cpu_generator("table", log2_size=20)
+def test_cpu_noise_generators_statistics_and_reproducibility(kind, scale, gen):
+    table.set_cpu_generator(gen, log2_size=20)
     x, w = (t.cpu() for t in _linear_inputs(torch.float32))
     ref = F.linear(x, w)
     dispatch.set_mode("off")
@@ -200,6 +201,20 @@ def test_cpu_noise_table_statistics_and_reproducibility(kind, scale):
     d = _rel(a[0], ref) if kind == "relative_gaussian" else (a[0] - ref).flatten()
     assert d.std().item() == pytest.approx(scale, rel=0.05)
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], a[1])
+
+
+def test_icdf16_normals_are_standard_and_independent():
+    """The default CPU generator: 65536 N(0, 1) quantiles picked by SFC64 bits keyed per call."""
+    z = table.icdf16((1 << 22,), 5)
+    assert abs(z.mean().item()) < 5 / 2 ** 11
+    assert z.std().item() == pytest.approx(1.0, abs=2e-3)
+    assert (z.double() ** 4).mean().item() == pytest.approx(3.0, abs=0.03)
+    assert (z.abs() > 3).float().mean().item() == pytest.approx(2.7e-3, rel=0.1)
+    assert z.abs().max().item() == pytest.approx(4.3249, abs=1e-3)
+    assert torch.equal(z, table.icdf16((1 << 22,), 5))
+    other = table.icdf16((1 << 22,), 6)
+    assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < 3e-3
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < 3e-3   # neighbours independent
 
 
 def test_bad_fast_mode_and_cpu_generator_name_the_choices():

@@ -54,6 +54,8 @@ def test_phase_restriction_rollout_only(tmp_path, cache_dir):
     assert _phase_calls(rec["telemetry"], "rollout") > 0 and _phase_calls(rec["telemetry"], "eval") > 0
     for phase in ["reference", "train_forward", "train_backward"]:
         assert _phase_calls(rec["telemetry"], phase) == 0, phase
+    from noisebench.noise.fast import table
+    assert rec["noise_engine"]["cpu_rng"] == table.name()   # which generator drew the noise (for bitwise reruns)
 
 
 class _Crash(TrainerCallback):
