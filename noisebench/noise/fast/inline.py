@@ -37,7 +37,8 @@ def _use_kernel(t: Tensor) -> bool:
     (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one read and one write); ``fused``: Inductor's own
     ``randn`` fused into neighbouring kernels (one Philox4x32-10 call per element: compute-bound at training sizes).
     CPU tensors (forced fast path) always use ``fused``."""
-    return MODE == "kernel" and t.device.type == "cuda" and bool(dispatch._KERNELS)   # imported on install
+    k = dispatch._KERNELS   # imported on install, outside any compiled region
+    return MODE == "kernel" and t.device.type == "cuda" and bool(k) and k.graph_noise is not None
 SEEDS: Dict[str, Tensor] = {}   # device type -> 0-d int64 seed (static address; changed only in place)
 SCALES: Dict[str, Tensor] = {}  # device type -> float32 [2]: forward scale, backward scale (0 when not live)
 _BWD_OFFSET = 1 << 40           # backward draws use seed + 2**40: never the key of a forward draw
