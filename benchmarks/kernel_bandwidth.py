@@ -57,8 +57,9 @@ _CTR = {}
 
 def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True) -> torch.Tensor:
     out = x if inplace else torch.empty_like(x)
-    ctr = _CTR.get(x.device) if x.device in _CTR else _CTR.setdefault(x.device, torch.zeros(1, dtype=torch.int64,
-                                                                                            device=x.device))
+    ctr = _CTR.get(x.device)
+    if ctr is None:
+        ctr = _CTR[x.device] = torch.zeros(1, dtype=torch.int64, device=x.device)
     n = x.numel()
     K._noise_kernel[(triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, triton.cdiv(n, K.BLOCK), K.kernel_key(7),
                                                 1e-3, KIND=0, USE_CTR=False, TELE=False, FAST=fast, ROUNDS=K.ROUNDS,

@@ -78,7 +78,7 @@ def parse() -> argparse.Namespace:
         a.paths = "compiled" if a.compile else ("reference,fast,compiled" if gpu else "reference")
     bad = [x for x in a.paths.split(",") if x not in ("reference", "fast", "compiled", "none")]
     if bad:
-        p.error(f"--paths: unknown {bad}; valid choices: ['reference', 'fast', 'compiled']")
+        p.error(f"--paths: unknown {bad}; valid choices: ['reference', 'fast', 'compiled', 'none']")
     return a
 
 
@@ -252,10 +252,9 @@ def run_path(a: argparse.Namespace, model, path: str) -> None:
 
 def main() -> None:
     a = parse()
-    if a.grpo and a.paths == "none":
-        return grpo(a)
-    model = build(a)
-    for path in a.paths.split(","):
+    paths = [p for p in a.paths.split(",") if p != "none"]   # "none": only the --grpo / --grpo-like tables
+    model = build(a) if paths else None
+    for path in paths:
         run_path(a, model, path)
     if a.grpo_like:
         grpo_like(a)

@@ -42,6 +42,17 @@ def _linear_inputs(dtype, seed=0):
     return x, w
 
 
+def _linear_with_clean_weight_grad():
+    """float32 linear inputs with ``w`` requiring grad, an output gradient, and the clean weight gradient it gives
+    (``w.grad`` left empty)."""
+    x, w = _linear_inputs(torch.float32)
+    w.requires_grad_(True)
+    g_out = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
+    F.linear(x, w).backward(g_out)
+    clean, w.grad = w.grad.clone(), None
+    return x, w, g_out, clean
+
+
 def _noisy_linear(kind, scale, x, w, seed=0, calls=1):
     inj = NoiseInjector(NoiseSpec(type=kind, scale=scale, seed=seed, telemetry_rate=1.0), global_phase=True)
     with inj:
@@ -117,12 +128,7 @@ def test_uncovered_models_fall_back_to_reference_not_to_no_noise(spec):
 
 @needs_kernel
 def test_fast_training_step_noises_outputs_and_gradients():
-    x, w = _linear_inputs(torch.float32)
-    w.requires_grad_(True)
-    g_out = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
-    F.linear(x, w).backward(g_out)
-    clean = w.grad.clone()
-    w.grad = None
+    x, w, g_out, clean = _linear_with_clean_weight_grad()
     inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward", "train_backward"]))
     with inj:
         with inj.phase("train_forward"):
@@ -268,12 +274,7 @@ def test_in_kernel_telemetry_matches_the_reference_sums():
 def test_fast_inplace_forward_noise_keeps_gradients_straight_through():
     """Forward-only noise on linear outputs is written in place by the kernel: outputs noisy, gradients exactly
     those of the clean op evaluated at the same inputs."""
-    x, w = _linear_inputs(torch.float32)
-    w.requires_grad_(True)
-    g_out = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
-    F.linear(x, w).backward(g_out)
-    clean = w.grad.clone()
-    w.grad = None
+    x, w, g_out, clean = _linear_with_clean_weight_grad()
     inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, phases=["train_forward"]))
     with inj, inj.phase("train_forward"):
         y = F.linear(x, w)
@@ -314,11 +315,7 @@ def test_compiled_training_noise_is_inline_and_reads_backward_phase_on_device():
     train_backward, a new scale without recompiling, the global RNG untouched."""
     from torch._dynamo.testing import CompileCounterWithBackend
     torch._dynamo.reset()
-    x, w = _linear_inputs(torch.float32)
-    w.requires_grad_(True)
-    gy = torch.randn(x.shape[0], w.shape[0], generator=torch.Generator().manual_seed(5)).to(DEV)
-    F.linear(x, w).backward(gy)
-    clean, w.grad = w.grad.clone(), None
+    x, w, gy, clean = _linear_with_clean_weight_grad()
     ref = F.linear(x, w).detach()
     counter = CompileCounterWithBackend("inductor" if HAS_CUDA else "aot_eager")
     f = torch.compile(lambda v, ww: F.linear(v, ww), backend=counter, fullgraph=True)

@@ -104,6 +104,15 @@ def counters(device: torch.device) -> Tuple[Tensor, Tensor]:
 _SLOTS: Dict[torch.device, dict] = {}   # device -> direction -> (ctr, done) one-element views (made once)
 
 
+def _slots(device: torch.device) -> dict:
+    """The direction -> (ctr, done) views of ``device`` (also under its unnormalised spelling, e.g. ``cuda``)."""
+    slots = _SLOTS.get(device)
+    if slots is None:
+        counters(device)
+        slots = _SLOTS.setdefault(device, _SLOTS[_norm(device)])
+    return slots
+
+
 def reset_counters() -> None:
     """Zero the graph-replay counters in place (on install), so captured noise is reproducible from a fixed seed."""
     for ctr, done in _COUNTERS.values():
@@ -116,13 +125,7 @@ def perturb(t: Tensor, kind: str, scale: float, seed: int, direction: str, captu
     """Apply ``kind`` to ``t`` with the fused kernel. ``seed``: the call's key from the engine's counters (the same
     key the reference path would seed its generator with); ``capture``: mix in the device counter of ``direction``;
     ``inplace``: write into ``t`` when it is contiguous; ``tele``: float32 [2] accumulator for sampled telemetry."""
-    slots = _SLOTS.get(t.device)
-    if slots is None:
-        counters(t.device)
-        slots = _SLOTS[_norm(t.device)]
-        if t.device not in _SLOTS:
-            _SLOTS[t.device] = slots
-    ctr, done = slots[direction]
+    ctr, done = _slots(t.device)[direction]
     return kernels().launch(t, kind, scale, seed, ctr, done, capture, out=t if inplace and t.is_contiguous() else None,
                             tele=tele)
 
@@ -133,11 +136,7 @@ def perturb_many(ts: list, kind: str, scale: float, seeds: list, direction: str,
     if len(ts) == 1:
         perturb(ts[0], kind, scale, seeds[0], direction, capture, inplace=True, tele=teles[0])
         return
-    slots = _SLOTS.get(ts[0].device)
-    if slots is None:
-        counters(ts[0].device)
-        slots = _SLOTS.setdefault(ts[0].device, _SLOTS[_norm(ts[0].device)])
-    ctr, done = slots[direction]
+    ctr, done = _slots(ts[0].device)[direction]
     kernels().launch_many(ts, kind, scale, seeds, ctr, done, capture, teles)
 
 

@@ -226,13 +226,37 @@ def _check_direct(device: torch.device) -> bool:
         done = torch.zeros(1, dtype=torch.int32, device=device)
         a, b = torch.empty_like(x), torch.empty_like(x)
         nprog = triton.cdiv(x.numel(), BLOCK)
-        consts = (0, False, False, int(device.type == "cuda" and _libdevice is not None), ROUNDS, BLOCK)
+        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK)
         kern = _noise_kernel[(nprog,)](x, a, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5, *consts,
                                        num_warps=4)
         _direct(kern, nprog, (x, b, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5), consts, device)
         return bool(torch.equal(a, b))
     except Exception:  # pragma: no cover - depends on the Triton version
         return False
+
+
+def _fast_math(device: torch.device) -> int:
+    """The kernels' FAST constexpr for eager launches: libdevice's hardware approximations on CUDA."""
+    return int(device.type == "cuda" and _libdevice is not None)
+
+
+def _run(kernel, nprog: int, args: tuple, consts: tuple, dev: torch.device) -> None:
+    """Launch ``kernel`` over ``nprog`` programs: directly when this specialization was compiled before (and direct
+    launches passed their check), else through Triton's launcher, caching what it compiled."""
+    direct = dev.type == "cuda" and dev.index == torch.cuda.current_device()
+    if direct:
+        if _DIRECT["ok"] is None:
+            _DIRECT["ok"] = _check_direct(dev)
+        direct = _DIRECT["ok"]
+    if direct:
+        spec = (id(kernel),) + _spec_key(args, consts, dev.index)   # module-level kernels: ids never reused
+        kern = _COMPILED.get(spec)
+        if kern is not None:
+            _direct(kern, nprog, args, consts, dev)
+            return
+    kern = kernel[(nprog,)](*args, *consts, num_warps=4)
+    if direct:
+        _COMPILED[spec] = kern
 
 
 def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Tensor, use_ctr: bool,
@@ -250,23 +274,9 @@ def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Ten
     nprog = (n + BLOCK - 1) // BLOCK
     arg = 1.0 + float(scale) if kind == "systematic_bias" else float(scale)
     dev = xc.device
-    cuda = dev.type == "cuda"
     args = (xc, out, ctr, done, tele if tele is not None else ctr, n, nprog, kernel_key(seed), arg)
-    consts = (KINDS[kind], bool(use_ctr), tele is not None, int(cuda and _libdevice is not None), ROUNDS, BLOCK)
-    direct = cuda and dev.index == torch.cuda.current_device()
-    if direct:
-        if _DIRECT["ok"] is None:
-            _DIRECT["ok"] = _check_direct(dev)
-        direct = _DIRECT["ok"]
-    if direct:
-        spec = _spec_key(args, consts, dev.index)
-        kern = _COMPILED.get(spec)
-        if kern is not None:
-            _direct(kern, nprog, args, consts, dev)
-            return out
-    kern = _noise_kernel[(nprog,)](*args, *consts, num_warps=4)
-    if direct:
-        _COMPILED[spec] = kern
+    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK)
+    _run(_noise_kernel, nprog, args, consts, dev)
     return out
 
 
@@ -276,7 +286,6 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     ``teles[i]``: the float32 [2] accumulator of tensor i, or None when that call is not sampled."""
     assert 1 <= len(xs) <= 3 and all(x.is_contiguous() for x in xs)
     dev = xs[0].device
-    cuda = dev.type == "cuda"
     segs = []
     for i in range(3):
         if i < len(xs) and xs[i].numel():
@@ -293,19 +302,5 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     nprog = sum(g[3] for g in segs)
     args = (*segs[0], *segs[1], *(segs[2][:3] + segs[2][4:]), ctr, done, nprog,
             1.0 + float(scale) if kind == "systematic_bias" else float(scale))
-    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), int(cuda and _libdevice is not None), ROUNDS,
-              BLOCK)
-    direct = cuda and dev.index == torch.cuda.current_device()
-    if direct:
-        if _DIRECT["ok"] is None:
-            _DIRECT["ok"] = _check_direct(dev)
-        direct = _DIRECT["ok"]
-    if direct:
-        spec = ("many",) + _spec_key(args, consts, dev.index)
-        kern = _COMPILED.get(spec)
-        if kern is not None:
-            _direct(kern, nprog, args, consts, dev)
-            return
-    kern = _noise_kernel3[(nprog,)](*args, *consts, num_warps=4)
-    if direct:
-        _COMPILED[spec] = kern
+    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), _fast_math(dev), ROUNDS, BLOCK)
+    _run(_noise_kernel3, nprog, args, consts, dev)
