@@ -4,7 +4,9 @@ Usage:
     python benchmarks/rollout_throughput.py                     # GPU: testbed shape, then Qwen2.5-1.5B shape
     python benchmarks/rollout_throughput.py --models testbed --device cpu --new 8 --batch 4 --mode default  # smoke
 
-Greedy decoding (no sampling, so the global RNG plays no part) of ``--new`` tokens after a ``--prompt``-token prefill,
+Variants are timed in interleaved rounds (median of ``--repeats``), and the compiled clean and noisy steps are
+separate compilations (as in a real run, which is either noisy or clean). Greedy decoding (no sampling, so the global
+RNG plays no part) of ``--new`` tokens after a ``--prompt``-token prefill,
 with an HF ``StaticCache``. The compiled variant compiles one decode step with ``fullgraph=True`` (a graph break
 raises) and ``mode="reduce-overhead"`` (CUDA graphs); the noisy variants run under a NoiseInjector in phase rollout
 (relative Gaussian on the matmul family), so compiled noisy uses the engine's inline, graph-capturable noise.
@@ -42,7 +44,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--scale", type=float, default=1e-3)
-    p.add_argument("--repeats", type=int, default=3, help="timed rollouts per variant (median)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds (one rollout per variant each; median)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for the decode step")
     a = p.parse_args()
     bad = [m for m in a.models.split(",") if m not in SHAPES]
@@ -87,23 +89,43 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(model, prompts, a, step, inj) -> tuple:
-    """Median decode tokens/s over ``a.repeats`` rollouts after one warm-up (compilation, graph capture)."""
-    times, toks = [], None
-    for i in range(a.repeats + 1):
+def one_rollout(model, prompts, a, step, inj) -> tuple:
+    """One rollout (tokens, decode seconds), under ``inj`` in phase rollout when given (installed for it only)."""
+    if inj is not None:
+        inj.install()
+        inj.set_phase("rollout")
+    try:
+        return rollout(model, prompts, a, step)
+    finally:
         if inj is not None:
-            inj.install()
-            inj.set_phase("rollout")
-        try:
-            toks, dt = rollout(model, prompts, a, step)
-        finally:
-            if inj is not None:
-                inj.set_phase(None)
-                inj.uninstall()
-        if i:
-            times.append(dt)
-    dt = sorted(times)[len(times) // 2]
-    return a.batch * (a.new - 1) / dt, toks
+            inj.set_phase(None)
+            inj.uninstall()
+
+
+def timed_interleaved(model, prompts, a, variants) -> dict:
+    """label -> (median decode tokens/s, tokens). One warm-up rollout per variant (compilation, graph capture), then
+    ``a.repeats`` rounds that time each variant once in turn: a drift of the machine over the run (clocks, other
+    processes) hits every variant alike instead of whichever happened to run last."""
+    times, toks = {k: [] for k in variants}, {}
+    for r in range(a.repeats + 1):
+        for label, (step, inj) in variants.items():
+            toks[label], dt = one_rollout(model, prompts, a, step, inj)
+            if r:
+                times[label].append(dt)
+    return {k: (a.batch * (a.new - 1) / sorted(v)[len(v) // 2], toks[k]) for k, v in times.items()}
+
+
+def fresh_compile(fn, a):
+    """``torch.compile`` of a copy of ``fn`` with its own code object, so its Dynamo cache holds only the graphs its
+    own variant traces: a rollout that runs only noisy (or only clean) never checks the other variant's guards."""
+    import types
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{fresh_compile.n}")
+    fresh_compile.n += 1
+    clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return torch.compile(clone, fullgraph=True, mode=a.mode)
+
+
+fresh_compile.n = 0
 
 
 def noise_check(a) -> str:
@@ -136,12 +158,10 @@ def main() -> None:
         inj = NoiseInjector(spec)
         inj.attach(model)
         torch._dynamo.reset()
-        compiled = torch.compile(decode_step, fullgraph=True, mode=a.mode)
         counters.clear()
-        res = {}
-        for label, step, noisy in (("eager clean", decode_step, False), ("eager noisy", decode_step, True),
-                                   ("compiled clean", compiled, False), ("compiled noisy", compiled, True)):
-            res[label] = timed(model, prompts, a, step, inj if noisy else None)
+        res = timed_interleaved(model, prompts, a, {
+            "eager clean": (decode_step, None), "eager noisy": (decode_step, inj),
+            "compiled clean": (fresh_compile(decode_step, a), None), "compiled noisy": (fresh_compile(decode_step, a), inj)})
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
         same = {k: (res[k][1] == res["compiled clean"][1]).float().mean().item() for k in res}
         print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, graph breaks: none "

@@ -245,6 +245,25 @@ def test_fused_kernel_draws_are_the_documented_definition(numel):
     assert n.abs().max().item() <= 4.86                       # 16-bit uniforms bound |n|
 
 
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 8])
+def test_graph_kernel_split_lanes_draw_the_documented_definition(split):
+    """The compiled-graph kernel reads key and scale from device scalars; with its lanes split over SPLIT thread
+    blocks (small decode-step tensors) it must still draw the definition, element for element."""
+    from noisebench.noise.fast import definition, kernels
+    numel, seed = 3 * definition.BLOCK + 77, 424242
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(2)).to(DEV)
+    out = torch.empty_like(x)
+    key = torch.tensor(seed, dtype=torch.int64, device=DEV)
+    scales = torch.tensor([0.0, 1.0], device=DEV)
+    grid = (split * -(-numel // definition.BLOCK),)
+    kernels._graph_noise_kernel[grid](x, out, key, scales, numel, KIND=1, SCALE_IDX=1, FAST=0, ROUNDS=definition.ROUNDS,
+                                      BLOCK=definition.BLOCK, SPLIT=split, num_warps=4)
+    n = torch.from_numpy(definition.reference_normals(seed, numel))
+    assert (out.double().cpu() - x.double().cpu() - n).abs().max().item() < 2e-5
+    assert kernels.graph_split(64 * 1536) == kernels.SMALL_SPLIT and kernels.graph_split(1 << 24) == 1
+
+
 def test_documented_noise_definition_is_standard_normal():
     """The definition itself (no kernel needed): moments, tails and independence over 4M draws."""
     from noisebench.noise.fast import definition

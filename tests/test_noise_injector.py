@@ -347,3 +347,22 @@ def test_reinstalling_does_not_recompile():
     assert counters["stats"]["unique_graphs"] == 2          # one clean graph, one noisy graph
     assert _no_engine_left()
     torch._dynamo.reset()
+
+
+def test_hooks_skip_only_classes_that_cannot_matter():
+    """The global hooks ignore module classes whose every module is neutral and not a noised norm (issue 7: Dynamo
+    guards on what the hooks read, once per module otherwise); scoped or noised classes keep their hooks."""
+    from noisebench.noise import norms
+    model = tiny_qwen2()
+    Q = modeling_qwen2
+    cases = [(dict(ops=["matmul_family"]), {torch.nn.Linear, Q.Qwen2DecoderLayer, Q.Qwen2RMSNorm}, {Q.Qwen2RotaryEmbedding}),
+             (dict(ops=["linear", "rms_norm"]), {torch.nn.Linear}, {Q.Qwen2RMSNorm, Q.Qwen2RotaryEmbedding}),
+             (dict(ops=["linear"], layers=[0, 0]), {torch.nn.Linear}, {Q.Qwen2DecoderLayer})]
+    for kw, skipped, kept in cases:
+        inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, **kw))
+        inj.attach(model)
+        with inj:
+            assert skipped <= norms._SKIP and not (kept & norms._SKIP), kw
+        inj.detach(model)
+        with inj:                                     # nothing attached: no class is skipped
+            assert norms._SKIP == frozenset()

@@ -70,7 +70,7 @@ class NoiseInjector:
             self._counters, self._calls, self._elements, self._err_sums)
         STATE.phase = self._phase
         STATE.refresh()
-        self._hooks = norms.install_hooks()
+        self._hooks = norms.install_hooks(self.spec, [m for m, _ in self._attached.values()])
         self._mode = NoiseMode()
         self._mode.__enter__()
         return self
@@ -128,6 +128,8 @@ class NoiseInjector:
         backward noise. Call before ``torch.compile``. Returns the model."""
         self.detach(model)
         self._attached[id(model)] = (model, norms.annotate(model, self.spec))
+        if self._installed and self.spec.enabled:
+            norms.set_skip(norms.skip_classes(self.spec, [m for m, _ in self._attached.values()]))
         return model
 
     def detach(self, model: nn.Module) -> None:

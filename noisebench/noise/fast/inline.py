@@ -24,21 +24,29 @@ from torch import Tensor
 from . import dispatch
 
 INLINE_KINDS = ("relative_gaussian", "absolute_gaussian")
-MODES = ("kernel", "fused", "off")
-MODE = os.environ.get("NOISEBENCH_FAST_INLINE", "kernel").strip().lower() or "kernel"
-MODE = {"1": "kernel", "true": "kernel", "on": "kernel", "0": "off", "false": "off"}.get(MODE, MODE)
+MODES = ("auto", "kernel", "fused", "off")
+MODE = os.environ.get("NOISEBENCH_FAST_INLINE", "auto").strip().lower() or "auto"
+MODE = {"1": "auto", "true": "auto", "on": "auto", "0": "off", "false": "off"}.get(MODE, MODE)
 if MODE not in MODES:
     raise ValueError(f"NOISEBENCH_FAST_INLINE={MODE!r} unknown; valid choices: {list(MODES)}")
 ENABLED = MODE != "off"
 
 
+KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: tensors at least this large take the graph kernel, smaller ones Inductor's randn
+
+
 def _use_kernel(t: Tensor) -> bool:
-    """``kernel`` mode (default): on CUDA the draw is the fused Triton kernel called from the graph
-    (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one read and one write); ``fused``: Inductor's own
-    ``randn`` fused into neighbouring kernels (one Philox4x32-10 call per element: compute-bound at training sizes).
-    CPU tensors (forced fast path) always use ``fused``."""
+    """How a compiled graph draws the noise of ``t`` (decided at trace time from its static size). ``kernel``: on
+    CUDA the fused Triton kernel called from the graph (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one
+    read and one write: an extra pass and an extra launch); ``fused``: Inductor's own ``randn``, fused into the
+    neighbouring pointwise kernels (no launch, no pass, but one Philox4x32-10 call per element: compute-bound at
+    training sizes); ``auto`` (default): the kernel for tensors of ``KERNEL_MIN_NUMEL`` elements or more (training),
+    Inductor's randn below (decode steps, where an extra launch costs more than the draw). CPU tensors (forced fast
+    path) always use ``fused``."""
+    if MODE == "fused" or t.device.type != "cuda" or (MODE == "auto" and t.numel() < KERNEL_MIN_NUMEL):
+        return False
     k = dispatch._KERNELS   # imported on install, outside any compiled region
-    return MODE == "kernel" and t.device.type == "cuda" and bool(k) and k.graph_noise is not None
+    return bool(k) and k.graph_noise is not None
 SEEDS: Dict[str, Tensor] = {}   # device type -> 0-d int64 seed (static address; changed only in place)
 SCALES: Dict[str, Tensor] = {}  # device type -> float32 [2]: forward scale, backward scale (0 when not live)
 _BWD_OFFSET = 1 << 40           # backward draws use seed + 2**40: never the key of a forward draw

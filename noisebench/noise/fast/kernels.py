@@ -74,10 +74,14 @@ def _slice(x_ptr, y_ptr, tele_ptr, offs, numel, n, scale, KIND: tl.constexpr, TE
 
 @triton.jit
 def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
-             KIND: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
-    """One program's BLOCK elements of one tensor: program ``pid`` of that tensor, Philox key ``key``."""
+             KIND: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
+             SPLIT: tl.constexpr, part):
+    """One program's BLOCK elements of one tensor (program ``pid`` of that tensor, Philox key ``key``), or, with
+    SPLIT > 1, part ``part`` of its lanes (lanes [part * Q/SPLIT, (part + 1) * Q/SPLIT)): the same draws for the same
+    elements, spread over more thread blocks (small tensors, e.g. decode steps, would otherwise run on a few SMs)."""
     QQ: tl.constexpr = BLOCK // 8
-    lane = tl.arange(0, QQ)
+    LANES: tl.constexpr = QQ // SPLIT
+    lane = part * LANES + tl.arange(0, LANES)
     offs = pid.to(tl.int64) * BLOCK + lane
     if KIND == 2:
         n0, n1, n2, n3, n4, n5, n6, n7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
@@ -122,7 +126,7 @@ def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed,
     if USE_CTR:
         v = tl.load(ctr_ptr)
         key = seed + v * 2654435761
-    _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, pid == 0, KIND, TELE, FAST, ROUNDS, BLOCK)
+    _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, pid == 0, KIND, TELE, FAST, ROUNDS, BLOCK, 1, 0)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -142,15 +146,15 @@ def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s
         key0, key1, key2 = s0 + v * 2654435761, s1 + v * 2654435761, s2 + v * 2654435761
     if pid < p0:
         _program(x0, x0, t0, pid, n0, key0, scale, (pid == 0) & (k0 != 0), KIND, TELE, FAST,
-                 ROUNDS, BLOCK)
+                 ROUNDS, BLOCK, 1, 0)
     elif pid < p0 + p1:
         q = pid - p0
         _program(x1, x1, t1, q, n1, key1, scale, (q == 0) & (k1 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK)
+                 BLOCK, 1, 0)
     else:
         q = pid - p0 - p1
         _program(x2, x2, t2, q, n2, key2, scale, (q == 0) & (k2 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK)
+                 BLOCK, 1, 0)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -162,13 +166,25 @@ _DIRECT = {"ok": None}   # None: not checked yet; False: direct launches disable
 
 @triton.jit
 def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.constexpr, SCALE_IDX: tl.constexpr,
-                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """The same noise for compiled graphs: key and scale read from device scalars (an in-graph seed advanced per call,
-    the engine's forward/backward scale), so Inductor launches it from generated code and CUDA graphs replay it."""
+    the engine's forward/backward scale), so Inductor launches it from generated code and CUDA graphs replay it.
+    SPLIT thread blocks share each BLOCK of elements (same draws): decode-step tensors are a few BLOCKs."""
     pid = tl.program_id(0)
     key = (tl.load(seed_ptr) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
     scale = tl.load(scales_ptr + SCALE_IDX)
-    _program(x_ptr, y_ptr, x_ptr, pid, numel, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK)
+    _program(x_ptr, y_ptr, x_ptr, pid // SPLIT, numel, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK,
+             SPLIT, pid % SPLIT)
+
+
+SMALL_SPLIT = 8   # thread blocks per BLOCK for tensors under SMALL_NUMEL elements (128 lanes each, one per thread)
+SMALL_NUMEL = 1 << 20
+
+
+def graph_split(numel: int) -> int:
+    """Thread blocks per BLOCK of elements: several for small tensors (decode steps: 64 x 1536 is 12 BLOCKs, which
+    would keep 12 of 132 SMs busy with 8 Philox calls a thread), one for large ones (bandwidth-bound)."""
+    return SMALL_SPLIT if numel < SMALL_NUMEL else 1
 
 
 def _define_graph_noise():
@@ -182,9 +198,10 @@ def _define_graph_noise():
         out = torch.empty_like(xc)
         n = xc.numel()
         if n:
-            wrap_triton(_graph_noise_kernel)[((n + BLOCK - 1) // BLOCK,)](
+            split = graph_split(n)
+            wrap_triton(_graph_noise_kernel)[(split * ((n + BLOCK - 1) // BLOCK),)](
                 xc, out, seed, scales, n, KIND=kind, SCALE_IDX=scale_idx,
-                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=4)
+                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, SPLIT=split, num_warps=4)
         return out
     return graph_noise
 
@@ -208,10 +225,14 @@ def _spec_key(args: tuple, consts: tuple, device_index: int) -> tuple:
     return tuple(key)
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
+    lambda index: torch.cuda.current_stream(index).cuda_stream)   # the raw handle, no Stream object (~3 us less)
+
+
 def _direct(kernel, nprog: int, args: tuple, consts: tuple, device: torch.device) -> None:
     """Launch an already compiled kernel without Triton's Python launcher (binding and specialization cost ~20 us a
     call on the H100 host, a third of a noisy call's host time). Same call the launcher makes (Triton 3.x)."""
-    stream = torch.cuda.current_stream(device).cuda_stream
+    stream = _raw_stream(device.index)
     kernel.run(nprog, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *consts)
 
 

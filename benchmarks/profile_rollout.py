@@ -1,0 +1,149 @@
+"""Where a compiled noisy decode step's time goes: kernels per step and device time, clean vs each inline noise mode.
+
+    python benchmarks/profile_rollout.py --models testbed,qwen2.5-1.5b
+    python benchmarks/profile_rollout.py --models testbed --device cpu --batch 4 --new 8 --mode default   # smoke
+
+For each model shape (random weights, ``rollout_throughput.py``'s builder) and each variant -- clean, noisy with the
+engine's default (``NOISEBENCH_FAST_INLINE=auto``: graph kernel for large tensors, Inductor's randn for small), with
+the graph kernel for every tensor (``kernel``) and with Inductor's fused ``randn`` for every tensor (``fused``) -- the
+decode step is compiled afresh (``fullgraph``, ``--mode``), timed (tokens/s,
+median of ``--repeats`` rollouts) and profiled over ``--steps`` decode steps with torch.profiler: device kernels per
+step, device busy time per step, wall time per step, and the top kernels. Kernels replayed from CUDA graphs are
+reported individually by CUPTI.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout_throughput import SHAPES, _sync, build, decode_step, rollout  # noqa: E402
+
+from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
+from noisebench.noise.fast import inline  # noqa: E402
+
+VARIANTS = ("clean", "auto", "kernel", "fused")
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="testbed,qwen2.5-1.5b")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--scale", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="profiled decode steps (at most --new - 2)")
+    p.add_argument("--mode", default="reduce-overhead")
+    a = p.parse_args()
+    if a.steps > a.new - 2:
+        p.error(f"--steps {a.steps}: at most --new - 2 = {a.new - 2} (the profiled steps reuse the rollout's cache)")
+    for key, val, valid in (("--models", a.models, SHAPES), ("--variants", a.variants, VARIANTS)):
+        bad = [v for v in val.split(",") if v not in valid]
+        if bad:
+            p.error(f"{key}: unknown {bad}; valid choices: {list(valid)}")
+    return a
+
+
+def _set_variant(v: str) -> None:
+    inline.MODE = "auto" if v == "clean" else v
+
+
+def _profiled_decode(model, prompts, a, step):
+    """Prefill, one unprofiled decode step, then ``a.steps`` decode steps under torch.profiler: (profiler, seconds)."""
+    from transformers import StaticCache
+    cache = StaticCache(config=model.config, max_cache_len=a.prompt + a.new)   # as rollout(): no recompile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    with torch.no_grad():
+        pos = torch.arange(a.prompt, device=a.device)
+        tok = model(input_ids=prompts, cache_position=pos, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        tok = step(model, tok, torch.tensor([a.prompt], device=a.device), cache).clone()
+        _sync(a.device)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for i in range(a.steps):
+                tok = step(model, tok, torch.tensor([a.prompt + 1 + i], device=a.device), cache).clone()
+            _sync(a.device)
+            wall = time.perf_counter() - t0
+    return prof, wall
+
+
+def profile_steps(model, prompts, a, step, inj) -> tuple:
+    """(tokens/s, kernels/step, device us/step, wall us/step, top kernels) for ``step`` under ``inj`` (or clean)."""
+    tps = []
+    for i in range(a.repeats + 2):
+        if inj is not None:
+            inj.install()
+            inj.set_phase("rollout")
+        try:
+            if i <= a.repeats:
+                _, dt = rollout(model, prompts, a, step)
+                if i:
+                    tps.append(a.batch * (a.new - 1) / dt)
+            else:
+                prof, wall = _profiled_decode(model, prompts, a, step)
+        finally:
+            if inj is not None:
+                inj.set_phase(None)
+                inj.uninstall()
+    kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per = Counter()
+    for e in kern:
+        per[e.name] += e.device_time
+    n = a.steps
+    host = Counter()
+    for e in prof.key_averages():
+        if e.self_cpu_time_total > 0:
+            host[e.key] = e.self_cpu_time_total
+    return (sorted(tps)[len(tps) // 2], len(kern) / n, sum(e.device_time for e in kern) / n, 1e6 * wall / n,
+            per.most_common(6), host.most_common(5))
+
+
+def main() -> None:
+    a = parse()
+    print(f"device={a.device} torch={torch.__version__} batch={a.batch} prompt={a.prompt} new={a.new} "
+          f"mode={a.mode}; profile over {a.steps} decode steps (wall includes profiler overhead)")
+    for name in a.models.split(","):
+        model = build(name, a)
+        prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), device=a.device,
+                                generator=torch.Generator(a.device).manual_seed(1))
+        inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["matmul_family"],
+                                      phases=["rollout"]))
+        inj.attach(model)
+        print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params")
+        print(f"{'variant':<15} {'tok/s':>9} {'x clean':>8} {'kernels/step':>13} {'device us/step':>15} "
+              f"{'wall us/step':>13}")
+        base = None
+        tops = {}
+        for v in a.variants.split(","):
+            _set_variant(v)
+            torch._dynamo.reset()
+            step = torch.compile(decode_step, fullgraph=True, mode=a.mode)
+            from torch._dynamo.utils import counters
+            counters.clear()
+            tps, nk, busy, wall, top, host = profile_steps(model, prompts, a, step, None if v == "clean" else inj)
+            skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
+            base = tps if v == "clean" else base
+            ratio = f"{tps / base:.3f}" if base else "-"
+            print(f"{v:<15} {tps:9.0f} {ratio:>8} {nk:13.1f} {busy:15.1f} {wall:13.1f}  cudagraph skips {skips}, "
+                  f"frames {dict(counters['stats'])}")
+            tops[v] = top, host
+        for v, (top, host) in tops.items():
+            print(f"  top kernels, {v}: " + "; ".join(f"{k[:60]} {t / a.steps:.1f}us" for k, t in top))
+            print(f"  top host (self CPU), {v}: " + "; ".join(f"{k[:50]} {t / a.steps:.1f}us" for k, t in host))
+        inj.detach(model)
+        del model
+        _sync(a.device)
+    _set_variant("auto")
+
+
+if __name__ == "__main__":
+    main()
