@@ -48,10 +48,13 @@ def main() -> None:
     for rate in (None, 0.0):
         kw = {} if rate is None else {"telemetry_rate": rate}
         inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=ops, phases=phases, **kw))
+        inj.attach(model)   # as the trainer does (module scopes by name; hooks skip classes that cannot matter)
         with inj:
             ms = median_ms(make_steps(model, x, inj)["fwd+bwd"], a.device)
+        inj.detach(model)
         print(f"noisy fwd+bwd (telemetry_rate={'default' if rate is None else rate}): {ms:.2f} ms, x{ms / base:.2f}")
     inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=ops, phases=phases))
+    inj.attach(model)
     step = make_steps(model, x, inj)["fwd+bwd"]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
     with inj:

@@ -175,3 +175,32 @@ def test_bf16_outputs_are_perturbed_in_float32():
     assert out.dtype == torch.bfloat16
     rel = ((out.float() - x.float()) / x.float())
     assert rel.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", ["relative_gaussian", "absolute_gaussian"])
+def test_cpu_inplace_reference_write_is_the_same_noise_and_straight_through(kind):
+    """The reference path writes a float32 CPU linear output in place (no fresh multi-MB tensor): same values as the
+    out-of-place model for the same generator seed, gradient straight-through, telemetry still sees the clean value."""
+    fn = getattr(models, kind)
+    y = torch.randn(300, 70, generator=torch.Generator().manual_seed(3))
+    ref = fn(y, 1e-2, torch.Generator().manual_seed(9))
+    inp = y.clone()
+    out = fn(inp, 1e-2, torch.Generator().manual_seed(9), inplace=True)
+    assert out.data_ptr() == inp.data_ptr() and torch.equal(out, ref)
+
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(48, 32, requires_grad=True)
+    g = torch.randn(64, 48)
+    F.linear(x, w).backward(g)
+    clean_gx, clean_gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    inj = NoiseInjector(NoiseSpec(type=kind, scale=1e-2, ops=["linear"], phases=["train_forward"], telemetry_rate=1.0))
+    with inj, inj.phase("train_forward"):
+        y_noisy = F.linear(x, w)
+    y_clean = F.linear(x, w).detach()
+    assert y_noisy.requires_grad and not torch.equal(y_noisy.detach(), y_clean)
+    y_noisy.backward(g)
+    assert torch.equal(x.grad, clean_gx) and torch.equal(w.grad, clean_gw)   # no backward phase: clean gradients
+    rel = inj.telemetry()["noise/train_forward/linear/fwd/rel_err_rms"]
+    expect = 1e-2 if kind == "relative_gaussian" else 1e-2 / y_clean.square().mean().sqrt().item()
+    assert rel == pytest.approx(expect, rel=0.1)

@@ -113,8 +113,9 @@ def mark(x, op: str):
     return x
 
 
-# Ops whose autograd node does not save its own output: forward noise may overwrite the output in place on the
-# fast path (the raw kernel write bypasses autograd, so the gradient is straight-through with no Python node).
+# Ops whose autograd node does not save its own output: forward noise may overwrite the output in place (the fast
+# path's raw kernel write, or the reference path's write through a detached alias on CPU float32, bypasses autograd,
+# so the gradient is straight-through with no Python node).
 # softmax and sdpa save their outputs; norms are left out (their saved tensors vary across torch versions).
 OUTPUT_UNSAVED = frozenset(("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "silu", "gelu"))
 
@@ -129,7 +130,8 @@ def noise_output(y, op: str):
         if fast_inline.applicable(y, STATE.spec):  # issue 7: fusable, graph-capturable noise (CUDA)
             return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
-    if op in OUTPUT_UNSAVED and STATE.fast_kind and y.is_contiguous() and fast.tensor_ok(y):
+    if op in OUTPUT_UNSAVED and y.is_contiguous() and (
+            STATE.fast_kind and fast.tensor_ok(y) or STATE.inplace_reference(y)):
         return STATE.perturb(y, op, "fwd", inplace=True)
     if y.requires_grad:
         return _StraightThrough.apply(y, op)

@@ -18,12 +18,13 @@ ROUND_DTYPES = {
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _randn(y: Tensor, gen: torch.Generator) -> Tensor:
+def _randn(y: Tensor, gen: torch.Generator, scratch: bool = False) -> Tensor:
     # CPU randn is single-threaded (~3.5 ns an element on this project's CPUs) and dominates Gaussian noise cost;
     # splitting it over Python threads was tried and lost to MKL's spinning worker threads right after a matmul.
+    # ``scratch``: the caller consumes the normals at once (the icdf16 lookup may then reuse a per-thread buffer).
     if y.device.type == "cpu" and _table.name() != "randn":  # issue 7: cheaper CPU generators (fast/table.py)
         if _table.name() == "icdf16":
-            return _table.icdf16(y.shape, gen.initial_seed())
+            return _table.icdf16(y.shape, gen.initial_seed(), scratch=scratch)
         n = _table.normals(y.shape, gen.initial_seed())
         if n is not None:
             return n
@@ -34,18 +35,31 @@ def _back(out: Tensor, y: Tensor) -> Tensor:
     return out if out.dtype == y.dtype else out.to(y.dtype)
 
 
-def relative_gaussian(y: Tensor, scale: float, gen: torch.Generator) -> Tensor:
+def writable(y: Tensor, inplace: bool) -> bool:
+    """Whether the result may be written into ``y`` itself: asked for, float32 (the math's dtype) and contiguous."""
+    return inplace and y.dtype == torch.float32 and y.is_contiguous()
+
+
+def relative_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bool = False) -> Tensor:
     """``y * (1 + scale * n)``, n ~ N(0, 1) i.i.d. per element (the study's model).
 
     One randn and one fused ``addcmul`` (``y + scale * y * n``); mixed-dtype inputs are promoted to float32
-    element-wise, so bf16 outputs are perturbed in float32 and rounded once on the way back.
+    element-wise, so bf16 outputs are perturbed in float32 and rounded once on the way back. ``inplace``: write into
+    ``y``'s storage when it is float32 and contiguous (no autograd record: the caller owns that choice), same values.
     """
-    return _back(torch.addcmul(y, y, _randn(y, gen), value=scale), y)
+    if writable(y, inplace):
+        d = y.detach()
+        return d.addcmul_(d, _randn(y, gen, scratch=True), value=scale)
+    return _back(torch.addcmul(y, y, _randn(y, gen, scratch=True), value=scale), y)
 
 
-def absolute_gaussian(y: Tensor, scale: float, gen: torch.Generator) -> Tensor:
-    """``y + scale * n``, n ~ N(0, 1): an error independent of the value's size (fixed-point / analog noise)."""
-    return _back(torch.add(y, _randn(y, gen), alpha=scale), y)
+def absolute_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bool = False) -> Tensor:
+    """``y + scale * n``, n ~ N(0, 1): an error independent of the value's size (fixed-point / analog noise).
+    ``inplace`` as in ``relative_gaussian``."""
+    if writable(y, inplace):
+        d = y.detach()
+        return d.add_(_randn(y, gen, scratch=True), alpha=scale)
+    return _back(torch.add(y, _randn(y, gen, scratch=True), alpha=scale), y)
 
 
 def systematic_bias(y: Tensor, scale: float, channel_bias: Optional[Tensor] = None) -> Tensor:

@@ -104,6 +104,13 @@ class NoiseState:
         self.bwd_ops = ops if bwd_possible else frozenset()
         fast.set_inline_scales(spec.scale, spec.scale if self.bwd_live() else 0.0)   # compiled graphs read these
 
+    def inplace_reference(self, t: Tensor) -> bool:
+        """Whether the reference path would write a Gaussian model's result into ``t`` itself (CPU float32: saves a
+        fresh multi-MB output per call, whose page faults cost about as much as the addcmul)."""
+        spec = self.spec
+        return (spec is not None and spec.type in ("relative_gaussian", "absolute_gaussian")
+                and t.device.type == "cpu" and t.dtype == torch.float32)
+
     def bwd_live(self) -> bool:
         """Run-time check in backward: the phase in force now is train_backward (enabled), or global."""
         ph = self.effective_phase()
@@ -133,8 +140,8 @@ class NoiseState:
     # -- the noise itself ----------------------------------------------------------------------------------------
     def perturb(self, t: Tensor, op: str, direction: str, inplace: bool = False) -> Tensor:
         """Apply the spec's noise model to ``t`` (an op output or a gradient) and return the result. ``inplace``: the
-        fast path may write into ``t`` (callers guarantee nothing else reads the clean ``t``); otherwise, and always
-        on the reference path, the result is a new tensor."""
+        fast path, and the reference path's Gaussian models on float32 tensors, may write into ``t`` (callers
+        guarantee nothing else reads the clean ``t``); otherwise the result is a new tensor."""
         spec = self.spec
         if direction == "bwd" and not self.bwd_live() or spec is None or not spec.enabled:
             return t.clone()
@@ -153,10 +160,15 @@ class NoiseState:
             raise RuntimeError(f"noise type {kind!r} cannot be captured in a CUDA graph by the reference path (it "
                                f"re-seeds a torch.Generator per call); graph-capturable types on the fast path: "
                                f"{sorted(fast.FAST_KINDS)} (needs Triton), plus round with rounding='nearest'")
-        elif kind == "relative_gaussian":
-            out = models.relative_gaussian(t, spec.scale, self.generator(t.device, direction))
-        elif kind == "absolute_gaussian":
-            out = models.absolute_gaussian(t, spec.scale, self.generator(t.device, direction))
+        elif kind in ("relative_gaussian", "absolute_gaussian"):
+            clean = self._clean_sample(t) if sample and inplace else None   # the write below may be in place
+            fn = models.relative_gaussian if kind == "relative_gaussian" else models.absolute_gaussian
+            out = fn(t, spec.scale, self.generator(t.device, direction), inplace=inplace)
+            if inplace and models.writable(t, True):
+                out = t        # written through a detached alias: ``t`` keeps its autograd history (straight-through)
+            if clean is not None:
+                self._sample(key, t, out, clean)
+                sample = False
         elif kind == "systematic_bias":
             bias = self._channel_bias(t) if spec.per_channel else None
             out = models.systematic_bias(t, spec.scale, bias)
@@ -215,9 +227,14 @@ class NoiseState:
             acc = self.err_sums[key] = torch.zeros(2, dtype=torch.float32, device=t.device)
         return acc
 
-    def _sample(self, key: tuple, t: Tensor, out: Tensor) -> None:
+    @staticmethod
+    def _clean_sample(t: Tensor) -> Tensor:
+        """A copy of the elements ``_sample`` reads, taken before an in-place write."""
+        return t.detach().reshape(-1)[:_SAMPLE_ELEMS].float().clone()
+
+    def _sample(self, key: tuple, t: Tensor, out: Tensor, clean: Optional[Tensor] = None) -> None:
         """Reference path: add the realized error of the first 4096 elements to the key's accumulator."""
-        ref = t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
+        ref = clean if clean is not None else t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
         err = out.detach().reshape(-1)[:_SAMPLE_ELEMS].float() - ref
         self._slot(key, t).add_(torch.stack([err.square().sum(), ref.square().sum()]))
 
