@@ -70,7 +70,7 @@ class NoiseInjector:
             self._counters, self._calls, self._elements, self._err_sums)
         STATE.phase = self._phase
         STATE.refresh()
-        self._hooks = norms.install_hooks(self.spec, [m for m, _ in self._attached.values()])
+        self._hooks = norms.install_hooks(self.spec, self._models())
         self._mode = NoiseMode()
         self._mode.__enter__()
         return self
@@ -129,8 +129,12 @@ class NoiseInjector:
         self.detach(model)
         self._attached[id(model)] = (model, norms.annotate(model, self.spec))
         if self._installed and self.spec.enabled:
-            norms.set_skip(norms.skip_classes(self.spec, [m for m, _ in self._attached.values()]))
+            norms.set_skip(norms.skip_classes(self.spec, self._models()))
         return model
+
+    def _models(self) -> list:
+        """The attached models."""
+        return [m for m, _ in self._attached.values()]
 
     def detach(self, model: nn.Module) -> None:
         """Undo ``attach``."""

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .fast import dispatch as fast
 from .fast import inline as fast_inline
 from .runtime import STATE
 
@@ -122,16 +121,16 @@ OUTPUT_UNSAVED = frozenset(("linear", "matmul", "mm", "bmm", "addmm", "baddbmm",
 
 def noise_output(y, op: str):
     """Forward noise on an op result (tensors only). Compiled code gets the opaque op; eager code overwrites the
-    output in place on the fast path when the op does not save it, else calls the noise directly (no_grad, e.g.
-    rollouts) or through a straight-through autograd.Function: same draws, same results."""
+    output in place when the op does not save it and the engine can write into it (``STATE.writes_in_place``), else
+    calls the noise directly (no_grad, e.g. rollouts) or through a straight-through autograd.Function: same draws,
+    same results."""
     if not (isinstance(y, Tensor) and y.is_floating_point()):
         return y
     if torch.compiler.is_compiling():
         if fast_inline.applicable(y, STATE.spec):  # issue 7: fusable, graph-capturable noise (CUDA)
             return fast_inline.noise(y, STATE.spec)
         return torch.ops.noisebench.fwd(y, op)
-    if op in OUTPUT_UNSAVED and y.is_contiguous() and (
-            STATE.fast_kind and fast.tensor_ok(y) or STATE.inplace_reference(y)):
+    if op in OUTPUT_UNSAVED and STATE.writes_in_place(y):
         return STATE.perturb(y, op, "fwd", inplace=True)
     if y.requires_grad:
         return _StraightThrough.apply(y, op)

@@ -18,13 +18,14 @@ ROUND_DTYPES = {
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _randn(y: Tensor, gen: torch.Generator, scratch: bool = False) -> Tensor:
+def _randn(y: Tensor, gen: torch.Generator) -> Tensor:
+    """float32 N(0, 1) of ``y``'s shape, for the caller to consume at once: on CPU the result may be a per-thread
+    scratch buffer (icdf16) or a view of the shared table, which later calls overwrite or reuse."""
     # CPU randn is single-threaded (~3.5 ns an element on this project's CPUs) and dominates Gaussian noise cost;
     # splitting it over Python threads was tried and lost to MKL's spinning worker threads right after a matmul.
-    # ``scratch``: the caller consumes the normals at once (the icdf16 lookup may then reuse a per-thread buffer).
     if y.device.type == "cpu" and _table.name() != "randn":  # issue 7: cheaper CPU generators (fast/table.py)
         if _table.name() == "icdf16":
-            return _table.icdf16(y.shape, gen.initial_seed(), scratch=scratch)
+            return _table.icdf16(y.shape, gen.initial_seed(), scratch=True)
         n = _table.normals(y.shape, gen.initial_seed())
         if n is not None:
             return n
@@ -45,21 +46,23 @@ def relative_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bo
 
     One randn and one fused ``addcmul`` (``y + scale * y * n``); mixed-dtype inputs are promoted to float32
     element-wise, so bf16 outputs are perturbed in float32 and rounded once on the way back. ``inplace``: write into
-    ``y``'s storage when it is float32 and contiguous (no autograd record: the caller owns that choice), same values.
+    ``y``'s storage when it is float32 and contiguous, through a detached alias (no autograd record: the caller owns
+    that choice), and return ``y`` itself; same values.
     """
     if writable(y, inplace):
         d = y.detach()
-        return d.addcmul_(d, _randn(y, gen, scratch=True), value=scale)
-    return _back(torch.addcmul(y, y, _randn(y, gen, scratch=True), value=scale), y)
+        d.addcmul_(d, _randn(y, gen), value=scale)
+        return y
+    return _back(torch.addcmul(y, y, _randn(y, gen), value=scale), y)
 
 
 def absolute_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bool = False) -> Tensor:
     """``y + scale * n``, n ~ N(0, 1): an error independent of the value's size (fixed-point / analog noise).
     ``inplace`` as in ``relative_gaussian``."""
     if writable(y, inplace):
-        d = y.detach()
-        return d.add_(_randn(y, gen, scratch=True), alpha=scale)
-    return _back(torch.add(y, _randn(y, gen, scratch=True), alpha=scale), y)
+        y.detach().add_(_randn(y, gen), alpha=scale)
+        return y
+    return _back(torch.add(y, _randn(y, gen), alpha=scale), y)
 
 
 def systematic_bias(y: Tensor, scale: float, channel_bias: Optional[Tensor] = None) -> Tensor:

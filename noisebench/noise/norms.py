@@ -69,14 +69,14 @@ def skip_classes(spec: NoiseSpec, models) -> frozenset:
     each module's annotation cost ~5 guards a module (1.5k for a 28-layer model, ~1 ms of guard checks per compiled
     decode step), while ``type(module) in _SKIP`` is decided from guards Dynamo already has."""
     norm_noise = "rms_norm" in spec.resolved_ops()
-    seen, interesting = {}, set()
+    seen, interesting = set(), set()
     for model in models:
         for name, module in model.named_modules():
             cls = type(module)
             info = module.__dict__.get(_ATTR)
             scope, norm = info[1] if info is not None and info[0] is spec else module_info(spec, name, module)
             if cls not in seen:
-                seen[cls] = module
+                seen.add(cls)
                 c_scope, _ = module_info(spec, None, module)
                 if c_scope != NEUTRAL:
                     interesting.add(cls)

@@ -15,6 +15,7 @@ _MASK64 = (1 << 64) - 1
 _SAMPLE_ELEMS = 4096
 GLOBAL_PHASE = "global"  # telemetry label of noise applied outside any phase context by a global injector
 DIRECTIONS = ("fwd", "bwd")
+_GAUSSIAN = ("relative_gaussian", "absolute_gaussian")
 
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -104,12 +105,14 @@ class NoiseState:
         self.bwd_ops = ops if bwd_possible else frozenset()
         fast.set_inline_scales(spec.scale, spec.scale if self.bwd_live() else 0.0)   # compiled graphs read these
 
-    def inplace_reference(self, t: Tensor) -> bool:
-        """Whether the reference path would write a Gaussian model's result into ``t`` itself (CPU float32: saves a
-        fresh multi-MB output per call, whose page faults cost about as much as the addcmul)."""
-        spec = self.spec
-        return (spec is not None and spec.type in ("relative_gaussian", "absolute_gaussian")
-                and t.device.type == "cpu" and t.dtype == torch.float32)
+    def writes_in_place(self, t: Tensor) -> bool:
+        """Whether ``perturb(t, inplace=True)`` writes into ``t`` itself: the fused kernel takes it, or (reference
+        path) a Gaussian model on a contiguous CPU float32 tensor, which saves a fresh multi-MB output per call whose
+        page faults cost about as much as the addcmul."""
+        if self.fast_kind and fast.tensor_ok(t):
+            return t.is_contiguous()
+        return (self.spec is not None and self.spec.type in _GAUSSIAN and t.device.type == "cpu"
+                and models.writable(t, True))
 
     def bwd_live(self) -> bool:
         """Run-time check in backward: the phase in force now is train_backward (enabled), or global."""
@@ -150,6 +153,7 @@ class NoiseState:
         capture = t.is_cuda and fast.capturing(t)
         key = (phase, op, direction)
         sample = not capture and self._tick(key)   # host code does not run on graph replays: no telemetry there
+        clean = None                               # the sampled clean elements, when taken before the write
         if self.fast_kind and fast.tensor_ok(t):  # issue 7: fused Triton kernel (fast/), its own Philox draws
             seed = self.next_seed(direction) if kind != "systematic_bias" else 0
             tele = self._slot(key, t) if sample else None   # the kernel adds the sampled error sums itself
@@ -160,15 +164,11 @@ class NoiseState:
             raise RuntimeError(f"noise type {kind!r} cannot be captured in a CUDA graph by the reference path (it "
                                f"re-seeds a torch.Generator per call); graph-capturable types on the fast path: "
                                f"{sorted(fast.FAST_KINDS)} (needs Triton), plus round with rounding='nearest'")
-        elif kind in ("relative_gaussian", "absolute_gaussian"):
-            clean = self._clean_sample(t) if sample and inplace else None   # the write below may be in place
+        elif kind in _GAUSSIAN:
+            if sample and inplace:
+                clean = self._head(t).clone()   # the write below may be in place
             fn = models.relative_gaussian if kind == "relative_gaussian" else models.absolute_gaussian
             out = fn(t, spec.scale, self.generator(t.device, direction), inplace=inplace)
-            if inplace and models.writable(t, True):
-                out = t        # written through a detached alias: ``t`` keeps its autograd history (straight-through)
-            if clean is not None:
-                self._sample(key, t, out, clean)
-                sample = False
         elif kind == "systematic_bias":
             bias = self._channel_bias(t) if spec.per_channel else None
             out = models.systematic_bias(t, spec.scale, bias)
@@ -180,7 +180,7 @@ class NoiseState:
         if not capture:
             self.elements[key] = self.elements.get(key, 0) + n_pert
             if sample:
-                self._sample(key, t, out)
+                self._sample(key, t, out, clean)
         return out
 
     def perturb_many(self, ts: list, op: str, direction: str) -> list:
@@ -228,14 +228,15 @@ class NoiseState:
         return acc
 
     @staticmethod
-    def _clean_sample(t: Tensor) -> Tensor:
-        """A copy of the elements ``_sample`` reads, taken before an in-place write."""
-        return t.detach().reshape(-1)[:_SAMPLE_ELEMS].float().clone()
+    def _head(t: Tensor) -> Tensor:
+        """The elements telemetry samples: the first 4096, as float32."""
+        return t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
 
     def _sample(self, key: tuple, t: Tensor, out: Tensor, clean: Optional[Tensor] = None) -> None:
-        """Reference path: add the realized error of the first 4096 elements to the key's accumulator."""
-        ref = clean if clean is not None else t.detach().reshape(-1)[:_SAMPLE_ELEMS].float()
-        err = out.detach().reshape(-1)[:_SAMPLE_ELEMS].float() - ref
+        """Reference path: add the realized error of the first 4096 elements to the key's accumulator; ``clean``: the
+        clean elements, copied before an in-place write (default: read from ``t``)."""
+        ref = clean if clean is not None else self._head(t)
+        err = self._head(out) - ref
         self._slot(key, t).add_(torch.stack([err.square().sum(), ref.square().sum()]))
 
     def telemetry(self) -> Dict[str, float]:

@@ -76,12 +76,9 @@ def icdf16(shape, key: int, scratch: bool = False) -> Tensor:
     for s in shape:
         n *= int(s)
     raw = np.random.SFC64(int(key) & ((1 << 63) - 1)).random_raw(-(-n // 4))
-    if not scratch:
-        idx = torch.from_numpy(raw.view(np.uint16)[:n].astype(np.int32))
-        return t.index_select(0, idx).view(shape)
-    idx = _scratch("idx", n, np.int32)
+    idx = _scratch("idx", n, np.int32)   # the indices are consumed here: always scratch
     idx[...] = raw.view(np.uint16)[:n]
-    out = torch.from_numpy(_scratch("out", n, np.float32))
+    out = torch.from_numpy(_scratch("out", n, np.float32)) if scratch else None
     return torch.index_select(t, 0, torch.from_numpy(idx), out=out).view(shape)
 
 
