@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import SHAPES, _sync, build, decode_step, rollout  # noqa: E402
+from rollout_throughput import SHAPES, _sync, build, decode_step, one_rollout  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline  # noqa: E402
@@ -41,11 +40,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--scale", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8, help="profiled decode steps (at most --new - 2)")
+    p.add_argument("--steps", type=int, default=8, help="profiled decode steps (at most --new - 1)")
     p.add_argument("--mode", default="reduce-overhead")
     a = p.parse_args()
-    if a.steps > a.new - 2:
-        p.error(f"--steps {a.steps}: at most --new - 2 = {a.new - 2} (the profiled steps reuse the rollout's cache)")
+    if a.steps > a.new - 1:
+        p.error(f"--steps {a.steps}: at most --new - 1 = {a.new - 1} (the profiled steps reuse the rollout's cache)")
     for key, val, valid in (("--models", a.models, SHAPES), ("--variants", a.variants, VARIANTS)):
         bad = [v for v in val.split(",") if v not in valid]
         if bad:
@@ -57,43 +56,17 @@ def _set_variant(v: str) -> None:
     inline.MODE = "auto" if v == "clean" else v
 
 
-def _profiled_decode(model, prompts, a, step):
-    """Prefill, one unprofiled decode step, then ``a.steps`` decode steps under torch.profiler: (profiler, seconds)."""
-    from transformers import StaticCache
-    cache = StaticCache(config=model.config, max_cache_len=a.prompt + a.new)   # as rollout(): no recompile
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
-    with torch.no_grad():
-        pos = torch.arange(a.prompt, device=a.device)
-        tok = model(input_ids=prompts, cache_position=pos, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
-        tok = step(model, tok, torch.tensor([a.prompt], device=a.device), cache).clone()
-        _sync(a.device)
-        with profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            for i in range(a.steps):
-                tok = step(model, tok, torch.tensor([a.prompt + 1 + i], device=a.device), cache).clone()
-            _sync(a.device)
-            wall = time.perf_counter() - t0
-    return prof, wall
-
-
 def profile_steps(model, prompts, a, step, inj) -> tuple:
-    """(tokens/s, kernels/step, device us/step, wall us/step, top kernels) for ``step`` under ``inj`` (or clean)."""
+    """(tokens/s, kernels/step, device us/step, wall us/step, top kernels, top host) for ``step`` under ``inj`` (or
+    clean): one warm-up rollout, ``a.repeats`` timed ones, then ``a.steps`` decode steps under torch.profiler."""
     tps = []
-    for i in range(a.repeats + 2):
-        if inj is not None:
-            inj.install()
-            inj.set_phase("rollout")
-        try:
-            if i <= a.repeats:
-                _, dt = rollout(model, prompts, a, step)
-                if i:
-                    tps.append(a.batch * (a.new - 1) / dt)
-            else:
-                prof, wall = _profiled_decode(model, prompts, a, step)
-        finally:
-            if inj is not None:
-                inj.set_phase(None)
-                inj.uninstall()
+    for i in range(a.repeats + 1):
+        _, dt = one_rollout(model, prompts, a, step, inj)
+        if i:
+            tps.append(a.batch * (a.new - 1) / dt)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    prof = profile(activities=acts)
+    _, wall = one_rollout(model, prompts, a, step, inj, steps=a.steps, ctx=prof)
     kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     per = Counter()
     for e in kern:

@@ -16,6 +16,7 @@ graph-replayed call, and that tokens differ from the clean rollout's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 
@@ -61,8 +62,10 @@ def build(name: str, a) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(cfg).to(device=a.device, dtype=dtype).eval()
 
 
-def rollout(model, prompts, a, step) -> tuple:
-    """Prefill eagerly, then ``a.new - 1`` decode steps through ``step``; returns (tokens, decode seconds)."""
+def rollout(model, prompts, a, step, steps: int = None, ctx=None) -> tuple:
+    """Prefill eagerly, then ``steps`` (default ``a.new - 1``) decode steps through ``step``, inside ``ctx`` when
+    given (e.g. a profiler); returns (tokens, decode seconds). The cache always holds ``a.prompt + a.new`` tokens, so
+    shorter rollouts reuse the compiled step."""
     cache = StaticCache(config=model.config, max_cache_len=a.prompt + a.new)
     with torch.no_grad():
         pos = torch.arange(a.prompt, device=a.device)
@@ -70,13 +73,15 @@ def rollout(model, prompts, a, step) -> tuple:
         tok = logits[:, -1].argmax(-1, keepdim=True)
         out = [tok]
         _sync(a.device)
-        t0 = time.perf_counter()
-        for i in range(a.new - 1):
-            cp = torch.tensor([a.prompt + i], device=a.device)
-            tok = step(model, tok, cp, cache).clone()
-            out.append(tok)
-        _sync(a.device)
-    return torch.cat(out, 1), time.perf_counter() - t0
+        with ctx if ctx is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            for i in range(a.new - 1 if steps is None else steps):
+                cp = torch.tensor([a.prompt + i], device=a.device)
+                tok = step(model, tok, cp, cache).clone()
+                out.append(tok)
+            _sync(a.device)
+            dt = time.perf_counter() - t0
+    return torch.cat(out, 1), dt
 
 
 def decode_step(model, tok, cache_position, cache):
@@ -89,13 +94,14 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def one_rollout(model, prompts, a, step, inj) -> tuple:
-    """One rollout (tokens, decode seconds), under ``inj`` in phase rollout when given (installed for it only)."""
+def one_rollout(model, prompts, a, step, inj, **kw) -> tuple:
+    """One rollout (tokens, decode seconds), under ``inj`` in phase rollout when given (installed for it only);
+    ``kw`` as ``rollout``'s."""
     if inj is not None:
         inj.install()
         inj.set_phase("rollout")
     try:
-        return rollout(model, prompts, a, step)
+        return rollout(model, prompts, a, step, **kw)
     finally:
         if inj is not None:
             inj.set_phase(None)
