@@ -32,8 +32,11 @@ from noisebench.noise.fast.table import name as table_name  # noqa: E402
 MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
 
 
-def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse(extend=None, description: str = None) -> argparse.Namespace:
+    """The workload's flags; ``extend(parser)`` adds a calling script's own."""
+    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
+    if extend is not None:
+        extend(p)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (batch x seq); default 8192 GPU, 1024 CPU")
     p.add_argument("--seq", type=int, default=1024, help="sequence length (tokens are split into sequences of it)")

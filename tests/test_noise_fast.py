@@ -328,11 +328,15 @@ def test_one_launch_for_several_tensors_draws_what_separate_launches_draw():
 
 
 @needs_kernel
-def test_compiled_training_noise_is_inline_and_reads_backward_phase_on_device():
+@pytest.mark.parametrize("inline_mode", ["auto", "kernel"] if HAS_CUDA else ["auto"])
+def test_compiled_training_noise_is_inline_and_reads_backward_phase_on_device(inline_mode, monkeypatch):
     """Compiled training graphs get the noise as graph ops (forward straight-through, backward through a device
     scale set at each phase change): realized 1e-2 both ways, bitwise-clean gradients when backward runs outside
-    train_backward, a new scale without recompiling, the global RNG untouched."""
+    train_backward, a new scale without recompiling, the global RNG untouched. ``kernel``: the draws come from the
+    graph kernel (training-sized tensors take it under ``auto``; this one is small), forward noise through
+    ``inline.KernelNoise``."""
     from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(inline, "MODE", inline_mode)
     torch._dynamo.reset()
     x, w, gy, clean = _linear_with_clean_weight_grad()
     ref = F.linear(x, w).detach()

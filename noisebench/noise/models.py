@@ -41,6 +41,21 @@ def writable(y: Tensor, inplace: bool) -> bool:
     return inplace and y.dtype == torch.float32 and y.is_contiguous()
 
 
+_set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+
+
+def _hidden_write(y: Tensor, write) -> Tensor:
+    """``write(alias)`` into ``y``'s storage through a detached alias, keeping ``y``'s version counter: the in-place
+    write is the noise's, not part of the function, and callers only pass tensors nothing has saved yet. A bumped
+    version would make autograd rebuild a view output's node as AsStridedBackward (a zero-filled base-sized gradient
+    and a copy per backward call)."""
+    version = y._version
+    write(y.detach())
+    if _set_versions is not None and y._version != version:
+        _set_versions((y,), (version,))
+    return y
+
+
 def relative_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bool = False) -> Tensor:
     """``y * (1 + scale * n)``, n ~ N(0, 1) i.i.d. per element (the study's model).
 
@@ -50,9 +65,7 @@ def relative_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bo
     that choice), and return ``y`` itself; same values.
     """
     if writable(y, inplace):
-        d = y.detach()
-        d.addcmul_(d, _randn(y, gen), value=scale)
-        return y
+        return _hidden_write(y, lambda d: d.addcmul_(d, _randn(y, gen), value=scale))
     return _back(torch.addcmul(y, y, _randn(y, gen), value=scale), y)
 
 
@@ -60,8 +73,7 @@ def absolute_gaussian(y: Tensor, scale: float, gen: torch.Generator, inplace: bo
     """``y + scale * n``, n ~ N(0, 1): an error independent of the value's size (fixed-point / analog noise).
     ``inplace`` as in ``relative_gaussian``."""
     if writable(y, inplace):
-        y.detach().add_(_randn(y, gen), alpha=scale)
-        return y
+        return _hidden_write(y, lambda d: d.add_(_randn(y, gen), alpha=scale))
     return _back(torch.add(y, _randn(y, gen), alpha=scale), y)
 
 

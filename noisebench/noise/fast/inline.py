@@ -130,20 +130,39 @@ def _noisy(y: Tensor, n: Tensor, scale: Tensor, relative: bool) -> Tensor:
     return (yf + (scale * n) * yf if relative else yf + scale * n).to(y.dtype)
 
 
+ST_FUNCTION = True
+"""Forward noise drawn by the graph kernel in a graph that needs gradients: one autograd.Function with an identity
+backward (True), or ``y + (noisy - y).detach()`` (False: its consumers read ``y`` and the noisy copy, half an extra
+pass per noised tensor; kept for A/B benchmarks)."""
+
+
+class KernelNoise(torch.autograd.Function):
+    """Forward noise from the graph kernel with a straight-through gradient, as one op in the graph."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, seed: Tensor, scales: Tensor, kind: int) -> Tensor:
+        return torch.ops.noisebench.graph_noise(y, seed, scales, kind, 0).view(y.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g, None, None, None
+
+
 def noise(y: Tensor, spec) -> Tensor:
     """``y (1 + s n)`` or ``y + s n`` in float32, cast back; n from the device seed, advanced once per call. With
     grad enabled the gradient is straight-through (the noise is a measurement error, not part of the function)."""
     typ = y.device.type
     s = SEEDS[typ]
     s.add_(1)
+    grad = torch.is_grad_enabled() and y.requires_grad
     if _use_kernel(y):
+        if grad and ST_FUNCTION:
+            return KernelNoise.apply(y, s, SCALES[typ], _KIND[spec.type])
         out = torch.ops.noisebench.graph_noise(y.detach(), s, SCALES[typ], _KIND[spec.type], 0).view(y.shape)
     else:
         n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
         out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
-    if torch.is_grad_enabled() and y.requires_grad:
-        return y + (out - y).detach()
-    return out
+    return y + (out - y).detach() if grad else out
 
 
 class InlineMark(torch.autograd.Function):
