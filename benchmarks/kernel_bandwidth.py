@@ -8,6 +8,8 @@ Prints, per size, the median device time (CUDA events, 50 calls) of:
   v2          the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math
   v2 inplace  the same writing into its input (what eager linear outputs and gradients use)
   v2 precise  the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
+  v19         v2 with each program's eight slices loaded before the draws (``kernels.PRELOAD``, the engine's now)
+  v19 inplace the same writing into its input
 and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between): Triton's launcher
 against the engine's direct launch of the cached compiled kernel (``kernels.launch``).
 """
@@ -55,7 +57,7 @@ def v1(x: torch.Tensor) -> torch.Tensor:
 _CTR = {}
 
 
-def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True) -> torch.Tensor:
+def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True, preload: int = 0) -> torch.Tensor:
     out = x if inplace else torch.empty_like(x)
     ctr = _CTR.get(x.device)
     if ctr is None:
@@ -63,7 +65,7 @@ def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True) -> torch.Tenso
     n = x.numel()
     K._noise_kernel[(triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, triton.cdiv(n, K.BLOCK), K.kernel_key(7),
                                                 1e-3, KIND=0, USE_CTR=False, TELE=False, FAST=fast, ROUNDS=K.ROUNDS,
-                                                BLOCK=K.BLOCK, num_warps=4)
+                                                BLOCK=K.BLOCK, PRELOAD=preload, num_warps=4)
     return out
 
 
@@ -84,7 +86,8 @@ def device_us(fn, reps: int = 50) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--numel", default="16777216,67108864")
+    p.add_argument("--numel", default="2097152,12582912,16777216,67108864,73400320",
+                   help="sizes; the defaults include the issue workload's tensors (8192 x 256, x 1536, x 8960)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     a = p.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -95,7 +98,8 @@ def main() -> None:
         nbytes = 2 * numel * x.element_size()
         base = device_us(lambda: x.clone())
         for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("v2", lambda: v2(x)),
-                         ("v2 inplace", lambda: v2(x, inplace=True)), ("v2 precise", lambda: v2(x, fast=False))):
+                         ("v2 inplace", lambda: v2(x, inplace=True)), ("v2 precise", lambda: v2(x, fast=False)),
+                         ("v19", lambda: v2(x, preload=1)), ("v19 inplace", lambda: v2(x, inplace=True, preload=1))):
             us = device_us(fn)
             print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
     small = torch.randn(4096, device="cuda", dtype=dtype)

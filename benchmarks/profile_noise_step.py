@@ -1,17 +1,21 @@
 """Where a noisy training step's extra time goes: host time, device time and kernels, clean against noisy (issue 7).
 
-Same workload and flags as ``noise_overhead.py`` (it reuses its model and step builders), with ``--paths`` (reference,
-fast, compiled) and ``--variants``. For each path it prints one row per variant: the median wall time of a fwd+bwd step,
-the host time (until the step's last launch returns, before the synchronisation), the device time (sum of the
-step's kernels, from torch.profiler), kernels per step, and the ratio against the clean row. A step whose host time
-reaches its device time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's top operators by
-self CPU and by device time for the noisy variants.
+Same workload and flags as ``noise_overhead.py`` (it reuses its model and step builders), with ``--paths``
+(reference, fast: eager; compiled: torch.compile default mode; compiled-cg: reduce-overhead, CUDA graphs) and
+``--variants``, timed in ``--rounds`` interleaved rounds. One row per variant: the median wall time of a fwd+bwd step,
+the host time (until the step's last launch returns, before the synchronisation), the device time (the step's
+kernels summed, torch.profiler), kernels per step, the ratio against clean, and how much the forward output moved
+against clean (0 for clean and off: the noise is really there or not). A step whose host time reaches its device
+time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's top operators for the noisy variants.
 
-Variants: ``clean`` (no injector); ``noisy`` (relative Gaussian on ``--ops``, train phases, the engine's defaults);
-``function`` (eager linear through the ``NoisyLinear`` autograd.Function instead of the product node's grad hook);
-``st-add`` (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused``
-(compiled graphs draw with Inductor's randn instead of the graph kernel); ``no-tele`` (telemetry sampling off).
-    python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled
+Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
+the interception alone); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
+defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``function``
+(eager linear through the ``NoisyLinear`` autograd.Function instead of the product node's hook); ``st-add``
+(compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
+graphs draw with Inductor's randn instead of the graph kernel); ``no-tele`` (telemetry sampling off).
+    python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled \
+        --variants off,no-launch,noisy,function
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ from noise_overhead import _sync, build, make_steps, parse  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec, intercept  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
+from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "noisy", "function", "st-add", "fused", "no-tele")
+VARIANTS = ("clean", "off", "no-launch", "noisy", "function", "st-add", "fused", "no-tele")
+PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
 def timings(fn, device: str, n: int = 10, warmup: int = 3) -> tuple:
@@ -61,53 +67,78 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 
 
 def configure(variant: str) -> dict:
-    """Set the engine switches a variant names; returns the NoiseSpec keywords."""
+    """Set the engine switches a variant names; returns its NoiseSpec keywords."""
     intercept.GRAD_HOOKS = variant != "function"
     inline.ST_FUNCTION = variant != "st-add"
     inline.MODE = "fused" if variant == "fused" else "auto"
-    return {"telemetry_rate": 0.0} if variant == "no-tele" else {}
+    if kernels() is not None:
+        kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
+    if variant == "clean":
+        return {"type": "none"}
+    if variant == "off":   # installed, every op covered, but no phase of the step enabled
+        return {"type": "relative_gaussian", "ops": ["all"], "phases": ["eval"]}
+    return {"type": "relative_gaussian", **({"telemetry_rate": 0.0} if variant == "no-tele" else {})}
+
+
+def _no_launch(*args) -> None:
+    """``no-launch``: the engine's host work without the cached kernels' launches (Python cost alone)."""
+
+
+_DIRECT = kernels()._direct if kernels() is not None else None
 
 
 def main() -> None:
     def extend(p):
         p.add_argument("--variants", default="clean,noisy", help=f"comma list of {list(VARIANTS)}")
+        p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of their medians)")
         p.add_argument("--tables", action="store_true", help="profiler tables for the noisy variants")
     a = parse(extend, __doc__.splitlines()[0])
     variants = a.variants.split(",")
-    bad = [v for v in ["clean"] + variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS] + [p for p in a.paths.split(",") if p not in PATHS]
     if bad:
-        raise SystemExit(f"--variants: unknown {bad}; valid choices: {list(VARIANTS)}")
+        raise SystemExit(f"--variants / --paths: unknown {bad}; valid choices: {list(VARIANTS)} / {list(PATHS)}")
     variants = ["clean"] + [v for v in variants if v != "clean"]   # the ratio's base first
-    paths = [p for p in a.paths.split(",") if p in ("reference", "fast", "compiled")]
     torch._dynamo.config.recompile_limit = 64   # variants flip engine switches that compiled graphs guard on
     model = build(a)
     x = torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=a.device, dtype=next(model.parameters()).dtype)
-    ops = a.ops.split(",")
-    phases = ["train_forward", "train_backward"]
     print(f"device={a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else 'cpu'}) "
-          f"torch={torch.__version__} layers={a.layers} tokens={a.tokens} ops={ops} scale={a.scale}")
-    for path in paths:
+          f"torch={torch.__version__} layers={a.layers} tokens={a.tokens} ops={a.ops} scale={a.scale}")
+    for path in a.paths.split(","):
         set_mode("off" if path == "reference" else "auto")
         torch._dynamo.reset()
-        runner = torch.compile(model, fullgraph=True) if path == "compiled" else model
-        print(f"\n[{path}] {'variant':<10} {'wall ms':>8} {'host ms':>8} {'device ms':>9} {'kernels':>8} "
-              f"{'ratio':>6}", flush=True)
-        base = None
+        runner = model if path in ("reference", "fast") else \
+            torch.compile(model, fullgraph=True, mode="reduce-overhead" if path == "compiled-cg" else None)
+        injs, res = {}, {v: [] for v in variants}
         for variant in variants:
             kw = configure(variant)
-            spec = NoiseSpec(type="relative_gaussian", scale=a.scale, ops=ops, phases=phases, **kw) \
-                if variant != "clean" else NoiseSpec()
-            inj = NoiseInjector(spec)
-            inj.attach(model)   # as the trainer does (module scopes by name; hooks skip classes that cannot matter)
-            step = make_steps(runner, x, inj)["fwd+bwd"]
+            injs[variant] = NoiseInjector(NoiseSpec(**{"scale": a.scale, "ops": a.ops.split(","),
+                                                       "phases": ["train_forward", "train_backward"], **kw}))
+        for _ in range(a.rounds):   # interleaved: a drift of the host hits every variant alike
+            for variant, inj in injs.items():
+                configure(variant)
+                inj.attach(model)   # as the trainer does (module scopes by name)
+                with inj:
+                    res[variant].append(timings(make_steps(runner, x, inj)["fwd+bwd"], a.device))
+                inj.detach(model)
+        print(f"\n[{path}] {'variant':<10} {'wall ms':>8} {'host ms':>8} {'device ms':>9} {'kernels':>8} "
+              f"{'ratio':>6} {'out rel':>8}", flush=True)
+        ref = None
+        for variant, inj in injs.items():
+            configure(variant)
+            inj.attach(model)
             with inj:
-                wall, host = timings(step, a.device)
-                dev, nk, avg = device_kernels(step, a.device)
+                dev, nk, avg = device_kernels(make_steps(runner, x, inj)["fwd+bwd"], a.device)
+                with inj.phase("train_forward"):
+                    out = runner(inputs_embeds=x).last_hidden_state.detach().float()
             inj.detach(model)
-            base = base or wall
-            print(f"[{path}] {variant:<10} {wall:8.2f} {host:8.2f} {dev:9.2f} {nk:8.0f} {wall / base:6.2f}",
-                  flush=True)
-            if a.tables and variant != "clean":
+            ref = out if ref is None else ref
+            rel = ((out - ref).std() / ref.std()).item()   # the forward output's change against clean
+            wall = statistics.median(w for w, _ in res[variant])
+            host = statistics.median(h for _, h in res[variant])
+            base = statistics.median(w for w, _ in res["clean"])
+            print(f"[{path}] {variant:<10} {wall:8.2f} {host:8.2f} {dev:9.2f} {nk:8.0f} {wall / base:6.2f} "
+                  f"{rel:8.1e}  (rounds: {', '.join(f'{w:.1f}' for w, _ in res[variant])})", flush=True)
+            if a.tables and variant not in ("clean", "off"):
                 print(avg.table(sort_by="self_cpu_time_total", row_limit=12))
                 if a.device.startswith("cuda"):
                     print(avg.table(sort_by="self_cuda_time_total", row_limit=15))

@@ -202,6 +202,11 @@ def _linear_grad_hook(grad_inputs, grad_outputs):
     one (never seen: torch returns fresh products and a summed bias) is copied before the in-place write."""
     if not STATE.bwd_live():
         return None
+    with torch._C.DisableTorchFunction():   # the mode is in force on the thread running backward: skip it here
+        return _noisy_grads(grad_inputs, grad_outputs)
+
+
+def _noisy_grads(grad_inputs, grad_outputs):
     gb, gx, gwt = grad_inputs if len(grad_inputs) == 3 else (None,) + tuple(grad_inputs)
     gw = gwt.t() if gwt is not None else None
     incoming = grad_outputs[0].untyped_storage().data_ptr() if grad_outputs[0] is not None else -1

@@ -54,9 +54,13 @@ def _pair(word, FAST: tl.constexpr):
 
 
 @triton.jit
-def _slice(x_ptr, y_ptr, tele_ptr, offs, numel, n, scale, KIND: tl.constexpr, TELE: tl.constexpr, is_first):
+def _load(x_ptr, offs, numel):
+    return tl.load(x_ptr + offs, mask=offs < numel).to(tl.float32)
+
+
+@triton.jit
+def _store(y_ptr, tele_ptr, offs, numel, x, n, scale, KIND: tl.constexpr, TELE: tl.constexpr, is_first):
     m = offs < numel
-    x = tl.load(x_ptr + offs, mask=m).to(tl.float32)
     if KIND == 0:
         out = x + (scale * n) * x          # relative_gaussian: y (1 + s n)
     elif KIND == 1:
@@ -72,10 +76,16 @@ def _slice(x_ptr, y_ptr, tele_ptr, offs, numel, n, scale, KIND: tl.constexpr, TE
             tl.atomic_add(tele_ptr + 1, tl.sum(tl.where(m, x * x, 0.0), axis=0))
 
 
+PRELOAD = 1
+"""1: a program loads its eight slices before drawing and storing (eight loads in flight per thread while Philox
+runs); 0: load, noise and store slice by slice, each load waiting behind the previous slice's store (``x`` and ``y``
+may be one buffer, so the compiler cannot move loads past stores). Same draws either way (issue 7, version 19)."""
+
+
 @triton.jit
 def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
              KIND: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
-             SPLIT: tl.constexpr, part):
+             SPLIT: tl.constexpr, part, PRELOAD: tl.constexpr = 1):
     """One program's BLOCK elements of one tensor (program ``pid`` of that tensor, Philox key ``key``), or, with
     SPLIT > 1, part ``part`` of its lanes (lanes [part * Q/SPLIT, (part + 1) * Q/SPLIT)): the same draws for the same
     elements, spread over more thread blocks (small tensors, e.g. decode steps, would otherwise run on a few SMs)."""
@@ -83,6 +93,11 @@ def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
     LANES: tl.constexpr = QQ // SPLIT
     lane = part * LANES + tl.arange(0, LANES)
     offs = pid.to(tl.int64) * BLOCK + lane
+    if PRELOAD:
+        x0, x1, x2, x3 = (_load(x_ptr, offs, numel), _load(x_ptr, offs + QQ, numel),
+                          _load(x_ptr, offs + 2 * QQ, numel), _load(x_ptr, offs + 3 * QQ, numel))
+        x4, x5, x6, x7 = (_load(x_ptr, offs + 4 * QQ, numel), _load(x_ptr, offs + 5 * QQ, numel),
+                          _load(x_ptr, offs + 6 * QQ, numel), _load(x_ptr, offs + 7 * QQ, numel))
     if KIND == 2:
         n0, n1, n2, n3, n4, n5, n6, n7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     else:
@@ -91,14 +106,30 @@ def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
         n2, n3 = _pair(w1, FAST)
         n4, n5 = _pair(w2, FAST)
         n6, n7 = _pair(w3, FAST)
-    _slice(x_ptr, y_ptr, tele_ptr, offs, numel, n0, scale, KIND, TELE, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + QQ, numel, n1, scale, KIND, TELE, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 2 * QQ, numel, n2, scale, KIND, TELE, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 3 * QQ, numel, n3, scale, KIND, TELE, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 4 * QQ, numel, n4, scale, KIND, False, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 5 * QQ, numel, n5, scale, KIND, False, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 6 * QQ, numel, n6, scale, KIND, False, is_first)
-    _slice(x_ptr, y_ptr, tele_ptr, offs + 7 * QQ, numel, n7, scale, KIND, False, is_first)
+    if not PRELOAD:
+        x0 = _load(x_ptr, offs, numel)
+    _store(y_ptr, tele_ptr, offs, numel, x0, n0, scale, KIND, TELE, is_first)
+    if not PRELOAD:
+        x1 = _load(x_ptr, offs + QQ, numel)
+    _store(y_ptr, tele_ptr, offs + QQ, numel, x1, n1, scale, KIND, TELE, is_first)
+    if not PRELOAD:
+        x2 = _load(x_ptr, offs + 2 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 2 * QQ, numel, x2, n2, scale, KIND, TELE, is_first)
+    if not PRELOAD:
+        x3 = _load(x_ptr, offs + 3 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 3 * QQ, numel, x3, n3, scale, KIND, TELE, is_first)
+    if not PRELOAD:
+        x4 = _load(x_ptr, offs + 4 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 4 * QQ, numel, x4, n4, scale, KIND, False, is_first)
+    if not PRELOAD:
+        x5 = _load(x_ptr, offs + 5 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 5 * QQ, numel, x5, n5, scale, KIND, False, is_first)
+    if not PRELOAD:
+        x6 = _load(x_ptr, offs + 6 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 6 * QQ, numel, x6, n6, scale, KIND, False, is_first)
+    if not PRELOAD:
+        x7 = _load(x_ptr, offs + 7 * QQ, numel)
+    _store(y_ptr, tele_ptr, offs + 7 * QQ, numel, x7, n7, scale, KIND, False, is_first)
 
 
 @triton.jit
@@ -113,7 +144,7 @@ def _advance(ctr_ptr, done_ptr, v, nprog):
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed, scale,
                   KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr):
     """Program p covers elements [p*BLOCK, (p+1)*BLOCK) as 8 contiguous slices; Philox counter p*Q + i gives the
     eight normals of lane i, one per slice (so loads stay contiguous and vectorised). ``x_ptr`` may equal ``y_ptr``.
 
@@ -126,7 +157,8 @@ def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed,
     if USE_CTR:
         v = tl.load(ctr_ptr)
         key = seed + v * 2654435761
-    _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, pid == 0, KIND, TELE, FAST, ROUNDS, BLOCK, 1, 0)
+    _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, pid == 0, KIND, TELE, FAST, ROUNDS, BLOCK, 1, 0,
+             PRELOAD)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -135,7 +167,7 @@ def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed,
 @triton.jit(do_not_specialize=["s0", "s1", "s2", "k0", "k1", "k2"])
 def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s2, k2, ctr_ptr, done_ptr, nprog, scale,
                    KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                   ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
+                   ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr):
     """Up to three tensors noised in place by one launch (a linear's input, weight and bias gradients): programs
     [0, p0) take tensor 0, [p0, p0 + p1) tensor 1, the rest tensor 2; each tensor draws exactly what a launch of
     ``_noise_kernel`` with its own seed would. ``k*``: 1 when that tensor's call is sampled for telemetry."""
@@ -146,15 +178,15 @@ def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s
         key0, key1, key2 = s0 + v * 2654435761, s1 + v * 2654435761, s2 + v * 2654435761
     if pid < p0:
         _program(x0, x0, t0, pid, n0, key0, scale, (pid == 0) & (k0 != 0), KIND, TELE, FAST,
-                 ROUNDS, BLOCK, 1, 0)
+                 ROUNDS, BLOCK, 1, 0, PRELOAD)
     elif pid < p0 + p1:
         q = pid - p0
         _program(x1, x1, t1, q, n1, key1, scale, (q == 0) & (k1 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK, 1, 0)
+                 BLOCK, 1, 0, PRELOAD)
     else:
         q = pid - p0 - p1
         _program(x2, x2, t2, q, n2, key2, scale, (q == 0) & (k2 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK, 1, 0)
+                 BLOCK, 1, 0, PRELOAD)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -166,7 +198,8 @@ _DIRECT = {"ok": None}   # None: not checked yet; False: direct launches disable
 
 @triton.jit
 def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.constexpr, SCALE_IDX: tl.constexpr,
-                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
+                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
+                        PRELOAD: tl.constexpr):
     """The same noise for compiled graphs: key and scale read from device scalars (an in-graph seed advanced per call,
     the engine's forward/backward scale), so Inductor launches it from generated code and CUDA graphs replay it.
     SPLIT thread blocks share each BLOCK of elements (same draws): decode-step tensors are a few BLOCKs."""
@@ -174,7 +207,7 @@ def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.cons
     key = (tl.load(seed_ptr) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
     scale = tl.load(scales_ptr + SCALE_IDX)
     _program(x_ptr, y_ptr, x_ptr, pid // SPLIT, numel, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK,
-             SPLIT, pid % SPLIT)
+             SPLIT, pid % SPLIT, PRELOAD)
 
 
 SMALL_SPLIT = 8   # thread blocks per BLOCK for tensors under SMALL_NUMEL elements (128 lanes each, one per thread)
@@ -201,7 +234,8 @@ def _define_graph_noise():
             split = graph_split(n)
             wrap_triton(_graph_noise_kernel)[(split * ((n + BLOCK - 1) // BLOCK),)](
                 xc, out, seed, scales, n, KIND=kind, SCALE_IDX=scale_idx,
-                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, SPLIT=split, num_warps=4)
+                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, SPLIT=split, PRELOAD=PRELOAD,
+                num_warps=4)
         return out
     return graph_noise
 
@@ -247,7 +281,7 @@ def _check_direct(device: torch.device) -> bool:
         done = torch.zeros(1, dtype=torch.int32, device=device)
         a, b = torch.empty_like(x), torch.empty_like(x)
         nprog = triton.cdiv(x.numel(), BLOCK)
-        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK)
+        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK, PRELOAD)
         kern = _noise_kernel[(nprog,)](x, a, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5, *consts,
                                        num_warps=4)
         _direct(kern, nprog, (x, b, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5), consts, device)
@@ -296,7 +330,7 @@ def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Ten
     arg = 1.0 + float(scale) if kind == "systematic_bias" else float(scale)
     dev = xc.device
     args = (xc, out, ctr, done, tele if tele is not None else ctr, n, nprog, kernel_key(seed), arg)
-    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK)
+    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK, PRELOAD)
     _run(_noise_kernel, nprog, args, consts, dev)
     return out
 
@@ -323,5 +357,6 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     nprog = sum(g[3] for g in segs)
     args = (*segs[0], *segs[1], *(segs[2][:3] + segs[2][4:]), ctr, done, nprog,
             1.0 + float(scale) if kind == "systematic_bias" else float(scale))
-    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), _fast_math(dev), ROUNDS, BLOCK)
+    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), _fast_math(dev), ROUNDS, BLOCK,
+              PRELOAD)
     _run(_noise_kernel3, nprog, args, consts, dev)
