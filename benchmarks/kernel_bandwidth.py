@@ -10,6 +10,7 @@ Prints, per size, the median device time (CUDA events, 50 calls) of:
   v2 precise  the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
   v19         v2 with each program's eight slices loaded before the draws (``kernels.PRELOAD``, the engine's now)
   v19 inplace the same writing into its input
+  ... sS wW   in place with S programs sharing each block of elements (same draws) and W warps a program
 and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between): Triton's launcher
 against the engine's direct launch of the cached compiled kernel (``kernels.launch``).
 """
@@ -57,15 +58,17 @@ def v1(x: torch.Tensor) -> torch.Tensor:
 _CTR = {}
 
 
-def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True, preload: int = 0) -> torch.Tensor:
+def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True, preload: int = 0, split: int = 1,
+       warps: int = 4) -> torch.Tensor:
     out = x if inplace else torch.empty_like(x)
     ctr = _CTR.get(x.device)
     if ctr is None:
         ctr = _CTR[x.device] = torch.zeros(1, dtype=torch.int64, device=x.device)
     n = x.numel()
-    K._noise_kernel[(triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, triton.cdiv(n, K.BLOCK), K.kernel_key(7),
+    K._noise_kernel[(split * triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, split * triton.cdiv(n, K.BLOCK),
+                                                K.kernel_key(7),
                                                 1e-3, KIND=0, USE_CTR=False, TELE=False, FAST=fast, ROUNDS=K.ROUNDS,
-                                                BLOCK=K.BLOCK, PRELOAD=preload, num_warps=4)
+                                                BLOCK=K.BLOCK, PRELOAD=preload, SPLIT=split, num_warps=warps)
     return out
 
 
@@ -99,15 +102,24 @@ def main() -> None:
         base = device_us(lambda: x.clone())
         for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("v2", lambda: v2(x)),
                          ("v2 inplace", lambda: v2(x, inplace=True)), ("v2 precise", lambda: v2(x, fast=False)),
-                         ("v19", lambda: v2(x, preload=1)), ("v19 inplace", lambda: v2(x, inplace=True, preload=1))):
+                         ("v19", lambda: v2(x, preload=1)), ("v19 inplace", lambda: v2(x, inplace=True, preload=1)),
+                         *((f"v19 ip s{sp} w{w}", lambda sp=sp, w=w: v2(x, inplace=True, preload=1, split=sp, warps=w))
+                           for sp, w in ((2, 4), (4, 4), (8, 4), (1, 8), (2, 8))),
+                         ("v2 ip s4 w4", lambda: v2(x, inplace=True, split=4))):
             us = device_us(fn)
             print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
     small = torch.randn(4096, device="cuda", dtype=dtype)
     ctr = torch.zeros(1, dtype=torch.int64, device="cuda")
     done = torch.zeros(1, dtype=torch.int32, device="cuda")
     engine = lambda: K.launch(small, "relative_gaussian", 1e-3, 5, ctr, done, False, out=small)  # noqa: E731
+    def via_launcher():
+        ok, K._DIRECT["ok"] = K._DIRECT["ok"], False
+        try:
+            engine()
+        finally:
+            K._DIRECT["ok"] = ok
     for name, fn in (("torch add", lambda: small.add(1.0)), ("v2, Triton's launcher", lambda: v2(small, True)),
-                     ("v2, engine (direct launch)", engine)):
+                     ("v2, engine (direct launch)", engine), ("v2, engine via Triton's launcher", via_launcher)):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()

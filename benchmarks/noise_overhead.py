@@ -32,8 +32,11 @@ from noisebench.noise.fast.table import name as table_name  # noqa: E402
 MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
 
 
-def parse(extend=None, description: str = None) -> argparse.Namespace:
-    """The workload's flags; ``extend(parser)`` adds a calling script's own."""
+PATHS = ("reference", "fast", "compiled", "none")
+
+
+def parse(extend=None, description: str = None, paths: tuple = PATHS) -> argparse.Namespace:
+    """The workload's flags; ``extend(parser)`` adds a calling script's own, ``paths`` are its valid ``--paths``."""
     p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     if extend is not None:
         extend(p)
@@ -79,9 +82,9 @@ def parse(extend=None, description: str = None) -> argparse.Namespace:
     if a.paths is None:
         gpu = a.device.startswith("cuda")
         a.paths = "compiled" if a.compile else ("reference,fast,compiled" if gpu else "reference")
-    bad = [x for x in a.paths.split(",") if x not in ("reference", "fast", "compiled", "none")]
+    bad = [x for x in a.paths.split(",") if x not in paths]
     if bad:
-        p.error(f"--paths: unknown {bad}; valid choices: ['reference', 'fast', 'compiled', 'none']")
+        p.error(f"--paths: unknown {bad}; valid choices: {list(paths)}")
     return a
 
 

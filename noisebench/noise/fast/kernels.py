@@ -144,21 +144,22 @@ def _advance(ctr_ptr, done_ptr, v, nprog):
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed, scale,
                   KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr):
+                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr, SPLIT: tl.constexpr = 1):
     """Program p covers elements [p*BLOCK, (p+1)*BLOCK) as 8 contiguous slices; Philox counter p*Q + i gives the
     eight normals of lane i, one per slice (so loads stay contiguous and vectorised). ``x_ptr`` may equal ``y_ptr``.
 
     USE_CTR (graph capture): the key also mixes in a device counter ``ctr``; the last program to finish (ticket on
     ``done``) advances it, so every replay of a captured graph draws fresh noise without host involvement.
     TELE: program 0 adds sum(err^2) and sum(y^2) over the first 4096 elements to ``tele_ptr[0:2]``.
+    SPLIT programs share each BLOCK (part ``pid % SPLIT`` of its lanes): the same draws, more programs in flight.
     """
     pid = tl.program_id(0)
     key = seed
     if USE_CTR:
         v = tl.load(ctr_ptr)
         key = seed + v * 2654435761
-    _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, pid == 0, KIND, TELE, FAST, ROUNDS, BLOCK, 1, 0,
-             PRELOAD)
+    _program(x_ptr, y_ptr, tele_ptr, pid // SPLIT, numel, key, scale, pid // SPLIT == 0, KIND, TELE, FAST, ROUNDS,
+             BLOCK, SPLIT, pid % SPLIT, PRELOAD)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
