@@ -28,7 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_overhead import _sync, build, make_steps, parse  # noqa: E402
+from noise_overhead import _sync, build, parse  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec, intercept  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
@@ -38,19 +38,49 @@ VARIANTS = ("clean", "off", "no-launch", "noisy", "function", "st-add", "fused",
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
-def timings(fn, device: str, n: int = 10, warmup: int = 3) -> tuple:
-    """Median (wall ms, host ms) of ``fn``: host = until ``fn`` returns, before the device is synchronised."""
-    wall, host = [], []
+def train_step(model, x, inj, marks: list = None):
+    """``noise_overhead.make_steps``' fwd+bwd step; ``marks`` gets the host time when the forward has returned."""
+    with inj.phase("train_forward"):
+        out = model(inputs_embeds=x).last_hidden_state
+    if marks is not None:
+        marks.append(time.perf_counter())
+    with inj.phase("train_backward"):
+        out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timings(model, x, inj, device: str, n: int = 10, warmup: int = 3) -> tuple:
+    """Median (wall ms, host ms, host forward ms) of a step: host = until the step returns, before the device is
+    synchronised; host forward = until the forward returns."""
+    wall, host, fwd = [], [], []
     for i in range(n + warmup):
+        marks = []
         _sync(device)
         t = time.perf_counter()
-        fn()
+        train_step(model, x, inj, marks)
         h = time.perf_counter()
         _sync(device)
         if i >= warmup:
             wall.append(1000 * (time.perf_counter() - t))
             host.append(1000 * (h - t))
-    return statistics.median(wall), statistics.median(host)
+            fwd.append(1000 * (marks[0] - t))
+    return statistics.median(wall), statistics.median(host), statistics.median(fwd)
+
+
+def cprofile(model, x, inj, steps: int = 5) -> None:
+    """cProfile over noisy steps, with backward run on the calling thread (autograd multithreading off) so that the
+    engine's backward hooks are seen too; prints the top functions by own time."""
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    with torch.autograd.set_multithreading_enabled(False):
+        train_step(model, x, inj)
+        pr.enable()
+        for _ in range(steps):
+            train_step(model, x, inj)
+        pr.disable()
+    print(f"cProfile, {steps} steps (autograd on the main thread):")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
 def device_kernels(fn, device: str, steps: int = 3) -> tuple:
@@ -92,6 +122,7 @@ def main() -> None:
         p.add_argument("--variants", default="clean,noisy", help=f"comma list of {list(VARIANTS)}")
         p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of their medians)")
         p.add_argument("--tables", action="store_true", help="profiler tables for the noisy variants")
+        p.add_argument("--cprofile", action="store_true", help="cProfile of the eager noisy variant's host work")
     a = parse(extend, __doc__.splitlines()[0], PATHS)
     variants = a.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
@@ -118,26 +149,27 @@ def main() -> None:
                 configure(variant)
                 inj.attach(model)   # as the trainer does (module scopes by name)
                 with inj:
-                    res[variant].append(timings(make_steps(runner, x, inj)["fwd+bwd"], a.device))
+                    res[variant].append(timings(runner, x, inj, a.device))
                 inj.detach(model)
-        print(f"\n[{path}] {'variant':<10} {'wall ms':>8} {'host ms':>8} {'device ms':>9} {'kernels':>8} "
-              f"{'ratio':>6} {'out rel':>8}", flush=True)
+        print(f"\n[{path}] {'variant':<10} {'wall ms':>8} {'host ms':>8} {'host fwd':>8} {'device ms':>9} "
+              f"{'kernels':>8} {'ratio':>6} {'out rel':>8}", flush=True)
         ref = None
         for variant, inj in injs.items():
             configure(variant)
             inj.attach(model)
             with inj:
-                dev, nk, avg = device_kernels(make_steps(runner, x, inj)["fwd+bwd"], a.device)
+                dev, nk, avg = device_kernels(lambda: train_step(runner, x, inj), a.device)
+                if a.cprofile and variant == "noisy" and path in ("reference", "fast"):
+                    cprofile(runner, x, inj)
                 with inj.phase("train_forward"):
                     out = runner(inputs_embeds=x).last_hidden_state.detach().float()
             inj.detach(model)
             ref = out if ref is None else ref
             rel = ((out - ref).std() / ref.std()).item()   # the forward output's change against clean
-            wall = statistics.median(w for w, _ in res[variant])
-            host = statistics.median(h for _, h in res[variant])
-            base = statistics.median(w for w, _ in res["clean"])
-            print(f"[{path}] {variant:<10} {wall:8.2f} {host:8.2f} {dev:9.2f} {nk:8.0f} {wall / base:6.2f} "
-                  f"{rel:8.1e}  (rounds: {', '.join(f'{w:.1f}' for w, _ in res[variant])})", flush=True)
+            wall, host, fwd = (statistics.median(r[i] for r in res[variant]) for i in range(3))
+            base = statistics.median(r[0] for r in res["clean"])
+            print(f"[{path}] {variant:<10} {wall:8.2f} {host:8.2f} {fwd:8.2f} {dev:9.2f} {nk:8.0f} {wall / base:6.2f} "
+                  f"{rel:8.1e}  (rounds: {', '.join(f'{r[0]:.1f}' for r in res[variant])})", flush=True)
             if a.tables and variant not in ("clean", "off"):
                 print(avg.table(sort_by="self_cpu_time_total", row_limit=12))
                 if a.device.startswith("cuda"):

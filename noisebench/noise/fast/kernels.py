@@ -144,7 +144,7 @@ def _advance(ctr_ptr, done_ptr, v, nprog):
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed, scale,
                   KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr, SPLIT: tl.constexpr = 1):
+                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr, SPLIT: tl.constexpr):
     """Program p covers elements [p*BLOCK, (p+1)*BLOCK) as 8 contiguous slices; Philox counter p*Q + i gives the
     eight normals of lane i, one per slice (so loads stay contiguous and vectorised). ``x_ptr`` may equal ``y_ptr``.
 
@@ -211,6 +211,8 @@ def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.cons
              SPLIT, pid % SPLIT, PRELOAD)
 
 
+EAGER_SPLIT = 2   # eager launches of tensors of SMALL_NUMEL elements or more: programs per BLOCK (version 19: x1.07
+                  # faster than 1 at 73M bf16 elements on the H200, in place; kernel_bandwidth.py)
 SMALL_SPLIT = 8   # thread blocks per BLOCK for tensors under SMALL_NUMEL elements (128 lanes each, one per thread)
 SMALL_NUMEL = 1 << 20
 
@@ -282,7 +284,7 @@ def _check_direct(device: torch.device) -> bool:
         done = torch.zeros(1, dtype=torch.int32, device=device)
         a, b = torch.empty_like(x), torch.empty_like(x)
         nprog = triton.cdiv(x.numel(), BLOCK)
-        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK, PRELOAD)
+        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK, PRELOAD, 1)
         kern = _noise_kernel[(nprog,)](x, a, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5, *consts,
                                        num_warps=4)
         _direct(kern, nprog, (x, b, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5), consts, device)
@@ -327,11 +329,12 @@ def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Ten
     n = xc.numel()
     if n == 0:
         return out
-    nprog = (n + BLOCK - 1) // BLOCK
+    split = EAGER_SPLIT if n >= SMALL_NUMEL else 1
+    nprog = split * ((n + BLOCK - 1) // BLOCK)
     arg = 1.0 + float(scale) if kind == "systematic_bias" else float(scale)
     dev = xc.device
     args = (xc, out, ctr, done, tele if tele is not None else ctr, n, nprog, kernel_key(seed), arg)
-    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK, PRELOAD)
+    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK, PRELOAD, split)
     _run(_noise_kernel, nprog, args, consts, dev)
     return out
 
