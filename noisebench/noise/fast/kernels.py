@@ -276,9 +276,6 @@ def _direct(kernel, nprog: int, args: tuple, consts: tuple, device: torch.device
 def _check_direct(device: torch.device) -> bool:
     """Once per process: a direct launch must give bitwise the launcher's result, else direct launches stay off."""
     try:
-        from triton import knobs
-        if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
-            return False   # a profiler hook wants launch metadata: keep Triton's launcher
         x = torch.linspace(-3, 3, 3 * BLOCK + 5, device=device)
         ctr = torch.zeros(1, dtype=torch.int64, device=device)
         done = torch.zeros(1, dtype=torch.int32, device=device)
@@ -293,6 +290,23 @@ def _check_direct(device: torch.device) -> bool:
         return False
 
 
+try:
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - Triton before 3.4 has no knobs (and no launch hooks to honour here)
+    _knobs = None
+
+
+def _launch_hooks() -> bool:
+    """Whether a launch hook is registered (a profiler that wants each launch's metadata): then launches go through
+    Triton's launcher, which calls them. Triton 3.6 keeps the hooks as chains, present and empty by default (a test
+    for None alone turned direct launches off for good: issue 7, version 20)."""
+    if _knobs is None:
+        return False
+    rt = _knobs.runtime
+    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
+    return bool(enter is not None and getattr(enter, "calls", True) or exit_ is not None and getattr(exit_, "calls", True))
+
+
 def _fast_math(device: torch.device) -> int:
     """The kernels' FAST constexpr for eager launches: libdevice's hardware approximations on CUDA."""
     return int(device.type == "cuda" and _libdevice is not None)
@@ -301,7 +315,7 @@ def _fast_math(device: torch.device) -> int:
 def _run(kernel, nprog: int, args: tuple, consts: tuple, dev: torch.device) -> None:
     """Launch ``kernel`` over ``nprog`` programs: directly when this specialization was compiled before (and direct
     launches passed their check), else through Triton's launcher, caching what it compiled."""
-    direct = dev.type == "cuda" and dev.index == torch.cuda.current_device()
+    direct = dev.type == "cuda" and dev.index == torch.cuda.current_device() and not _launch_hooks()
     if direct:
         if _DIRECT["ok"] is None:
             _DIRECT["ok"] = _check_direct(dev)
