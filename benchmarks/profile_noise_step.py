@@ -10,12 +10,11 @@ time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's to
 
 Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
 the interception alone); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
-defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``function``
-(eager linear through the ``NoisyLinear`` autograd.Function instead of the product node's hook); ``st-add``
+defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
 graphs draw with Inductor's randn instead of the graph kernel); ``no-tele`` (telemetry sampling off).
     python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled \
-        --variants off,no-launch,noisy,function
+        --variants off,no-launch,noisy
 """
 from __future__ import annotations
 
@@ -30,11 +29,11 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from noise_overhead import _sync, build, parse  # noqa: E402
 
-from noisebench.noise import NoiseInjector, NoiseSpec, intercept  # noqa: E402
+from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
 from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "off", "no-launch", "noisy", "function", "st-add", "fused", "no-tele")
+VARIANTS = ("clean", "off", "no-launch", "noisy", "st-add", "fused", "no-tele")
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
@@ -98,7 +97,6 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 
 def configure(variant: str) -> dict:
     """Set the engine switches a variant names; returns its NoiseSpec keywords."""
-    intercept.GRAD_HOOKS = variant != "function"
     inline.ST_FUNCTION = variant != "st-add"
     inline.MODE = "fused" if variant == "fused" else "auto"
     if kernels() is not None:

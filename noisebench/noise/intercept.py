@@ -175,61 +175,6 @@ class NoisyLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-GRAD_HOOKS = True
-"""Eager linear with backward noise: plain ``F.linear`` plus a post hook on its matrix-product node (True, default),
-or the ``NoisyLinear`` autograd.Function (False; also the fallback). Same draws, bitwise (tested); the hook route
-costs one Python call in backward instead of a Python node in both directions (issue 7: host time per call)."""
-
-# F.linear's autograd graph (torch 2.x): a reshape node or none around Mm (no bias) / Addmm (bias) of the flattened
-# input. Other shapes (matmul + add for a non-contiguous N-d input with bias) take NoisyLinear.
-_RESHAPE_NODES = frozenset(("ViewBackward0", "UnsafeViewBackward0", "SqueezeBackward4", "ReshapeAliasBackward0"))
-_PRODUCT_NODES = frozenset(("MmBackward0", "AddmmBackward0"))
-
-
-def _product_node(y: Tensor):
-    """The Mm/Addmm autograd node that produced ``F.linear``'s result ``y`` (past its reshapes), else None."""
-    fn = y.grad_fn
-    while fn is not None and type(fn).__name__ in _RESHAPE_NODES:
-        fn = fn.next_functions[0][0]
-    return fn if fn is not None and type(fn).__name__ in _PRODUCT_NODES else None
-
-
-def _linear_grad_hook(grad_inputs, grad_outputs):
-    """Post hook of a noisy linear's product node: backward noise on the gradients it returns for the input, the
-    weight and the bias (Addmm's inputs are bias, input, weight^T; Mm's input, weight^T), when the phase in force
-    now is train_backward. The weight gradient is noised in the weight's own (out, in) layout, and the three are
-    drawn in NoisyLinear's order, so both routes give the same values. A gradient sharing memory with the incoming
-    one (never seen: torch returns fresh products and a summed bias) is copied before the in-place write."""
-    if not STATE.bwd_live():
-        return None
-    with torch._C.DisableTorchFunction():   # the mode is in force on the thread running backward: skip it here
-        return _noisy_grads(grad_inputs, grad_outputs)
-
-
-def _noisy_grads(grad_inputs, grad_outputs):
-    gb, gx, gwt = grad_inputs if len(grad_inputs) == 3 else (None,) + tuple(grad_inputs)
-    gw = gwt.t() if gwt is not None else None
-    incoming = grad_outputs[0].untyped_storage().data_ptr() if grad_outputs[0] is not None else -1
-    grads = [g if g.untyped_storage().data_ptr() != incoming else g.clone() for g in (gx, gw, gb) if g is not None]
-    noisy = iter(STATE.perturb_many(grads, "linear", "bwd"))
-    gx, gw, gb = (next(noisy) if g is not None else None for g in (gx, gw, gb))
-    gwt = gw.t() if gw is not None else None
-    return (gb, gx, gwt) if len(grad_inputs) == 3 else (gx, gwt)
-
-
-def noisy_linear(x: Tensor, w: Tensor, b, fwd: bool) -> Tensor:
-    """Eager ``F.linear`` with backward noise on its input, weight and bias gradients, and forward noise on its
-    output when ``fwd``: the hook route where F.linear's graph has the known shape, else ``NoisyLinear``."""
-    if GRAD_HOOKS:
-        y = F.linear(x, w, b)
-        node = _product_node(y) if y.requires_grad else None
-        if node is not None or not y.requires_grad:
-            if node is not None:
-                node.register_hook(_linear_grad_hook)
-            return noise_output(y, "linear") if fwd else y
-    return NoisyLinear.apply(x, w, b, fwd)
-
-
 def _linear_args(args, kwargs):
     """(input, weight, bias) of an ``F.linear`` call, or None for spellings this fast route does not take."""
     names = ("input", "weight", "bias")
@@ -259,7 +204,7 @@ class NoiseMode(TorchFunctionMode):
         if bwd and op == "linear" and not torch.compiler.is_compiling():
             xwb = _linear_args(args, kwargs)
             if xwb is not None:
-                return noisy_linear(*xwb, fwd)
+                return NoisyLinear.apply(*xwb, fwd)
         if bwd:
             args = tuple(mark(a, op) for a in args)
             kwargs = {k: mark(v, op) for k, v in kwargs.items()}
