@@ -204,3 +204,25 @@ def test_cpu_inplace_reference_write_is_the_same_noise_and_straight_through(kind
     rel = inj.telemetry()["noise/train_forward/linear/fwd/rel_err_rms"]
     expect = 1e-2 if kind == "relative_gaussian" else 1e-2 / y_clean.square().mean().sqrt().item()
     assert rel == pytest.approx(expect, rel=0.1)
+
+
+def test_cpu_inplace_write_keeps_a_view_outputs_node():
+    """F.linear of a 3-D input with a bias returns a view of its addmm; the in-place reference write must not bump its
+    version, or autograd rebuilds the node as AsStridedBackward (a zero-filled base-sized gradient and a copy on
+    every backward). Gradients stay those of the clean op (forward noise only)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    w = torch.randn(12, 16, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    gy = torch.randn(3, 5, 12, generator=g)
+    F.linear(x, w, b).backward(gy)
+    clean = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["linear"], phases=["train_forward"]))
+    with inj, inj.phase("train_forward"):
+        y = F.linear(x, w, b)
+    assert type(y.grad_fn).__name__ == "ViewBackward0"
+    assert not torch.equal(y.detach(), F.linear(x, w, b).detach())
+    y.backward(gy)
+    assert all(torch.equal(t.grad, c) for t, c in zip((x, w, b), clean))
