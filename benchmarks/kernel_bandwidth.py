@@ -5,12 +5,13 @@ Usage (GPU):  python benchmarks/kernel_bandwidth.py [--numel 16777216,67108864] 
 Prints, per size, the median device time (CUDA events, 50 calls) of:
   copy        ``torch.clone`` (one read + one write: the floor for any separate noise pass)
   v1          the first kernel (issue 7 version 1): one Philox4x32-10 call per 4 elements (``tl.randn4x``)
-  v2          the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math
-  v2 inplace  the same writing into its input (what eager linear outputs and gradients use)
-  v2 precise  the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
-  v19         v2 with each program's eight slices loaded before the draws (``kernels.PRELOAD``, the engine's now)
-  v19 inplace the same writing into its input
-  ... sS wW   in place with S programs sharing each block of elements (same draws) and W warps a program
+  kernel      the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math, the eight
+              slices of a program loaded before the draws (version 19; version 2 loaded slice by slice: its figures
+              are in benchmarks/logs and NOTES.md)
+  inplace     the same writing into its input (what eager linear outputs and gradients use)
+  precise     the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
+  ip sS wW    in place with S programs sharing each block of elements (same draws) and W warps a program (the
+              engine runs kernels.EAGER_SPLIT programs a block for tensors of 1M elements or more)
 and the host time of one launch (1000 launches of a 4096-element tensor, no sync in between): Triton's launcher
 against the engine's direct launch of the cached compiled kernel (``kernels.launch``).
 """
@@ -58,8 +59,7 @@ def v1(x: torch.Tensor) -> torch.Tensor:
 _CTR = {}
 
 
-def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True, preload: int = 0, split: int = 1,
-       warps: int = 4) -> torch.Tensor:
+def kernel(x: torch.Tensor, inplace: bool = False, fast: bool = True, split: int = 1, warps: int = 4) -> torch.Tensor:
     out = x if inplace else torch.empty_like(x)
     ctr = _CTR.get(x.device)
     if ctr is None:
@@ -68,7 +68,7 @@ def v2(x: torch.Tensor, inplace: bool = False, fast: bool = True, preload: int =
     K._noise_kernel[(split * triton.cdiv(n, K.BLOCK),)](x, out, ctr, ctr, ctr, n, split * triton.cdiv(n, K.BLOCK),
                                                 K.kernel_key(7),
                                                 1e-3, KIND=0, USE_CTR=False, TELE=False, FAST=fast, ROUNDS=K.ROUNDS,
-                                                BLOCK=K.BLOCK, PRELOAD=preload, SPLIT=split, num_warps=warps)
+                                                BLOCK=K.BLOCK, SPLIT=split, num_warps=warps)
     return out
 
 
@@ -100,12 +100,10 @@ def main() -> None:
         x = torch.randn(numel, device="cuda", dtype=dtype)
         nbytes = 2 * numel * x.element_size()
         base = device_us(lambda: x.clone())
-        for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("v2", lambda: v2(x)),
-                         ("v2 inplace", lambda: v2(x, inplace=True)), ("v2 precise", lambda: v2(x, fast=False)),
-                         ("v19", lambda: v2(x, preload=1)), ("v19 inplace", lambda: v2(x, inplace=True, preload=1)),
-                         *((f"v19 ip s{sp} w{w}", lambda sp=sp, w=w: v2(x, inplace=True, preload=1, split=sp, warps=w))
-                           for sp, w in ((2, 4), (4, 4), (8, 4), (1, 8), (2, 8))),
-                         ("v2 ip s4 w4", lambda: v2(x, inplace=True, split=4))):
+        for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("kernel", lambda: kernel(x)),
+                         ("inplace", lambda: kernel(x, inplace=True)), ("precise", lambda: kernel(x, fast=False)),
+                         *((f"ip s{sp} w{w}", lambda sp=sp, w=w: kernel(x, inplace=True, split=sp, warps=w))
+                           for sp, w in ((2, 4), (4, 4), (8, 4), (1, 8), (2, 8)))):
             us = device_us(fn)
             print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
     small = torch.randn(4096, device="cuda", dtype=dtype)
@@ -118,8 +116,8 @@ def main() -> None:
             engine()
         finally:
             K._DIRECT["ok"] = ok
-    for name, fn in (("torch add", lambda: small.add(1.0)), ("v2, Triton's launcher", lambda: v2(small, True)),
-                     ("v2, engine (direct launch)", engine), ("v2, engine via Triton's launcher", via_launcher)):
+    for name, fn in (("torch add", lambda: small.add(1.0)), ("kernel, Triton's launcher", lambda: kernel(small, True)),
+                     ("engine (direct launch)", engine), ("engine via Triton's launcher", via_launcher)):
         for _ in range(20):
             fn()
         torch.cuda.synchronize()

@@ -232,13 +232,10 @@ def test_bad_fast_mode_and_cpu_generator_name_the_choices():
 
 @needs_kernel
 @pytest.mark.parametrize("numel", [1, 8191, 20000, (1 << 20) + 77])   # the last: EAGER_SPLIT programs per block
-@pytest.mark.parametrize("preload", [1, 0])
-def test_fused_kernel_draws_are_the_documented_definition(numel, preload, monkeypatch):
+def test_fused_kernel_draws_are_the_documented_definition(numel):
     """For a fixed seed the kernel's noise is ``kernels.reference_normals`` (Philox4x32-7, 16-bit Box-Muller):
-    float64 NumPy vs the kernel, up to fp32 arithmetic and (on CUDA) the hardware log/sin/cos; whether a program
-    loads all its slices first (``PRELOAD``, the default) or slice by slice."""
+    float64 NumPy vs the kernel, up to fp32 arithmetic and (on CUDA) the hardware log/sin/cos."""
     from noisebench.noise.fast import definition, kernels
-    monkeypatch.setattr(kernels, "PRELOAD", preload)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(1)).to(DEV)
     ctr, done = torch.zeros(1, dtype=torch.int64, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
     y = kernels.launch(x, "absolute_gaussian", 1.0, 987654321, ctr, done, False)
@@ -297,7 +294,7 @@ def test_graph_kernel_split_lanes_draw_the_documented_definition(split):
     scales = torch.tensor([0.0, 1.0], device=DEV)
     grid = (split * -(-numel // definition.BLOCK),)
     kernels._graph_noise_kernel[grid](x, out, key, scales, numel, KIND=1, SCALE_IDX=1, FAST=0, ROUNDS=definition.ROUNDS,
-                                      BLOCK=definition.BLOCK, SPLIT=split, PRELOAD=kernels.PRELOAD, num_warps=4)
+                                      BLOCK=definition.BLOCK, SPLIT=split, num_warps=4)
     n = torch.from_numpy(definition.reference_normals(seed, numel))
     assert (out.double().cpu() - x.double().cpu() - n).abs().max().item() < 2e-5
     assert kernels.graph_split(64 * 1536) == kernels.SMALL_SPLIT and kernels.graph_split(1 << 24) == 1

@@ -76,28 +76,22 @@ def _store(y_ptr, tele_ptr, offs, numel, x, n, scale, KIND: tl.constexpr, TELE: 
             tl.atomic_add(tele_ptr + 1, tl.sum(tl.where(m, x * x, 0.0), axis=0))
 
 
-PRELOAD = 1
-"""1: a program loads its eight slices before drawing and storing (eight loads in flight per thread while Philox
-runs); 0: load, noise and store slice by slice, each load waiting behind the previous slice's store (``x`` and ``y``
-may be one buffer, so the compiler cannot move loads past stores). Same draws either way (issue 7, version 19)."""
-
-
 @triton.jit
 def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
              KIND: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr,
-             SPLIT: tl.constexpr, part, PRELOAD: tl.constexpr = 1):
+             SPLIT: tl.constexpr, part):
     """One program's BLOCK elements of one tensor (program ``pid`` of that tensor, Philox key ``key``), or, with
     SPLIT > 1, part ``part`` of its lanes (lanes [part * Q/SPLIT, (part + 1) * Q/SPLIT)): the same draws for the same
-    elements, spread over more thread blocks (small tensors, e.g. decode steps, would otherwise run on a few SMs)."""
+    elements, spread over more thread blocks. The eight slices are loaded before the draws and stores (version 19:
+    ``x`` and ``y`` may be one buffer, so a load written after a store waits for it)."""
     QQ: tl.constexpr = BLOCK // 8
     LANES: tl.constexpr = QQ // SPLIT
     lane = part * LANES + tl.arange(0, LANES)
     offs = pid.to(tl.int64) * BLOCK + lane
-    if PRELOAD:
-        x0, x1, x2, x3 = (_load(x_ptr, offs, numel), _load(x_ptr, offs + QQ, numel),
-                          _load(x_ptr, offs + 2 * QQ, numel), _load(x_ptr, offs + 3 * QQ, numel))
-        x4, x5, x6, x7 = (_load(x_ptr, offs + 4 * QQ, numel), _load(x_ptr, offs + 5 * QQ, numel),
-                          _load(x_ptr, offs + 6 * QQ, numel), _load(x_ptr, offs + 7 * QQ, numel))
+    x0, x1 = _load(x_ptr, offs, numel), _load(x_ptr, offs + QQ, numel)
+    x2, x3 = _load(x_ptr, offs + 2 * QQ, numel), _load(x_ptr, offs + 3 * QQ, numel)
+    x4, x5 = _load(x_ptr, offs + 4 * QQ, numel), _load(x_ptr, offs + 5 * QQ, numel)
+    x6, x7 = _load(x_ptr, offs + 6 * QQ, numel), _load(x_ptr, offs + 7 * QQ, numel)
     if KIND == 2:
         n0, n1, n2, n3, n4, n5, n6, n7 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
     else:
@@ -106,29 +100,13 @@ def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
         n2, n3 = _pair(w1, FAST)
         n4, n5 = _pair(w2, FAST)
         n6, n7 = _pair(w3, FAST)
-    if not PRELOAD:
-        x0 = _load(x_ptr, offs, numel)
     _store(y_ptr, tele_ptr, offs, numel, x0, n0, scale, KIND, TELE, is_first)
-    if not PRELOAD:
-        x1 = _load(x_ptr, offs + QQ, numel)
     _store(y_ptr, tele_ptr, offs + QQ, numel, x1, n1, scale, KIND, TELE, is_first)
-    if not PRELOAD:
-        x2 = _load(x_ptr, offs + 2 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 2 * QQ, numel, x2, n2, scale, KIND, TELE, is_first)
-    if not PRELOAD:
-        x3 = _load(x_ptr, offs + 3 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 3 * QQ, numel, x3, n3, scale, KIND, TELE, is_first)
-    if not PRELOAD:
-        x4 = _load(x_ptr, offs + 4 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 4 * QQ, numel, x4, n4, scale, KIND, False, is_first)
-    if not PRELOAD:
-        x5 = _load(x_ptr, offs + 5 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 5 * QQ, numel, x5, n5, scale, KIND, False, is_first)
-    if not PRELOAD:
-        x6 = _load(x_ptr, offs + 6 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 6 * QQ, numel, x6, n6, scale, KIND, False, is_first)
-    if not PRELOAD:
-        x7 = _load(x_ptr, offs + 7 * QQ, numel)
     _store(y_ptr, tele_ptr, offs + 7 * QQ, numel, x7, n7, scale, KIND, False, is_first)
 
 
@@ -144,7 +122,7 @@ def _advance(ctr_ptr, done_ptr, v, nprog):
 @triton.jit(do_not_specialize=["seed"])
 def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed, scale,
                   KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr, SPLIT: tl.constexpr):
+                  ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """Program p covers elements [p*BLOCK, (p+1)*BLOCK) as 8 contiguous slices; Philox counter p*Q + i gives the
     eight normals of lane i, one per slice (so loads stay contiguous and vectorised). ``x_ptr`` may equal ``y_ptr``.
 
@@ -159,7 +137,7 @@ def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed,
         v = tl.load(ctr_ptr)
         key = seed + v * 2654435761
     _program(x_ptr, y_ptr, tele_ptr, pid // SPLIT, numel, key, scale, pid // SPLIT == 0, KIND, TELE, FAST, ROUNDS,
-             BLOCK, SPLIT, pid % SPLIT, PRELOAD)
+             BLOCK, SPLIT, pid % SPLIT)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -168,7 +146,7 @@ def _noise_kernel(x_ptr, y_ptr, ctr_ptr, done_ptr, tele_ptr, numel, nprog, seed,
 @triton.jit(do_not_specialize=["s0", "s1", "s2", "k0", "k1", "k2"])
 def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s2, k2, ctr_ptr, done_ptr, nprog, scale,
                    KIND: tl.constexpr, USE_CTR: tl.constexpr, TELE: tl.constexpr, FAST: tl.constexpr,
-                   ROUNDS: tl.constexpr, BLOCK: tl.constexpr, PRELOAD: tl.constexpr):
+                   ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
     """Up to three tensors noised in place by one launch (a linear's input, weight and bias gradients): programs
     [0, p0) take tensor 0, [p0, p0 + p1) tensor 1, the rest tensor 2; each tensor draws exactly what a launch of
     ``_noise_kernel`` with its own seed would. ``k*``: 1 when that tensor's call is sampled for telemetry."""
@@ -179,15 +157,15 @@ def _noise_kernel3(x0, t0, n0, p0, s0, k0, x1, t1, n1, p1, s1, k1, x2, t2, n2, s
         key0, key1, key2 = s0 + v * 2654435761, s1 + v * 2654435761, s2 + v * 2654435761
     if pid < p0:
         _program(x0, x0, t0, pid, n0, key0, scale, (pid == 0) & (k0 != 0), KIND, TELE, FAST,
-                 ROUNDS, BLOCK, 1, 0, PRELOAD)
+                 ROUNDS, BLOCK, 1, 0)
     elif pid < p0 + p1:
         q = pid - p0
         _program(x1, x1, t1, q, n1, key1, scale, (q == 0) & (k1 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK, 1, 0, PRELOAD)
+                 BLOCK, 1, 0)
     else:
         q = pid - p0 - p1
         _program(x2, x2, t2, q, n2, key2, scale, (q == 0) & (k2 != 0), KIND, TELE, FAST, ROUNDS,
-                 BLOCK, 1, 0, PRELOAD)
+                 BLOCK, 1, 0)
     if KIND != 2:
         if USE_CTR:
             _advance(ctr_ptr, done_ptr, v, nprog)
@@ -199,8 +177,7 @@ _DIRECT = {"ok": None}   # None: not checked yet; False: direct launches disable
 
 @triton.jit
 def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.constexpr, SCALE_IDX: tl.constexpr,
-                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr,
-                        PRELOAD: tl.constexpr):
+                        FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr, SPLIT: tl.constexpr):
     """The same noise for compiled graphs: key and scale read from device scalars (an in-graph seed advanced per call,
     the engine's forward/backward scale), so Inductor launches it from generated code and CUDA graphs replay it.
     SPLIT thread blocks share each BLOCK of elements (same draws): decode-step tensors are a few BLOCKs."""
@@ -208,7 +185,7 @@ def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.cons
     key = (tl.load(seed_ptr) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
     scale = tl.load(scales_ptr + SCALE_IDX)
     _program(x_ptr, y_ptr, x_ptr, pid // SPLIT, numel, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK,
-             SPLIT, pid % SPLIT, PRELOAD)
+             SPLIT, pid % SPLIT)
 
 
 EAGER_SPLIT = 2   # eager launches of tensors of SMALL_NUMEL elements or more: programs per BLOCK (version 19: x1.07
@@ -237,8 +214,7 @@ def _define_graph_noise():
             split = graph_split(n)
             wrap_triton(_graph_noise_kernel)[(split * ((n + BLOCK - 1) // BLOCK),)](
                 xc, out, seed, scales, n, KIND=kind, SCALE_IDX=scale_idx,
-                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, SPLIT=split, PRELOAD=PRELOAD,
-                num_warps=4)
+                FAST=2 if xc.device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, SPLIT=split, num_warps=4)
         return out
     return graph_noise
 
@@ -281,7 +257,7 @@ def _check_direct(device: torch.device) -> bool:
         done = torch.zeros(1, dtype=torch.int32, device=device)
         a, b = torch.empty_like(x), torch.empty_like(x)
         nprog = triton.cdiv(x.numel(), BLOCK)
-        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK, PRELOAD, 1)
+        consts = (0, False, False, _fast_math(device), ROUNDS, BLOCK, 1)
         kern = _noise_kernel[(nprog,)](x, a, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5, *consts,
                                        num_warps=4)
         _direct(kern, nprog, (x, b, ctr, done, ctr, x.numel(), nprog, kernel_key(11), 0.5), consts, device)
@@ -303,8 +279,7 @@ def _launch_hooks() -> bool:
     if _knobs is None:
         return False
     rt = _knobs.runtime
-    enter, exit_ = rt.launch_enter_hook, rt.launch_exit_hook
-    return bool(enter is not None and getattr(enter, "calls", True) or exit_ is not None and getattr(exit_, "calls", True))
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
 
 
 def _fast_math(device: torch.device) -> int:
@@ -348,7 +323,7 @@ def launch(x: Tensor, kind: str, scale: float, seed: int, ctr: Tensor, done: Ten
     arg = 1.0 + float(scale) if kind == "systematic_bias" else float(scale)
     dev = xc.device
     args = (xc, out, ctr, done, tele if tele is not None else ctr, n, nprog, kernel_key(seed), arg)
-    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK, PRELOAD, split)
+    consts = (KINDS[kind], bool(use_ctr), tele is not None, _fast_math(dev), ROUNDS, BLOCK, split)
     _run(_noise_kernel, nprog, args, consts, dev)
     return out
 
@@ -375,6 +350,5 @@ def launch_many(xs: list, kind: str, scale: float, seeds: list, ctr: Tensor, don
     nprog = sum(g[3] for g in segs)
     args = (*segs[0], *segs[1], *(segs[2][:3] + segs[2][4:]), ctr, done, nprog,
             1.0 + float(scale) if kind == "systematic_bias" else float(scale))
-    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), _fast_math(dev), ROUNDS, BLOCK,
-              PRELOAD)
+    consts = (KINDS[kind], bool(use_ctr), any(t is not None for t in teles), _fast_math(dev), ROUNDS, BLOCK)
     _run(_noise_kernel3, nprog, args, consts, dev)
