@@ -104,10 +104,13 @@ def _sync(device: str) -> None:
 
 
 def make_steps(model, x, inj):
-    """Closures for one fwd+bwd step and one forward-only step, noisy when ``inj`` is installed."""
-    def train():
+    """Closures for one fwd+bwd step and one forward-only step, noisy when ``inj`` is installed. The fwd+bwd step
+    appends the host time at which its forward returned to ``marks`` when given (profile_noise_step.py)."""
+    def train(marks: list = None):
         with inj.phase("train_forward"):
             out = model(inputs_embeds=x).last_hidden_state
+        if marks is not None:
+            marks.append(time.perf_counter())
         with inj.phase("train_backward"):
             out.float().square().mean().backward()
         model.zero_grad(set_to_none=True)

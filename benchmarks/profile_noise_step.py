@@ -27,7 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_overhead import _sync, build, parse  # noqa: E402
+from noise_overhead import _sync, build, make_steps, parse  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
@@ -37,15 +37,9 @@ VARIANTS = ("clean", "off", "no-launch", "noisy", "st-add", "fused", "no-tele")
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
-def train_step(model, x, inj, marks: list = None):
-    """``noise_overhead.make_steps``' fwd+bwd step; ``marks`` gets the host time when the forward has returned."""
-    with inj.phase("train_forward"):
-        out = model(inputs_embeds=x).last_hidden_state
-    if marks is not None:
-        marks.append(time.perf_counter())
-    with inj.phase("train_backward"):
-        out.float().square().mean().backward()
-    model.zero_grad(set_to_none=True)
+def train_step(model, x, inj, marks: list = None) -> None:
+    """One fwd+bwd step of ``noise_overhead.make_steps``; ``marks`` gets the host time when the forward returned."""
+    make_steps(model, x, inj)["fwd+bwd"](marks)
 
 
 def timings(model, x, inj, device: str, n: int = 10, warmup: int = 3) -> tuple:
