@@ -27,7 +27,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache  # noqa: E402
 
-from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
+from noisebench.noise import NoiseInjector, NoiseSpec, norms  # noqa: E402
+from noisebench.noise.fast import inline  # noqa: E402
 
 SHAPES = {  # the embedded testbed's tiny Qwen2 (noise_overhead.py --grpo-like) and Qwen2.5-1.5B
     "testbed": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -47,7 +48,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (one rollout per variant each; median)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for the decode step")
+    p.add_argument("--noisy", default=f"{inline.RNG}/global",
+                   help="comma list of RNG/HOOKS configurations of the compiled noisy variant (the first is also eager "
+                        f"noisy's): RNG in {list(inline.RNGS)} (the fused draw), HOOKS in {list(norms.HOOKS)}")
     a = p.parse_args()
+    for cfg in a.noisy.split(","):
+        rng, _, hooks = cfg.partition("/")
+        if rng not in inline.RNGS or hooks not in norms.HOOKS:
+            p.error(f"--noisy: bad configuration {cfg!r}; RNG/HOOKS with RNG in {list(inline.RNGS)}, HOOKS in "
+                    f"{list(norms.HOOKS)}")
     bad = [m for m in a.models.split(",") if m not in SHAPES]
     if bad:
         p.error(f"--models: unknown {bad}; valid choices: {list(SHAPES)}")
@@ -98,6 +107,7 @@ def one_rollout(model, prompts, a, step, inj, **kw) -> tuple:
     """One rollout (tokens, decode seconds), under ``inj`` in phase rollout when given (installed for it only);
     ``kw`` as ``rollout``'s."""
     if inj is not None:
+        inline.RNG = getattr(inj, "bench_rng", inline.RNG)   # read when a graph is traced
         inj.install()
         inj.set_phase("rollout")
     try:
@@ -115,9 +125,12 @@ def timed_interleaved(model, prompts, a, variants) -> dict:
     times, toks = {k: [] for k in variants}, {}
     for r in range(a.repeats + 1):
         for label, (step, inj) in variants.items():
+            t0 = time.perf_counter()
             toks[label], dt = one_rollout(model, prompts, a, step, inj)
             if r:
                 times[label].append(dt)
+            print(f"  round {r}{' (warm-up)' if not r else ''} {label}: {time.perf_counter() - t0:.1f} s, "
+                  f"{a.batch * (a.new - 1) / dt:.0f} tok/s", flush=True)   # partial figures survive a timeout
     return {k: (a.batch * (a.new - 1) / sorted(v)[len(v) // 2], toks[k]) for k, v in times.items()}
 
 
@@ -161,13 +174,20 @@ def main() -> None:
         prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), device=a.device,
                                 generator=torch.Generator(a.device).manual_seed(1))
         spec = NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["matmul_family"], phases=["rollout"])
-        inj = NoiseInjector(spec)
-        inj.attach(model)
+        injs = {}
+        for cfg in a.noisy.split(","):
+            rng, _, hooks = cfg.partition("/")
+            injs[cfg] = NoiseInjector(spec, hooks=hooks)
+            injs[cfg].bench_rng = rng
+            injs[cfg].attach(model)
         torch._dynamo.reset()
         counters.clear()
-        res = timed_interleaved(model, prompts, a, {
-            "eager clean": (decode_step, None), "eager noisy": (decode_step, inj),
-            "compiled clean": (fresh_compile(decode_step, a), None), "compiled noisy": (fresh_compile(decode_step, a), inj)})
+        first = next(iter(injs))
+        variants = {"eager clean": (decode_step, None), "eager noisy": (decode_step, injs[first]),
+                    "compiled clean": (fresh_compile(decode_step, a), None)}
+        for cfg, inj in injs.items():
+            variants["compiled noisy" + ("" if cfg == first else f" {cfg}")] = (fresh_compile(decode_step, a), inj)
+        res = timed_interleaved(model, prompts, a, variants)
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
         same = {k: (res[k][1] == res["compiled clean"][1]).float().mean().item() for k in res}
         print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, graph breaks: none "
@@ -176,9 +196,13 @@ def main() -> None:
         for k, (tps, _) in res.items():
             print(f"{k:<16} {tps:10.0f}  {same[k]:30.3f}")
         cc, cn, en = res["compiled clean"][0], res["compiled noisy"][0], res["eager noisy"][0]
-        print(f"compiled noisy / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / eager noisy = "
-              f"{cn / en:.2f} (target >= 2)")
-        inj.detach(model)
+        print(f"compiled noisy ({first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / eager "
+              f"noisy = {cn / en:.2f} (target >= 2)")
+        for k in res:
+            if k.startswith("compiled noisy "):
+                print(f"{k} / compiled clean = {res[k][0] / cc:.3f}")
+        for inj in injs.values():
+            inj.detach(model)
         del model
 
 

@@ -349,6 +349,40 @@ def test_reinstalling_does_not_recompile():
     torch._dynamo.reset()
 
 
+def test_attached_hooks_give_global_hooks_results_without_global_hooks(monkeypatch):
+    """``hooks="attached"`` hooks only the attached model's modules that can matter (the rotary embedding under the
+    default exclude): the same noisy logits and gradients as global hooks, no global hook registered, the exclusion
+    still in force (without it RoPE's angles are noised), and the same hook ids at every install (no recompile)."""
+    from noisebench.noise import norms
+    monkeypatch.setattr(modeling_qwen2.Qwen2RotaryEmbedding, "forward", _old_rope_forward)   # angles through `@`
+    model = tiny_qwen2()
+    spec = dict(type="relative_gaussian", scale=1e-2, seed=4)
+    got, hook_ids = {}, []
+    for hooks in ("global", "attached", "attached"):
+        inj = NoiseInjector(NoiseSpec(**spec), hooks=hooks)
+        inj.attach(model)
+        with inj:
+            if hooks == "attached":
+                assert not torch.nn.modules.module._global_forward_hooks
+                hooked = {type(m) for m in model.modules() if m._forward_hooks}
+                assert hooked == {modeling_qwen2.Qwen2RotaryEmbedding}
+                hook_ids.append(sorted(model.model.rotary_emb._forward_hooks))
+            got[hooks] = step(model, inj)
+        inj.detach(model)
+        assert _no_engine_left() and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    assert hook_ids[0] == hook_ids[1]
+    assert _equal(got["global"], got["attached"]) and not _equal(got["global"], step(model))
+    inj = NoiseInjector(NoiseSpec(**spec, exclude=[]), hooks="attached")
+    inj.attach(model)
+    with inj:
+        unexcluded = step(model, inj)[0]
+    inj.detach(model)
+    assert not torch.equal(unexcluded, got["attached"][0])
+    with pytest.raises(ValueError, match="hooks='everywhere'.*global.*attached"):
+        NoiseInjector(NoiseSpec(**spec), hooks="everywhere")
+    assert norms.HOOKS == ("global", "attached")
+
+
 def test_hooks_skip_only_classes_that_cannot_matter():
     """The global hooks ignore module classes whose every module is neutral and not a noised norm (issue 7: Dynamo
     guards on what the hooks read, once per module otherwise); scoped or noised classes keep their hooks."""

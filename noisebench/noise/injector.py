@@ -28,13 +28,21 @@ class NoiseInjector:
         global_phase: outside any phase context, noise every covered call, forward and backward (as the study's
             env-installed engine did). Telemetry labels those calls ``global``.
         default_phase: alternatively, a phase name in force outside contexts (the vLLM plugin uses ``rollout``).
+        hooks: where the module hooks (targeting, hand-written norms) go: ``global`` (default) on every module that
+            runs, ``attached`` only on the attached models' modules whose class can matter. ``attached`` is exact
+            only when every model run under the injector is attached; it spares every other module call torch's
+            slow path and compiled frames the guards of global hooks (issue 7).
 
     Only one injector can be installed at a time. With type ``none`` installing is a no-op, so outputs and
     gradients are bitwise those of plain torch; outside enabled phases the mode does one dict lookup per call.
     """
 
-    def __init__(self, spec: Any, global_phase: bool = False, default_phase: Optional[str] = None) -> None:
+    def __init__(self, spec: Any, global_phase: bool = False, default_phase: Optional[str] = None,
+                 hooks: str = "global") -> None:
         self.spec = spec.validate() if isinstance(spec, NoiseSpec) else NoiseSpec.from_dict(spec)
+        if hooks not in norms.HOOKS:
+            raise ValueError(f"hooks={hooks!r} unknown; valid choices: {list(norms.HOOKS)}")
+        self.hooks = hooks
         if default_phase is not None and default_phase not in PHASES:
             raise ValueError(f"default_phase {default_phase!r} is not a phase; valid choices: {list(PHASES)}")
         self.default_phase = GLOBAL_PHASE if global_phase else default_phase
@@ -70,7 +78,7 @@ class NoiseInjector:
             self._counters, self._calls, self._elements, self._err_sums)
         STATE.phase = self._phase
         STATE.refresh()
-        self._hooks = norms.install_hooks(self.spec, self._models())
+        self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
         self._mode = NoiseMode()
         self._mode.__enter__()
         return self
@@ -82,13 +90,16 @@ class NoiseInjector:
         if self._mode is not None:
             self._mode.__exit__(None, None, None)
             self._mode = None
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._remove_hooks()
         STATE.configure(None, None)
         STATE.counters, STATE.calls, STATE.elements, STATE.err_sums = {"fwd": 0, "bwd": 0}, {}, {}, {}
         STATE.owner = None
         self._installed = False
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
     def __enter__(self) -> "NoiseInjector":
         return self.install()
@@ -129,7 +140,11 @@ class NoiseInjector:
         self.detach(model)
         self._attached[id(model)] = (model, norms.annotate(model, self.spec))
         if self._installed and self.spec.enabled:
-            norms.set_skip(norms.skip_classes(self.spec, self._models()))
+            if self.hooks == "attached":   # hook the new model's modules too
+                self._remove_hooks()
+                self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
+            else:
+                norms.set_skip(norms.skip_classes(self.spec, self._models()))
         return model
 
     def _models(self) -> list:
@@ -143,6 +158,9 @@ class NoiseInjector:
             for h in entry[1]:
                 h.remove()
             norms.clear(model)
+            if self._installed and self.spec.enabled and self.hooks == "attached":
+                self._remove_hooks()
+                self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
 
     # -- telemetry and resume ------------------------------------------------------------------------------------
     def telemetry(self) -> Dict[str, float]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -154,28 +155,52 @@ def clear(model: nn.Module) -> None:
 
 
 _HOOK_IDS: dict = {}  # hook dict name -> the handle id used the first time (reused on every later install)
+_MODULE_HOOK_IDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # module -> the same, per module
+HOOKS = ("global", "attached")
 
 
-def install_hooks(spec: Optional[NoiseSpec] = None, models=()) -> List[torch.utils.hooks.RemovableHandle]:
-    """Register the global module hooks (every module of every model, while installed).
+def _register_stable(ids: dict, name: str, hooks: dict, hook, register) -> torch.utils.hooks.RemovableHandle:
+    """Register ``hook`` in ``hooks`` under the id it had the first time (``ids[name]``), or afresh."""
+    hid = ids.get(name)
+    if hid is None or hid in hooks:
+        h = register(hook)
+        ids.setdefault(name, h.id)
+        return h
+    h = torch.utils.hooks.RemovableHandle(hooks)
+    h.id = hid
+    hooks[hid] = hook
+    return h
 
-    Each reinstall reuses the handle ids of the first install: Dynamo guards on the keys of torch's global hook
-    dicts, so fresh ids would recompile every compiled model at every install (issue 7: a rollout that installs the
-    injector per generation recompiled its decode step each time)."""
+
+def install_hooks(spec: Optional[NoiseSpec] = None, models=(), where: str = "global"
+                  ) -> List[torch.utils.hooks.RemovableHandle]:
+    """Register the module hooks while installed: ``global`` (default) on every module of every model, attached or
+    not; ``attached``: only on the modules of the attached ``models`` whose class can matter (not in ``_SKIP``:
+    for Qwen2 under the default spec, the rotary embedding alone). Why ``attached`` (issue 7): any global hook sends
+    every module call through torch's slow path and Dynamo guards on it in every compiled frame; it is exact only
+    when every model that runs under the injector is attached (unattached modules get no targeting at all).
+
+    Each reinstall reuses the handle ids of the first install: Dynamo guards on the keys of the hook dicts, so fresh
+    ids would recompile every compiled model at every install (issue 7: a rollout that installs the injector per
+    generation recompiled its decode step each time)."""
+    if where not in HOOKS:
+        raise ValueError(f"hooks={where!r} unknown; valid choices: {list(HOOKS)}")
     _CLASS_INFO.clear()
     set_skip(skip_classes(spec, models) if spec is not None else frozenset())
-    mod = nn.modules.module
     handles = []
+    if where == "attached":
+        for model in models:
+            for module in model.modules():
+                if type(module) in _SKIP:
+                    continue
+                ids = _MODULE_HOOK_IDS.setdefault(module, {})
+                handles.append(_register_stable(ids, "pre", module._forward_pre_hooks, pre_hook,
+                                                module.register_forward_pre_hook))
+                handles.append(_register_stable(ids, "post", module._forward_hooks, post_hook,
+                                                module.register_forward_hook))
+        return handles
+    mod = nn.modules.module
     for name, hook, register in (("_global_forward_pre_hooks", pre_hook, mod.register_module_forward_pre_hook),
                                  ("_global_forward_hooks", post_hook, mod.register_module_forward_hook)):
-        hooks = getattr(mod, name)
-        hid = _HOOK_IDS.get(name)
-        if hid is None or hid in hooks:
-            h = register(hook)
-            _HOOK_IDS.setdefault(name, h.id)
-        else:
-            h = torch.utils.hooks.RemovableHandle(hooks)
-            h.id = hid
-            hooks[hid] = hook
-        handles.append(h)
+        handles.append(_register_stable(_HOOK_IDS, name, getattr(mod, name), hook, register))
     return handles
