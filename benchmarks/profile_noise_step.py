@@ -12,9 +12,8 @@ Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phas
 the interception alone); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
 defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
-graphs fuse the draw into Inductor's kernels, with the hash generator, instead of the graph kernel); ``fused-philox``
-(the same with Inductor's own Philox randn); ``attached`` (noisy, module hooks on the attached model only, not
-global); ``no-tele`` (telemetry sampling off).
+graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
+attached model only, not global: ``NoiseInjector(hooks="attached")``); ``no-tele`` (telemetry sampling off).
     python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled \
         --variants off,no-launch,noisy
 """
@@ -35,7 +34,7 @@ from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
 from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "off", "no-launch", "noisy", "st-add", "fused", "fused-philox", "attached", "no-tele")
+VARIANTS = ("clean", "off", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele")
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
@@ -94,8 +93,7 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 def configure(variant: str) -> dict:
     """Set the engine switches a variant names; returns its NoiseSpec keywords."""
     inline.ST_FUNCTION = variant != "st-add"
-    inline.MODE = "fused" if variant in ("fused", "fused-philox") else "auto"
-    inline.RNG = "philox" if variant == "fused-philox" else "hash"
+    inline.MODE = "fused" if variant == "fused" else "auto"
     if kernels() is not None:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":

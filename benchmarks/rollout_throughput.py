@@ -9,7 +9,9 @@ separate compilations (as in a real run, which is either noisy or clean). Greedy
 RNG plays no part) of ``--new`` tokens after a ``--prompt``-token prefill,
 with an HF ``StaticCache``. The compiled variant compiles one decode step with ``fullgraph=True`` (a graph break
 raises) and ``mode="reduce-overhead"`` (CUDA graphs); the noisy variants run under a NoiseInjector in phase rollout
-(relative Gaussian on the matmul family), so compiled noisy uses the engine's inline, graph-capturable noise.
+(relative Gaussian on the matmul family), so compiled noisy uses the engine's inline, graph-capturable noise. The
+model is attached and the module hooks sit on it alone (``--hooks attached``, as in the trainer); ``--hooks
+attached,global`` adds a compiled noisy variant with global hooks, which every compiled frame guards on.
 It also checks that the compiled noisy rollout really is noisy: realized noise on one linear inside a compiled,
 graph-replayed call, and that tokens differ from the clean rollout's.
 """
@@ -28,7 +30,6 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec, norms  # noqa: E402
-from noisebench.noise.fast import inline  # noqa: E402
 
 SHAPES = {  # the embedded testbed's tiny Qwen2 (noise_overhead.py --grpo-like) and Qwen2.5-1.5B
     "testbed": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -48,15 +49,13 @@ def parse() -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds (one rollout per variant each; median)")
     p.add_argument("--mode", default="reduce-overhead", help="torch.compile mode for the decode step")
-    p.add_argument("--noisy", default=f"{inline.RNG}/global",
-                   help="comma list of RNG/HOOKS configurations of the compiled noisy variant (the first is also eager "
-                        f"noisy's): RNG in {list(inline.RNGS)} (the fused draw), HOOKS in {list(norms.HOOKS)}")
+    p.add_argument("--hooks", default="attached",
+                   help="comma list of NoiseInjector(hooks=...) settings, one compiled noisy variant each (the first "
+                        f"is also eager noisy's; the trainer uses attached): {list(norms.HOOKS)}")
     a = p.parse_args()
-    for cfg in a.noisy.split(","):
-        rng, _, hooks = cfg.partition("/")
-        if rng not in inline.RNGS or hooks not in norms.HOOKS:
-            p.error(f"--noisy: bad configuration {cfg!r}; RNG/HOOKS with RNG in {list(inline.RNGS)}, HOOKS in "
-                    f"{list(norms.HOOKS)}")
+    bad = [h for h in a.hooks.split(",") if h not in norms.HOOKS]
+    if bad:
+        p.error(f"--hooks: unknown {bad}; valid choices: {list(norms.HOOKS)}")
     bad = [m for m in a.models.split(",") if m not in SHAPES]
     if bad:
         p.error(f"--models: unknown {bad}; valid choices: {list(SHAPES)}")
@@ -107,7 +106,6 @@ def one_rollout(model, prompts, a, step, inj, **kw) -> tuple:
     """One rollout (tokens, decode seconds), under ``inj`` in phase rollout when given (installed for it only);
     ``kw`` as ``rollout``'s."""
     if inj is not None:
-        inline.RNG = getattr(inj, "bench_rng", inline.RNG)   # read when a graph is traced
         inj.install()
         inj.set_phase("rollout")
     try:
@@ -175,18 +173,16 @@ def main() -> None:
                                 generator=torch.Generator(a.device).manual_seed(1))
         spec = NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["matmul_family"], phases=["rollout"])
         injs = {}
-        for cfg in a.noisy.split(","):
-            rng, _, hooks = cfg.partition("/")
-            injs[cfg] = NoiseInjector(spec, hooks=hooks)
-            injs[cfg].bench_rng = rng
-            injs[cfg].attach(model)
+        for hooks in a.hooks.split(","):
+            injs[hooks] = NoiseInjector(spec, hooks=hooks)
+            injs[hooks].attach(model)
         torch._dynamo.reset()
         counters.clear()
         first = next(iter(injs))
         variants = {"eager clean": (decode_step, None), "eager noisy": (decode_step, injs[first]),
                     "compiled clean": (fresh_compile(decode_step, a), None)}
-        for cfg, inj in injs.items():
-            variants["compiled noisy" + ("" if cfg == first else f" {cfg}")] = (fresh_compile(decode_step, a), inj)
+        for h, inj in injs.items():
+            variants["compiled noisy" + ("" if h == first else f" ({h})")] = (fresh_compile(decode_step, a), inj)
         res = timed_interleaved(model, prompts, a, variants)
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
         same = {k: (res[k][1] == res["compiled clean"][1]).float().mean().item() for k in res}
@@ -196,7 +192,7 @@ def main() -> None:
         for k, (tps, _) in res.items():
             print(f"{k:<16} {tps:10.0f}  {same[k]:30.3f}")
         cc, cn, en = res["compiled clean"][0], res["compiled noisy"][0], res["eager noisy"][0]
-        print(f"compiled noisy ({first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / eager "
+        print(f"compiled noisy (hooks {first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / eager "
               f"noisy = {cn / en:.2f} (target >= 2)")
         for k in res:
             if k.startswith("compiled noisy "):

@@ -253,6 +253,12 @@ def evaluate_checkpoint(model, tokenizer=None, task: str = "noisebench_arith", d
     # HFLM may pick a pad token; give the caller's tokenizer back as it came
     restore_pad = not isinstance(model, LM) and tokenizer.pad_token is None
     is_noisy = bool(noisy and injector is not None and _eval_noise_on(injector))
+    # a model loaded here is unknown to the injector: attach it for the call, so module-name targeting (layers,
+    # include/exclude by name) applies in eval as in training, and an injector with hooks="attached" hooks it at all
+    attach = (is_noisy and hasattr(injector, "is_attached") and not isinstance(model, LM)
+              and not injector.is_attached(model))
+    if attach:
+        injector.attach(model)
     args = dict(task=task, data_files=data_files, limit=limit, max_gen_toks=max_gen_toks, seed=seed,
                 label=label, apply_chat_template=apply_chat_template)
     try:
@@ -271,4 +277,6 @@ def evaluate_checkpoint(model, tokenizer=None, task: str = "noisebench_arith", d
     finally:
         if restore_pad:
             tokenizer.pad_token = None
+        if attach:
+            injector.detach(model)
     return result

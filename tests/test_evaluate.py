@@ -257,6 +257,13 @@ def test_real_noise_injector_changes_answers_reproducibly_and_clean_stays_clean(
     assert _strict_resps(c) == _strict_resps(plain) and not c.noisy
     off = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=0.1, phases=["rollout"]))
     assert not evaluate_checkpoint(model, tok, injector=off, **kw).noisy  # spec has no eval phase: clean
+    # a model the injector does not know is attached for the call: layer targeting needs its module names, and an
+    # injector with hooks="attached" would otherwise hook nothing (no op inside layer 0: no noise at all)
+    first = NoiseInjector(NoiseSpec(**{**spec.to_dict(), "layers": [0, 0]}), hooks="attached")
+    d = evaluate_checkpoint(model, tok, injector=first, output_dir=tmp_path / "d", **kw)
+    assert d.noisy and first.telemetry()["noise/eval/linear/fwd/calls"] > 0
+    assert _strict_resps(d) != _strict_resps(plain)
+    assert not first.is_attached(model) and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_bad_input_errors_name_the_problem(tiny, arith_file, monkeypatch):

@@ -315,50 +315,6 @@ def test_documented_noise_definition_is_standard_normal():
     assert abs(torch.corrcoef(torch.stack([z[:1 << 20], other]))[0, 1].item()) < 5e-3
 
 
-def test_hash_generator_definition_is_standard_normal():
-    """The compiled graphs' fused draw (``definition.hash_normals``): moments, tails, neighbours, and no relation
-    between calls whose seeds differ by one (the engine's seed advances by one a call) or by a multiple of 2**32."""
-    from noisebench.noise.fast import definition
-    z = torch.from_numpy(definition.hash_normals(5, 1 << 22))
-    assert abs(z.mean().item()) < 5 / 2 ** 11
-    assert z.std().item() == pytest.approx(1.0, abs=2e-3)
-    assert (z ** 4).mean().item() == pytest.approx(3.0, abs=0.03)
-    assert (z.abs() > 3).float().mean().item() == pytest.approx(2.7e-3, rel=0.1)
-    assert z.abs().max().item() < 4.86                                 # 16-bit uniforms bound the tail
-    for lag in (1, 2, 1536):
-        assert abs(torch.corrcoef(torch.stack([z[:-lag], z[lag:]]))[0, 1].item()) < 3e-3
-        assert abs(torch.corrcoef(torch.stack([z[:-lag] ** 2, z[lag:] ** 2]))[0, 1].item()) < 3e-3
-    for seed in (6, 5 + (1 << 32), 4):
-        other = torch.from_numpy(definition.hash_normals(seed, 1 << 20))
-        assert abs(torch.corrcoef(torch.stack([z[:1 << 20], other]))[0, 1].item()) < 5e-3
-    shifted = 5 + 7 * pow(definition.HASH_C1, -1, 1 << 32) % (1 << 32)   # first-round inputs: z's, shifted by 7
-    other = torch.from_numpy(definition.hash_normals(shifted, 1 << 20))
-    assert abs(torch.corrcoef(torch.stack([z[7:1 << 20], other[:-7]]))[0, 1].item()) < 5e-3
-    words = definition.hash_words(5, 1 << 22)
-    counts = torch.from_numpy((words >> 24).astype("int64")).bincount(minlength=256).double()   # top byte uniform
-    assert ((counts - counts.mean()) ** 2 / counts.mean()).sum().item() < 255 + 6 * (2 * 255) ** 0.5
-
-
-@pytest.mark.parametrize("seed", [0, 7, (1 << 31) + 5, (1 << 62) + 123456789])
-def test_hash_generator_eager_and_inductor_draw_the_definition(seed):
-    """``inline.hash_normals`` (plain int32/float32 torch ops) gives the NumPy definition's normals eagerly and
-    compiled by Inductor (int32 products wrap the same way as the definition's mod-2**32 arithmetic)."""
-    from noisebench.noise.fast import definition
-    ref = torch.from_numpy(definition.hash_normals(seed, 3 * 1031)).float().reshape(3, 1031)
-    t = torch.tensor(seed, dtype=torch.int64, device=DEV)
-    torch._dynamo.reset()
-    for fn in (inline.hash_normals, torch.compile(inline.hash_normals, fullgraph=True)):
-        got = fn(t, [3, 1031]).cpu()
-        assert got.dtype == torch.float32 and got.shape == (3, 1031)
-        assert (got - ref).abs().max().item() < 1e-5
-    y = torch.randn(64, 1536, device=DEV)   # fused into a row reduction, as in a decoder layer's norm
-
-    def fn(t, y):
-        return (y * (1 + 0.01 * inline.hash_normals(t, [64, 1536]))).pow(2).mean(-1)
-    assert torch.allclose(torch.compile(fn, fullgraph=True)(t, y), fn(t, y), rtol=1e-5)
-    torch._dynamo.reset()
-
-
 @needs_kernel
 def test_in_kernel_telemetry_matches_the_reference_sums():
     x, w = _linear_inputs(torch.float32)

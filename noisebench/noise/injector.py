@@ -147,6 +147,10 @@ class NoiseInjector:
                 norms.set_skip(norms.skip_classes(self.spec, self._models()))
         return model
 
+    def is_attached(self, model: nn.Module) -> bool:
+        """Whether ``model`` is attached."""
+        return id(model) in self._attached
+
     def _models(self) -> list:
         """The attached models."""
         return [m for m, _ in self._attached.values()]

@@ -237,6 +237,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     from noisebench.train.tracking import Tracker
     from noisebench.train.trainer import NoisyGRPOTrainer
     from noisebench.train.plan import sharded, strategy
+    from noisebench.train import vllm
     from noisebench.train.vllm import vllm_rollouts
 
     spec = noise_spec(cfg)
@@ -248,7 +249,11 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     set_seed(int(cfg.seed))
 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
-    injector = NoiseInjector(spec)
+    # module hooks on the attached models alone (the trainer attaches policy and reference model, the evaluator each
+    # checkpoint it loads): every other module call skips torch's hook path, compiled frames its guards (issue 7).
+    # Global hooks when vLLM runs colocated: its model runs under this injector and is never attached.
+    colocated = vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate"
+    injector = NoiseInjector(spec, hooks="global" if colocated else "attached")
     aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
 
     ckpt = None

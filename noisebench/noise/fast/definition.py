@@ -51,37 +51,3 @@ def reference_normals(seed: int, numel: int) -> np.ndarray:
         out[:, 2 * j] = (r * np.cos(th)).reshape(nprog, Q)
         out[:, 2 * j + 1] = (r * np.sin(th)).reshape(nprog, Q)
     return out.reshape(-1)[:numel]
-
-
-# --- Hash generator of compiled graphs (``inline.hash_normals``): what it must draw, in NumPy --------------------
-# Element e of a call with 63-bit seed s: L, H = low and high 32 bits of s; k1 = L*C1 + H, k2 = (L*C2) ^ H;
-# x = mix(mix(e + k1) ^ k2) (all mod 2**32; mix = Wellons' lowbias32); x's 16-bit halves (lo, hi) give the radius
-# and angle of one Box-Muller draw, as the kernel's words do (its cosine only).
-HASH_C1, HASH_C2 = 0x85EBCA6B, 0xC2B2AE35
-HASH_M1, HASH_M2 = 0x7FEB352D, 0x846CA68B
-_M32 = np.uint64(0xFFFFFFFF)
-
-
-def _mix32(x: np.ndarray) -> np.ndarray:
-    x = x ^ (x >> np.uint64(16))
-    x = (x * np.uint64(HASH_M1)) & _M32
-    x = x ^ (x >> np.uint64(15))
-    x = (x * np.uint64(HASH_M2)) & _M32
-    return x ^ (x >> np.uint64(16))
-
-
-def hash_words(seed: int, numel: int) -> np.ndarray:
-    """The 32-bit words (uint64 array) the hash generator draws for ``numel`` elements under ``seed``."""
-    lo, hi = np.uint64(int(seed) & 0xFFFFFFFF), np.uint64((int(seed) >> 32) & 0xFFFFFFFF)
-    k1 = (lo * np.uint64(HASH_C1) + hi) & _M32
-    k2 = ((lo * np.uint64(HASH_C2)) & _M32) ^ hi
-    e = np.arange(numel, dtype=np.uint64)
-    return _mix32(_mix32((e + k1) & _M32) ^ k2)
-
-
-def hash_normals(seed: int, numel: int) -> np.ndarray:
-    """float64 normals of the hash generator for ``numel`` elements under ``seed``."""
-    w = hash_words(seed, numel)
-    u = ((w & np.uint64(0xFFFF)).astype(np.float64) + 0.5) / 65536.0
-    th = ((w >> np.uint64(16)).astype(np.float64) + 0.5) * (_TWO_PI / 65536.0) - math.pi
-    return np.sqrt(-2.0 * np.log(u)) * np.cos(th)

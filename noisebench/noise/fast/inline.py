@@ -15,14 +15,13 @@ next phase change without recompiling). Telemetry is not recorded on this path (
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
-from . import definition, dispatch
+from . import dispatch
 
 INLINE_KINDS = ("relative_gaussian", "absolute_gaussian")
 MODES = ("auto", "kernel", "fused", "off")
@@ -32,14 +31,6 @@ if MODE not in MODES:
     raise ValueError(f"NOISEBENCH_FAST_INLINE={MODE!r} unknown; valid choices: {list(MODES)}")
 ENABLED = MODE != "off"
 
-
-RNGS = ("hash", "philox")
-RNG = os.environ.get("NOISEBENCH_FAST_RNG", "hash").strip().lower() or "hash"
-if RNG not in RNGS:
-    raise ValueError(f"NOISEBENCH_FAST_RNG={RNG!r} unknown; valid choices: {list(RNGS)}")
-"""The fused draw's generator: ``hash`` (default): ``hash_normals``, plain int32 and float32 torch ops that Inductor
-fuses (two lowbias32 rounds and one Box-Muller per element); ``philox``: Inductor's own ``randn`` (one
-Philox4x32-10 call per element, ~4x the integer work)."""
 
 KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: tensors at least this large take the graph kernel, smaller ones Inductor's randn
 
@@ -74,60 +65,6 @@ def keyed_randn(seed: Tensor, size: List[int]) -> Tensor:
 @keyed_randn.register_fake
 def _keyed_randn_fake(seed: Tensor, size: List[int]) -> Tensor:
     return torch.empty(size, device=seed.device, dtype=torch.float32)
-
-
-def _i32(v: int) -> int:
-    """``v`` mod 2**32 as a signed int32 value (torch has no uint32 arithmetic; int32 wraps the same way)."""
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v >= 1 << 31 else v
-
-
-_C1, _C2, _M1, _M2 = (_i32(v) for v in (definition.HASH_C1, definition.HASH_C2, definition.HASH_M1,
-                                         definition.HASH_M2))
-HASH_MAX_NUMEL = 1 << 31   # element indices are int32
-
-
-def _lsr(x: Tensor, n: int) -> Tensor:
-    return (x >> n) & ((1 << (32 - n)) - 1)   # logical shift of an int32 (``>>`` is arithmetic)
-
-
-def _mix(x: Tensor) -> Tensor:
-    x = x ^ _lsr(x, 16)
-    x = x * _M1
-    x = x ^ _lsr(x, 15)
-    x = x * _M2
-    return x ^ _lsr(x, 16)
-
-
-def _wrap32(v: Tensor) -> Tensor:
-    return (((v & 0xFFFFFFFF) ^ 0x80000000) - 0x80000000).to(torch.int32)
-
-
-def hash_normals(seed: Tensor, size: List[int]) -> Tensor:
-    """float32 N(0, 1) of shape ``size``, determined by the 0-d int64 ``seed``: a counter hash written as plain torch
-    ops, so Inductor fuses it into the kernels around it (the NumPy definition is ``definition.hash_normals``).
-    Why: Inductor's ``randn`` spends a Philox4x32-10 call (~100 integer ops) on every element, which made the fused
-    decode kernels compute-bound (issue 7); this spends two lowbias32 rounds (~25 int32 ops). Two keyed rounds, so
-    calls whose first-round inputs happen to be shifted copies of each other still draw unrelated words. The 16-bit
-    halves of the word give one Box-Muller draw (|n| <= 4.86, as the kernel's draws)."""
-    lo, hi = _wrap32(seed), _wrap32(seed >> 32)
-    k1, k2 = lo * _C1 + hi, (lo * _C2) ^ hi
-    numel = 1
-    for d in size:
-        numel = numel * d
-    e = torch.arange(numel, dtype=torch.int32, device=seed.device)
-    x = _mix(_mix(e + k1) ^ k2)   # no constant times ``e``: Inductor would fold it into an index expression and
-                                  # emit a constant out of int32's range (seen on an H200, torch 2.11)
-    u = ((x & 0xFFFF).float() + 0.5) * (1.0 / 65536.0)
-    th = (_lsr(x, 16).float() + 0.5) * (2.0 * math.pi / 65536.0) - math.pi
-    return (torch.sqrt(-2.0 * torch.log(u)) * torch.cos(th)).view(size)
-
-
-def draw(seed: Tensor, size: List[int]) -> Tensor:
-    """The fused draw under ``RNG`` (tensors of 2**31 elements or more always take Inductor's Philox)."""
-    if RNG == "hash" and math.prod(size) < HASH_MAX_NUMEL:
-        return hash_normals(seed, list(size))
-    return torch.ops.noisebench.keyed_randn(seed, list(size))
 
 
 def _register_inductor_decomp() -> bool:
@@ -223,7 +160,7 @@ def noise(y: Tensor, spec) -> Tensor:
             return KernelNoise.apply(y, s, SCALES[typ], _KIND[spec.type])
         out = torch.ops.noisebench.graph_noise(y.detach(), s, SCALES[typ], _KIND[spec.type], 0).view(y.shape)
     else:
-        n = draw(s, list(y.shape))
+        n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
         out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
     return y + (out - y).detach() if grad else out
 
@@ -244,7 +181,7 @@ class InlineMark(torch.autograd.Function):
         if _use_kernel(g):
             out = torch.ops.noisebench.graph_noise(g, seed, scales, 0 if ctx.relative else 1, 1).view(g.shape)
             return out, None, None, None
-        n = draw(seed, list(g.shape))
+        n = torch.ops.noisebench.keyed_randn(seed, list(g.shape))
         return _noisy(g, n, scales[1], ctx.relative), None, None, None
 
 
