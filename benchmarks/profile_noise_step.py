@@ -9,7 +9,7 @@ against clean (0 for clean and off: the noise is really there or not). A step wh
 time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's top operators for the noisy variants.
 
 Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
-the interception alone); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
+the interception alone; ``off-attached`` the same with the module hooks on the attached model only); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
 defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
 graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
@@ -34,7 +34,7 @@ from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
 from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "off", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele")
+VARIANTS = ("clean", "off", "off-attached", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele")
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
@@ -98,7 +98,7 @@ def configure(variant: str) -> dict:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":
         return {"type": "none"}
-    if variant == "off":   # installed, every op covered, but no phase of the step enabled
+    if variant in ("off", "off-attached"):   # installed, every op covered, but no phase of the step enabled
         return {"type": "relative_gaussian", "ops": ["all"], "phases": ["eval"]}
     return {"type": "relative_gaussian", **({"telemetry_rate": 0.0} if variant == "no-tele" else {})}
 
@@ -137,7 +137,7 @@ def main() -> None:
             kw = configure(variant)
             injs[variant] = NoiseInjector(NoiseSpec(**{"scale": a.scale, "ops": a.ops.split(","),
                                                        "phases": ["train_forward", "train_backward"], **kw}),
-                                           hooks="attached" if variant == "attached" else "global")
+                                           hooks="attached" if variant.endswith("attached") else "global")
         for _ in range(a.rounds):   # interleaved: a drift of the host hits every variant alike
             for variant, inj in injs.items():
                 configure(variant)
