@@ -75,3 +75,17 @@ def test_cfg_job_prints_composed_config():
     assert out.returncode == 0, out.stderr
     cfg = OmegaConf.create(out.stdout)
     assert cfg.experiment == "e4c" and cfg.noise.scale == 1e-3
+
+
+def test_run_injector_hooks_only_global_for_colocated_vllm():
+    """The run's injector hooks the attached models alone, except with colocated vLLM (its model is never
+    attached, so only global hooks reach it); a bad vllm_mode is refused by name."""
+    from noisebench.train.runner import injector_hooks
+
+    qwen = ["+exp=e4c", "testbed=qwen2_5_1_5b_gsm8k", "trainer=grpo_qwen"]
+    assert injector_hooks(compose(["+exp=e4c"])) == "attached"
+    assert injector_hooks(compose(qwen)) == "attached"
+    assert injector_hooks(compose(qwen + ["trainer.args.use_vllm=true"])) == "global"   # colocate is the default
+    assert injector_hooks(compose(qwen + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=server"])) == "attached"
+    with pytest.raises(ValueError, match="vllm_mode.*colocate"):
+        injector_hooks(compose(qwen + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=remote"]))

@@ -66,6 +66,16 @@ def noise_spec(cfg: DictConfig):
     return spec
 
 
+def injector_hooks(cfg: DictConfig) -> str:
+    """Where the run's injector puts its module hooks: on the attached models alone (the trainer attaches policy and
+    reference model, the evaluator each checkpoint it loads), so every other module call skips torch's hook path and
+    compiled frames its guards (issue 7); globally when vLLM runs colocated, since its model runs under this injector
+    and is never attached."""
+    from noisebench.train import vllm
+
+    return "global" if vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate" else "attached"
+
+
 def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
     from trl import GRPOConfig
 
@@ -237,7 +247,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     from noisebench.train.tracking import Tracker
     from noisebench.train.trainer import NoisyGRPOTrainer
     from noisebench.train.plan import sharded, strategy
-    from noisebench.train import vllm
     from noisebench.train.vllm import vllm_rollouts
 
     spec = noise_spec(cfg)
@@ -249,11 +258,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     set_seed(int(cfg.seed))
 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
-    # module hooks on the attached models alone (the trainer attaches policy and reference model, the evaluator each
-    # checkpoint it loads): every other module call skips torch's hook path, compiled frames its guards (issue 7).
-    # Global hooks when vLLM runs colocated: its model runs under this injector and is never attached.
-    colocated = vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate"
-    injector = NoiseInjector(spec, hooks="global" if colocated else "attached")
+    injector = NoiseInjector(spec, hooks=injector_hooks(cfg))
     aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
 
     ckpt = None
