@@ -9,8 +9,8 @@ against clean (0 for clean and off: the noise is really there or not). A step wh
 time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's top operators for the noisy variants.
 
 Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
-the interception alone; ``off-attached`` the same with the module hooks on the attached model only); ``noisy`` (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's
-defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
+the interception alone; ``off-attached`` the same with the module hooks on the attached model only); ``noisy``
+(relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
 graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
 attached model only, not global: ``NoiseInjector(hooks="attached")``); ``no-tele`` (telemetry sampling off).

@@ -192,8 +192,8 @@ def main() -> None:
         for k, (tps, _) in res.items():
             print(f"{k:<16} {tps:10.0f}  {same[k]:30.3f}")
         cc, cn, en = res["compiled clean"][0], res["compiled noisy"][0], res["eager noisy"][0]
-        print(f"compiled noisy (hooks {first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / eager "
-              f"noisy = {cn / en:.2f} (target >= 2)")
+        print(f"compiled noisy (hooks {first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / "
+              f"eager noisy = {cn / en:.2f} (target >= 2)")
         for k in res:
             if k.startswith("compiled noisy "):
                 print(f"{k} / compiled clean = {res[k][0] / cc:.3f}")

@@ -101,6 +101,11 @@ class NoiseInjector:
             h.remove()
         self._hooks = []
 
+    def _rehook(self) -> None:
+        """Hook the attached models afresh (``hooks="attached"``: the set of attached models changed)."""
+        self._remove_hooks()
+        self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
+
     def __enter__(self) -> "NoiseInjector":
         return self.install()
 
@@ -141,8 +146,7 @@ class NoiseInjector:
         self._attached[id(model)] = (model, norms.annotate(model, self.spec))
         if self._installed and self.spec.enabled:
             if self.hooks == "attached":   # hook the new model's modules too
-                self._remove_hooks()
-                self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
+                self._rehook()
             else:
                 norms.set_skip(norms.skip_classes(self.spec, self._models()))
         return model
@@ -163,8 +167,7 @@ class NoiseInjector:
                 h.remove()
             norms.clear(model)
             if self._installed and self.spec.enabled and self.hooks == "attached":
-                self._remove_hooks()
-                self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
+                self._rehook()
 
     # -- telemetry and resume ------------------------------------------------------------------------------------
     def telemetry(self) -> Dict[str, float]:

@@ -174,17 +174,16 @@ def _register_stable(ids: dict, name: str, hooks: dict, hook, register) -> torch
 
 def install_hooks(spec: Optional[NoiseSpec] = None, models=(), where: str = "global"
                   ) -> List[torch.utils.hooks.RemovableHandle]:
-    """Register the module hooks while installed: ``global`` (default) on every module of every model, attached or
-    not; ``attached``: only on the modules of the attached ``models`` whose class can matter (not in ``_SKIP``:
-    for Qwen2 under the default spec, the rotary embedding alone). Why ``attached`` (issue 7): any global hook sends
+    """Register the module hooks while installed (``where`` is one of ``HOOKS``, checked by ``NoiseInjector``):
+    ``global`` (default) on every module of every model, attached or not; ``attached``: only on the modules of the
+    attached ``models`` whose class can matter (not in ``_SKIP``: for Qwen2 under the default spec, the rotary
+    embedding alone). Why ``attached`` (issue 7): any global hook sends
     every module call through torch's slow path and Dynamo guards on it in every compiled frame; it is exact only
     when every model that runs under the injector is attached (unattached modules get no targeting at all).
 
     Each reinstall reuses the handle ids of the first install: Dynamo guards on the keys of the hook dicts, so fresh
     ids would recompile every compiled model at every install (issue 7: a rollout that installs the injector per
     generation recompiled its decode step each time)."""
-    if where not in HOOKS:
-        raise ValueError(f"hooks={where!r} unknown; valid choices: {list(HOOKS)}")
     _CLASS_INFO.clear()
     set_skip(skip_classes(spec, models) if spec is not None else frozenset())
     handles = []
