@@ -400,3 +400,33 @@ def test_hooks_skip_only_classes_that_cannot_matter():
         inj.detach(model)
         with inj:                                     # nothing attached: no class is skipped
             assert norms._SKIP == frozenset()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_noisy_linear_under_autocast_matches_autocast_linear(bias):
+    """Mixed precision (float32 parameters, bf16 autocast): the one-node linear casts its arguments as autocast
+    does, so its backward (run outside autocast) multiplies bf16 by bf16, and at scale 0 its output and float32
+    gradients are bitwise autocast's own linear."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, 16, generator=g, requires_grad=True)
+    w = torch.randn(12, 16, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    gy = torch.randn(6, 5, 12, generator=g)
+
+    def run(scale=None):
+        for t in leaves:
+            t.grad = None
+        inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=scale or 0.0), global_phase=True)
+        with inj if scale is not None else torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = F.linear(x, w, b)
+                assert scale is None or type(y.grad_fn).__name__ == "NoisyLinearBackward"
+            y.float().backward(gy)
+        return [y.detach()] + [t.grad.clone() for t in leaves]
+
+    clean, zero, noisy = run(), run(0.0), run(1e-2)
+    assert clean[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in clean[1:])
+    assert all(torch.equal(a, c) for a, c in zip(zero, clean))
+    for a, c in zip(noisy[1:], clean[1:]):
+        assert 2e-3 < ((a - c) / c).std().item() < 5e-2

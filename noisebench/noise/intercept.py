@@ -175,6 +175,18 @@ class NoisyLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _autocast(xwb):
+    """``(x, w, b)`` cast as autocast would cast a linear's arguments (to the autocast dtype, recorded by autograd),
+    when autocast is on for their device: ``NoisyLinear.backward`` runs outside autocast, where a bf16 gradient
+    times a float32 weight would be a dtype error (mixed-precision training with float32 master weights)."""
+    dev = xwb[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return xwb
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in xwb)
+
+
 def _linear_args(args, kwargs):
     """(input, weight, bias) of an ``F.linear`` call, or None for spellings this fast route does not take."""
     names = ("input", "weight", "bias")
@@ -204,7 +216,7 @@ class NoiseMode(TorchFunctionMode):
         if bwd and op == "linear" and not torch.compiler.is_compiling():
             xwb = _linear_args(args, kwargs)
             if xwb is not None:
-                return NoisyLinear.apply(*xwb, fwd)
+                return NoisyLinear.apply(*_autocast(xwb), fwd)
         if bwd:
             args = tuple(mark(a, op) for a in args)
             kwargs = {k: mark(v, op) for k, v in kwargs.items()}
