@@ -13,9 +13,7 @@ the interception alone; ``off-attached`` the same with the module hooks on the a
 (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
 graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
-attached model only, not global: ``NoiseInjector(hooks="attached")``); ``no-tele`` (telemetry sampling off);
-``marks`` (compiled linears noised through per-input marks, a seed update and a launch per gradient, instead of
-one ``InlineLinear`` node: version 26's A/B).
+attached model only, not global: ``NoiseInjector(hooks="attached")``); ``no-tele`` (telemetry sampling off).
     python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled \
         --variants off,no-launch,noisy
 """
@@ -36,7 +34,7 @@ from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
 from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "off", "off-attached", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele", "marks")
+VARIANTS = ("clean", "off", "off-attached", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele")
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
@@ -95,7 +93,6 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 def configure(variant: str) -> dict:
     """Set the engine switches a variant names; returns its NoiseSpec keywords."""
     inline.ST_FUNCTION = variant != "st-add"
-    inline.LINEAR = variant != "marks"
     inline.MODE = "fused" if variant == "fused" else "auto"
     if kernels() is not None:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT

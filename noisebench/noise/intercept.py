@@ -213,12 +213,10 @@ class NoiseMode(TorchFunctionMode):
         bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
         if (fwd or bwd) and st.blocked():
             fwd = bwd = False
-        if bwd and op == "linear":
+        if bwd and op == "linear" and not torch.compiler.is_compiling():
             xwb = _linear_args(args, kwargs)
-            if xwb is not None and not torch.compiler.is_compiling():
+            if xwb is not None:
                 return NoisyLinear.apply(*_autocast(xwb), fwd)
-            if xwb is not None and fast_inline.LINEAR and fast_inline.applicable(xwb[0], st.spec):
-                return fast_inline.linear(*_autocast(xwb), fwd, st.spec)   # compiled: one node, one launch back
         if bwd:
             args = tuple(mark(a, op) for a in args)
             kwargs = {k: mark(v, op) for k, v in kwargs.items()}

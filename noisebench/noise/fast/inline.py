@@ -19,7 +19,6 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
@@ -37,10 +36,6 @@ KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: tensors at least this large take the gr
 
 
 def _use_kernel(t: Tensor) -> bool:
-    return _kernel_for(t.numel(), t.device)
-
-
-def _kernel_for(numel: int, device: torch.device) -> bool:
     """How a compiled graph draws the noise of ``t`` (decided at trace time from its static size). ``kernel``: on
     CUDA the fused Triton kernel called from the graph (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one
     read and one write: an extra pass and an extra launch); ``fused``: Inductor's own ``randn``, fused into the
@@ -48,7 +43,7 @@ def _kernel_for(numel: int, device: torch.device) -> bool:
     training sizes); ``auto`` (default): the kernel for tensors of ``KERNEL_MIN_NUMEL`` elements or more (training),
     Inductor's randn below (decode steps, where an extra launch costs more than the draw). CPU tensors (forced fast
     path) always use ``fused``."""
-    if MODE == "fused" or device.type != "cuda" or (MODE == "auto" and numel < KERNEL_MIN_NUMEL):
+    if MODE == "fused" or t.device.type != "cuda" or (MODE == "auto" and t.numel() < KERNEL_MIN_NUMEL):
         return False
     k = dispatch._KERNELS   # imported on install, outside any compiled region
     return bool(k) and k.graph_noise is not None
@@ -196,61 +191,3 @@ def mark(x: Tensor, spec) -> Tensor:
     s = SEEDS[typ]
     s.add_(1)
     return InlineMark.apply(x, s + _BWD_OFFSET, SCALES[typ], spec.type == "relative_gaussian")
-
-
-LINEAR = True
-"""Compiled linears with backward noise as one ``InlineLinear`` node (True), or as per-input marks plus forward noise
-(False: a seed update and a launch per gradient; kept for A/B benchmarks)."""
-_SLOT = 1 << 41   # = kernels.SLOT_STRIDE: gradient i of a linear draws with key (seed + 2**40) + i * 2**41
-
-
-class InlineLinear(torch.autograd.Function):
-    """A compiled linear with its noise as one autograd node (issue 7, version 26): forward noise on the output
-    (scale ``SCALES[..][0]``), and in backward the input, weight and bias gradients, computed with torch's own
-    formulas (``g @ W``, ``g^T x``, ``sum g``, as ``intercept.NoisyLinear``), noised by one launch of
-    ``noisebench::graph_noise_many`` (scale ``SCALES[..][1]``, 0 outside train_backward: bitwise-clean gradients)
-    instead of a mark, a seed update and a launch for each. One seed a call: ``seed`` keys the forward draw,
-    ``bseed`` = seed + 2**40 the gradients (gradient i: + i * 2**41, as ``mark`` keys a single one)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b, seed: Tensor, bseed: Tensor, scales: Tensor, kind: int, fwd: bool,
-                kernel: bool) -> Tensor:
-        y = F.linear(x, w, b)
-        ctx.save_for_backward(x, w, bseed, scales)
-        ctx.has_bias, ctx.kind, ctx.kernel = b is not None, kind, kernel
-        if not fwd:
-            return y
-        if kernel:
-            return torch.ops.noisebench.graph_noise(y, seed, scales, kind, 0).view(y.shape)
-        return _noisy(y, torch.ops.noisebench.keyed_randn(seed, list(y.shape)), scales[0], kind == 0)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, w, bseed, scales = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        g2 = g.reshape(-1, g.shape[-1])
-        gx = torch.mm(g2, w).view(x.shape) if need_x else None
-        gw = torch.mm(g2.t(), x.reshape(-1, x.shape[-1])) if need_w else None
-        gb = g2.sum(0) if need_b and ctx.has_bias else None
-        grads = [t for t in (gx, gw, gb) if t is not None]
-        if grads:
-            if ctx.kernel:
-                noisy = torch.ops.noisebench.graph_noise_many(grads, bseed, scales, ctx.kind, 1)
-                noisy = [n.view(t.shape) for n, t in zip(noisy, grads)]
-            else:
-                noisy = [_noisy(t, torch.ops.noisebench.keyed_randn(bseed + i * _SLOT, list(t.shape)), scales[1],
-                                ctx.kind == 0) for i, t in enumerate(grads)]
-            it = iter(noisy)
-            gx, gw, gb = (next(it) if t is not None else None for t in (gx, gw, gb))
-        return gx, gw, gb, None, None, None, None, None, None
-
-
-def linear(x: Tensor, w: Tensor, b, fwd: bool, spec) -> Tensor:
-    """``F.linear`` with backward noise on its gradients (and forward noise on its output when ``fwd``) in a
-    compiled training graph: one node, one seed update, one backward launch (see ``InlineLinear``)."""
-    typ = x.device.type
-    s = SEEDS[typ]
-    s.add_(1)
-    kernel = _kernel_for(x.numel() // max(x.shape[-1], 1) * w.shape[0], x.device) and \
-        dispatch._KERNELS.graph_noise_many is not None
-    return InlineLinear.apply(x, w, b, s, s + _BWD_OFFSET, SCALES[typ], _KIND[spec.type], fwd, kernel)

@@ -13,8 +13,6 @@ On CUDA the logarithm, sine and cosine use the hardware approximations (|error| 
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import triton
 import triton.language as tl
@@ -190,29 +188,6 @@ def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.cons
              SPLIT, pid % SPLIT)
 
 
-SLOT_STRIDE = 1 << 41   # graph_noise_many: tensor i of a call draws with key seed + i * SLOT_STRIDE
-
-
-@triton.jit
-def _graph_noise_kernel3(x0, y0, n0, p0, x1, y1, n1, p1, x2, y2, n2, seed_ptr, scales_ptr, KIND: tl.constexpr,
-                         SCALE_IDX: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BLOCK: tl.constexpr):
-    """Up to three tensors (a linear's input, weight and bias gradients) by one launch from a compiled graph:
-    programs [0, p0) take tensor 0, [p0, p0 + p1) tensor 1, the rest tensor 2; tensor i draws what
-    ``_graph_noise_kernel`` would with the seed scalar plus ``i * SLOT_STRIDE``."""
-    pid = tl.program_id(0)
-    base = tl.load(seed_ptr)
-    scale = tl.load(scales_ptr + SCALE_IDX)
-    if pid < p0:
-        key = (base & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
-        _program(x0, y0, x0, pid, n0, key, scale, pid == 0, KIND, False, FAST, ROUNDS, BLOCK, 1, 0)
-    elif pid < p0 + p1:
-        key = ((base + 0x20000000000) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
-        _program(x1, y1, x1, pid - p0, n1, key, scale, pid == p0, KIND, False, FAST, ROUNDS, BLOCK, 1, 0)
-    else:
-        key = ((base + 0x40000000000) & 0x3FFFFFFFFFFFFFFF) | 0x4000000000000000
-        _program(x2, y2, x2, pid - p0 - p1, n2, key, scale, pid == p0 + p1, KIND, False, FAST, ROUNDS, BLOCK, 1, 0)
-
-
 EAGER_SPLIT = 2   # eager launches of tensors of SMALL_NUMEL elements or more: programs per BLOCK (version 19: x1.07
                   # faster than 1 at 73M bf16 elements on the H200, in place; kernel_bandwidth.py)
 SMALL_SPLIT = 8   # thread blocks per BLOCK for tensors under SMALL_NUMEL elements (128 lanes each, one per thread)
@@ -244,32 +219,10 @@ def _define_graph_noise():
     return graph_noise
 
 
-def _define_graph_noise_many():
-    """``noisebench::graph_noise_many(xs, seed, scales, kind, scale_idx)``: noisy copies of up to three tensors from
-    one launch (a compiled linear's gradients: one launch instead of three, issue 7 version 26)."""
-    from torch.library import triton_op, wrap_triton
-
-    @triton_op("noisebench::graph_noise_many", mutates_args=())
-    def graph_noise_many(xs: List[Tensor], seed: Tensor, scales: Tensor, kind: int, scale_idx: int) -> List[Tensor]:
-        xcs = [x.contiguous() for x in xs]
-        outs = [torch.empty_like(x) for x in xcs]
-        segs = [(x, o, x.numel(), (x.numel() + BLOCK - 1) // BLOCK) for x, o in zip(xcs, outs)]
-        segs += [(xcs[0], outs[0], 0, 0)] * (3 - len(segs))
-        nprog = sum(sg[3] for sg in segs)
-        if nprog:
-            (x0, o0, n0, p0), (x1, o1, n1, p1), (x2, o2, n2, _) = segs
-            wrap_triton(_graph_noise_kernel3)[(nprog,)](
-                x0, o0, n0, p0, x1, o1, n1, p1, x2, o2, n2, seed, scales, KIND=kind, SCALE_IDX=scale_idx,
-                FAST=2 if xcs[0].device.type == "cuda" else 0, ROUNDS=ROUNDS, BLOCK=BLOCK, num_warps=4)
-        return outs
-    return graph_noise_many
-
-
 try:
     graph_noise = _define_graph_noise()
-    graph_noise_many = _define_graph_noise_many()
 except Exception:  # pragma: no cover - torch without triton_op: compiled graphs use Inductor's randn instead
-    graph_noise = graph_noise_many = None
+    graph_noise = None
 
 
 def _spec_key(args: tuple, consts: tuple, device_index: int) -> tuple:
