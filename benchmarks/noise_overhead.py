@@ -59,6 +59,11 @@ def parse(extend=None, description: str = None, paths: tuple = PATHS) -> argpars
                    help="torch.compile the stack (fullgraph); same as --paths compiled")
     p.add_argument("--paths", default=None, help="comma list of reference,fast,compiled (default: all three on CUDA, "
                    "reference on CPU)")
+    p.add_argument("--intercept", default="patch", choices=["patch", "mode"],
+                   help="NoiseInjector(intercept=...) on the eager paths (patch: what the trainer uses; compiled paths "
+                        "always use the mode)")
+    p.add_argument("--hooks", default="attached", choices=["attached", "global"],
+                   help="NoiseInjector(hooks=...) (attached: what the trainer uses)")
     p.add_argument("--cpu-rng", default="icdf16", choices=["icdf16", "randn", "table", "all"],
                    help="CPU normal generator for the grpo-like step (icdf16: the default; randn: torch.randn; "
                         "table: opt-in shared noise table)")
@@ -230,15 +235,18 @@ def run_path(a: argparse.Namespace, model, path: str) -> None:
     set_mode("off" if path == "reference" else "auto")
     torch._dynamo.reset()
     runner = torch.compile(model, fullgraph=True) if path == "compiled" else model
+    intercept = "mode" if path == "compiled" else a.intercept
     batch = max(1, a.tokens // a.seq)
     x = torch.randn(batch, a.tokens // batch, a.hidden, device=a.device, dtype=next(model.parameters()).dtype,
                     requires_grad=False)
     print(f"\n[path={path}] device={a.device} dtype={a.dtype} layers={a.layers} hidden={a.hidden} "
           f"intermediate={a.intermediate} tokens={batch}x{a.tokens // batch} attn={a.attn} ops={a.ops} "
-          f"scale={a.scale} threads={torch.get_num_threads()} torch={torch.__version__}"
+          f"scale={a.scale} intercept={intercept} hooks={a.hooks} threads={torch.get_num_threads()} "
+          f"torch={torch.__version__}"
           + (f" gpu={torch.cuda.get_device_name()}" if a.device.startswith("cuda") else ""))
     print(f"{'model':<18} {'mode':<8} {'clean ms':>9} {'noisy ms':>9} {'ratio':>6}")
-    off = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["all"], phases=["eval"]))
+    off = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["all"], phases=["eval"]),
+                        hooks=a.hooks, intercept=intercept)
     off.attach(model)   # installed, every op covered, but no phase of the step enabled: the "off" cost
     c, n = time_pair(make_steps(runner, x, off)["fwd+bwd"], off, a)
     print(f"{'installed, off':<18} {'fwd+bwd':<8} {c * 1e3:9.2f} {n * 1e3:9.2f} {n / c:6.2f}")
@@ -246,7 +254,7 @@ def run_path(a: argparse.Namespace, model, path: str) -> None:
     for kind in a.models.split(","):
         scale = {"bitflip": 1e-4, "round": 0.0}.get(kind, a.scale)
         spec = NoiseSpec(type=kind, scale=scale, ops=a.ops.split(","), phases=["all"], telemetry_rate=1 / 16)
-        inj = NoiseInjector(spec)
+        inj = NoiseInjector(spec, hooks=a.hooks, intercept=intercept)
         inj.attach(model)
         for mode, fn in make_steps(runner, x, inj).items():
             try:

@@ -13,7 +13,9 @@ the interception alone; ``off-attached`` the same with the module hooks on the a
 (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
 graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
-attached model only, not global: ``NoiseInjector(hooks="attached")``); ``no-tele`` (telemetry sampling off).
+attached model only, not global: ``NoiseInjector(hooks="attached")``); ``patch`` and ``off-patch`` (as
+``attached`` and ``off-attached``, with the covered spellings patched instead of the TorchFunctionMode:
+``intercept="patch"``, what the trainer uses; eager paths only); ``no-tele`` (telemetry sampling off).
     python benchmarks/profile_noise_step.py --layers 4 --tokens 8192 --ops linear --paths fast,compiled \
         --variants off,no-launch,noisy
 """
@@ -34,7 +36,9 @@ from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline, set_mode  # noqa: E402
 from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 
-VARIANTS = ("clean", "off", "off-attached", "no-launch", "noisy", "st-add", "fused", "attached", "no-tele")
+VARIANTS = ("clean", "off", "off-attached", "off-patch", "no-launch", "noisy", "st-add", "fused", "attached", "patch",
+            "no-tele")
+EAGER_ONLY = ("off-patch", "patch")   # intercept="patch" refuses compiled code
 PATHS = ("reference", "fast", "compiled", "compiled-cg")
 
 
@@ -98,7 +102,7 @@ def configure(variant: str) -> dict:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":
         return {"type": "none"}
-    if variant in ("off", "off-attached"):   # installed, every op covered, but no phase of the step enabled
+    if variant in ("off", "off-attached", "off-patch"):   # installed, every op covered, but no phase of the step enabled
         return {"type": "relative_gaussian", "ops": ["all"], "phases": ["eval"]}
     return {"type": "relative_gaussian", **({"telemetry_rate": 0.0} if variant == "no-tele" else {})}
 
@@ -132,12 +136,14 @@ def main() -> None:
         torch._dynamo.reset()
         runner = model if path in ("reference", "fast") else \
             torch.compile(model, fullgraph=True, mode="reduce-overhead" if path == "compiled-cg" else None)
-        injs, res = {}, {v: [] for v in variants}
-        for variant in variants:
+        here = [v for v in variants if path in ("reference", "fast") or v not in EAGER_ONLY]
+        injs, res = {}, {v: [] for v in here}
+        for variant in here:
             kw = configure(variant)
             injs[variant] = NoiseInjector(NoiseSpec(**{"scale": a.scale, "ops": a.ops.split(","),
                                                        "phases": ["train_forward", "train_backward"], **kw}),
-                                           hooks="attached" if variant.endswith("attached") else "global")
+                                           hooks="attached" if variant.endswith(("attached", "patch")) else "global",
+                                           intercept="patch" if variant in EAGER_ONLY else "mode")
         for _ in range(a.rounds):   # interleaved: a drift of the host hits every variant alike
             for variant, inj in injs.items():
                 configure(variant)

@@ -26,7 +26,7 @@ def evaluate_only(cfg: DictConfig, out_dir: str | os.PathLike) -> float:
     model, tokenizer = tb.model, tb.tokenizer
     if cfg.checkpoint:
         model, tokenizer = load_checkpoint(cfg.checkpoint, device=device)
-    injector = NoiseInjector(spec, hooks="attached")
+    injector = NoiseInjector(spec, hooks="attached", intercept="patch")   # lm-eval's HF model runs eager
     injector.attach(model)
     e = cfg.eval
     common = dict(task=tb.eval_task, data_files=tb.eval_data_files, limit=e.limit, batch_size=int(e.batch_size),

@@ -89,3 +89,18 @@ def test_run_injector_hooks_only_global_for_colocated_vllm():
     assert injector_hooks(compose(qwen + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=server"])) == "attached"
     with pytest.raises(ValueError, match="vllm_mode.*colocate"):
         injector_hooks(compose(qwen + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=remote"]))
+
+
+def test_run_injector_patches_unless_something_compiles_or_vllm_is_colocated():
+    """The run's injector patches the covered spellings (eager TRL training and HF generation), and keeps the mode
+    where code may be compiled under it (TRL's torch_compile, a static generation cache) or is colocated vLLM's."""
+    from noisebench.train.runner import injector_intercept
+
+    qwen = ["+exp=e4c", "testbed=qwen2_5_1_5b_gsm8k", "trainer=grpo_qwen"]
+    assert injector_intercept(compose(["+exp=e4c"])) == "patch"
+    assert injector_intercept(compose(qwen)) == "patch"
+    assert injector_intercept(compose(qwen + ["trainer.args.use_vllm=true"])) == "mode"
+    assert injector_intercept(compose(qwen + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=server"])) == "patch"
+    assert injector_intercept(compose(["+exp=e4c", "+trainer.args.torch_compile=true"])) == "mode"
+    assert injector_intercept(compose(["+exp=e4c", "+trainer.args.generation_kwargs.cache_implementation=static"])) \
+        == "mode"

@@ -430,3 +430,56 @@ def test_noisy_linear_under_autocast_matches_autocast_linear(bias):
     assert all(torch.equal(a, c) for a, c in zip(zero, clean))
     for a, c in zip(noisy[1:], clean[1:]):
         assert 2e-3 < ((a - c) / c).std().item() < 5e-2
+
+
+def _spelling_objects():
+    from noisebench.noise import intercept
+    return [(owner, name, vars(owner).get(name) if isinstance(owner, type) else getattr(owner, name))
+            for owner, name, _ in intercept.SPELLINGS]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_patch_interception_is_bitwise_the_mode(attn):
+    """``intercept="patch"`` (only covered spellings run Python: issue 7) must draw exactly what the mode draws: same
+    logits, gradients and telemetry for every covered op of a full model, forward and backward; and on exit every
+    patched attribute is the object it was (inherited Tensor methods deleted again, not shadowed)."""
+    model = tiny_qwen2(attn)
+    before = _spelling_objects()
+    runs = {}
+    for intercept in ("mode", "patch"):
+        inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["all"], seed=7, telemetry_rate=1.0),
+                            intercept=intercept)
+        inj.attach(model)
+        with inj:
+            assert (torch._C._len_torch_function_stack() == 1) == (intercept == "mode")
+            runs[intercept] = step(model, inj), inj.telemetry()
+        inj.detach(model)
+        assert _no_engine_left()
+        after = _spelling_objects()
+        assert all(a[2] is b[2] for a, b in zip(before, after)), [a[1] for a, b in zip(before, after) if a[2] is not b[2]]
+    (mode, t_mode), (patch, t_patch) = runs["mode"], runs["patch"]
+    assert _equal(mode, patch)
+    assert t_mode == t_patch and t_mode["noise/train_forward/linear/fwd/calls"] == 7 * L + 1
+    assert not _equal(mode, step(model))   # the noise is there
+
+
+def test_patch_interception_spares_other_threads_and_refuses_compile():
+    """Like the mode, the patches act on the installing thread only; compiling under them raises, naming the
+    choice that works (Dynamo traces ``@`` and Tensor methods past patched attributes: it would run unnoised)."""
+    import threading
+    lin = torch.nn.Linear(16, 16)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    clean = lin(x).detach()
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2), global_phase=True, intercept="patch")
+    with inj:
+        assert not torch.equal(lin(x).detach(), clean)
+        other = []
+        t = threading.Thread(target=lambda: other.append(lin(x).detach()))
+        t.start()
+        t.join()
+        assert torch.equal(other[0], clean)
+        with pytest.raises(Exception, match="intercept='mode'"):
+            torch.compile(lambda v: v @ v.t(), backend="eager")(x)
+    assert torch.equal(torch.compile(lambda v: lin(v), backend="eager")(x).detach(), clean)   # uninstalled: fine
+    with pytest.raises(ValueError, match=r"intercept='patches'.*\['mode', 'patch'\]"):
+        NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2), intercept="patches")

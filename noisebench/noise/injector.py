@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Dict, Iterator, Optional
 
 from torch import nn
 
 from . import norms
-from .intercept import NoiseMode
+from .intercept import INTERCEPTS, NoiseMode, Patches
 from .runtime import GLOBAL_PHASE, STATE
 from .spec import PHASES, NoiseSpec
 
@@ -32,22 +33,31 @@ class NoiseInjector:
             runs, ``attached`` only on the attached models' modules whose class can matter. ``attached`` is exact
             only when every model run under the injector is attached; it spares every other module call torch's
             slow path and compiled frames the guards of global hooks (issue 7).
+        intercept: how covered calls are caught: ``mode`` (default; env ``NOISEBENCH_INTERCEPT``), a
+            TorchFunctionMode that sees every torch call of the installing thread, eager or compiled; or ``patch``,
+            the covered spellings replaced while installed, so only covered calls run Python (eager code only:
+            compiling under it raises; names bound before install are not seen). See ``intercept.INTERCEPTS``.
 
     Only one injector can be installed at a time. With type ``none`` installing is a no-op, so outputs and
     gradients are bitwise those of plain torch; outside enabled phases the mode does one dict lookup per call.
     """
 
     def __init__(self, spec: Any, global_phase: bool = False, default_phase: Optional[str] = None,
-                 hooks: str = "global") -> None:
+                 hooks: str = "global", intercept: Optional[str] = None) -> None:
         self.spec = spec.validate() if isinstance(spec, NoiseSpec) else NoiseSpec.from_dict(spec)
         if hooks not in norms.HOOKS:
             raise ValueError(f"hooks={hooks!r} unknown; valid choices: {list(norms.HOOKS)}")
         self.hooks = hooks
+        if intercept is None:
+            intercept = os.environ.get("NOISEBENCH_INTERCEPT", "").strip().lower() or "mode"
+        if intercept not in INTERCEPTS:
+            raise ValueError(f"intercept={intercept!r} unknown; valid choices: {list(INTERCEPTS)}")
+        self.intercept = intercept
         if default_phase is not None and default_phase not in PHASES:
             raise ValueError(f"default_phase {default_phase!r} is not a phase; valid choices: {list(PHASES)}")
         self.default_phase = GLOBAL_PHASE if global_phase else default_phase
         self._phase: Optional[str] = None
-        self._mode: Optional[NoiseMode] = None
+        self._mode = None   # the NoiseMode or the Patches in force
         self._hooks: list = []
         self._attached: Dict[int, tuple] = {}
         self._installed = False
@@ -63,7 +73,7 @@ class NoiseInjector:
         return self._installed
 
     def install(self) -> "NoiseInjector":
-        """Push the TorchFunctionMode and the module hooks (nothing at all for type ``none``)."""
+        """Push the TorchFunctionMode (or the patches) and the module hooks (nothing at all for type ``none``)."""
         if self._installed:
             return self
         owner = getattr(STATE, "owner", None)
@@ -79,12 +89,12 @@ class NoiseInjector:
         STATE.phase = self._phase
         STATE.refresh()
         self._hooks = norms.install_hooks(self.spec, self._models(), self.hooks)
-        self._mode = NoiseMode()
+        self._mode = NoiseMode() if self.intercept == "mode" else Patches()
         self._mode.__enter__()
         return self
 
     def uninstall(self) -> None:
-        """Pop the mode and remove the module hooks: torch behaves exactly as without noisebench."""
+        """Pop the mode (or remove the patches) and the module hooks: torch behaves exactly as without noisebench."""
         if not self._installed:
             return
         if self._mode is not None:

@@ -10,6 +10,9 @@ compiled runs draw from the same stream in the same way.
 """
 from __future__ import annotations
 
+import functools
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,26 +22,34 @@ from .fast import inline as fast_inline
 from .runtime import STATE
 
 
-def _op_table() -> dict:
-    """Every public spelling of each covered op -> op name. Aten overloads (what compiled code calls) are absent
-    on purpose: they must not be noised a second time."""
-    T = torch.Tensor
+def _spellings() -> list:
+    """Every public spelling of each covered op, as ``(owner, attribute, op name)``. Aten overloads (what compiled
+    code calls) are absent on purpose: they must not be noised a second time."""
+    T, nnF = torch.Tensor, F
     table = {
-        "linear": [F.linear],
-        "matmul": [torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__],
-        "mm": [torch.mm, T.mm],
-        "bmm": [torch.bmm, T.bmm],
-        "addmm": [torch.addmm, T.addmm],
-        "baddbmm": [torch.baddbmm, T.baddbmm],
-        "einsum": [torch.einsum],
-        "sdpa": [F.scaled_dot_product_attention],
-        "softmax": [F.softmax, torch.softmax, T.softmax, torch.special.softmax],
-        "silu": [F.silu],
-        "gelu": [F.gelu],
-        "layer_norm": [F.layer_norm, torch.layer_norm],
-        "rms_norm": [F.rms_norm, torch.rms_norm] if hasattr(torch, "rms_norm") else [F.rms_norm],
+        "linear": [(nnF, "linear")],
+        "matmul": [(torch, "matmul"), (T, "matmul"), (T, "__matmul__"), (T, "__rmatmul__")],
+        "mm": [(torch, "mm"), (T, "mm")],
+        "bmm": [(torch, "bmm"), (T, "bmm")],
+        "addmm": [(torch, "addmm"), (T, "addmm")],
+        "baddbmm": [(torch, "baddbmm"), (T, "baddbmm")],
+        "einsum": [(torch, "einsum")],
+        "sdpa": [(nnF, "scaled_dot_product_attention")],
+        "softmax": [(nnF, "softmax"), (torch, "softmax"), (T, "softmax"), (torch.special, "softmax")],
+        "silu": [(nnF, "silu")],
+        "gelu": [(nnF, "gelu")],
+        "layer_norm": [(nnF, "layer_norm"), (torch, "layer_norm")],
+        "rms_norm": [(nnF, "rms_norm")] + ([(torch, "rms_norm")] if hasattr(torch, "rms_norm") else []),
     }
-    return {fn: op for op, fns in table.items() for fn in fns}
+    return [(owner, name, op) for op, spots in table.items() for owner, name in spots]
+
+
+SPELLINGS = _spellings()
+
+
+def _op_table() -> dict:
+    """Every public spelling of each covered op (the function objects, as the mode sees them) -> op name."""
+    return {getattr(owner, name): op for owner, name, op in SPELLINGS}
 
 
 FUNC_OPS = _op_table()
@@ -207,18 +218,97 @@ class NoiseMode(TorchFunctionMode):
         op = FUNC_OPS.get(func)
         if op is None or "out" in kwargs:
             return func(*args, **kwargs)
-        st = STATE
-        fwd = op in st.fwd_ops
-        inplace = kwargs.get("inplace", False) or (op == "silu" and len(args) > 1 and args[1] is True)
-        bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
-        if (fwd or bwd) and st.blocked():
-            fwd = bwd = False
-        if bwd and op == "linear" and not torch.compiler.is_compiling():
-            xwb = _linear_args(args, kwargs)
-            if xwb is not None:
-                return NoisyLinear.apply(*_autocast(xwb), fwd)
-        if bwd:
-            args = tuple(mark(a, op) for a in args)
-            kwargs = {k: mark(v, op) for k, v in kwargs.items()}
-        out = func(*args, **kwargs)
-        return noise_output(out, op) if fwd else out
+        return route(func, op, args, kwargs)
+
+
+def route(func, op: str, args: tuple, kwargs: dict):
+    """One covered call: decide forward and backward noise for the phase in force, then run it (the mode's and the
+    patches' common body)."""
+    st = STATE
+    fwd = op in st.fwd_ops
+    inplace = kwargs.get("inplace", False) or (op == "silu" and len(args) > 1 and args[1] is True)
+    bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
+    if (fwd or bwd) and st.blocked():
+        fwd = bwd = False
+    if bwd and op == "linear" and not torch.compiler.is_compiling():
+        xwb = _linear_args(args, kwargs)
+        if xwb is not None:
+            return NoisyLinear.apply(*_autocast(xwb), fwd)
+    if bwd:
+        args = tuple(mark(a, op) for a in args)
+        kwargs = {k: mark(v, op) for k, v in kwargs.items()}
+    out = func(*args, **kwargs)
+    return noise_output(out, op) if fwd else out
+
+
+# -- Interception by patching (issue 7) ---------------------------------------------------------------------------
+INTERCEPTS = ("mode", "patch")
+"""``mode``: a TorchFunctionMode sees every torch call of the installing thread (eager and compiled code, names bound
+at import included), at a Python cost on every call: ~2-4 ms a step on a 4-layer Qwen2.5-1.5B stack, which an eager
+step pays whenever its forward is host-bound. ``patch``: the covered spellings themselves (``SPELLINGS``) are replaced
+by wrappers while installed, so only covered calls run Python; for eager code only (Dynamo traces ``@`` and Tensor
+methods without looking at patched attributes: compiling under it raises), and code that bound a covered function by
+name before install (``from torch.nn.functional import linear``) is not seen."""
+
+_BUSY = [0]          # > 0 while a wrapper handles a call: covered calls made inside it (by the op itself or by the
+                     # engine) pass through, as calls inside the mode's handler do
+_OWNER = [None]      # the installing thread: others pass through (the mode is thread-local too)
+
+
+def _wrap(func, op: str):
+    @functools.wraps(func)
+    def patched(*args, **kwargs):
+        if (_BUSY[0] or threading.get_ident() != _OWNER[0] or "out" in kwargs
+                or not torch._C._is_torch_function_enabled()):
+            return func(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(_COMPILE_ERROR)
+        _BUSY[0] += 1
+        try:
+            return route(func, op, args, kwargs)
+        finally:
+            _BUSY[0] -= 1
+    return patched
+
+
+_COMPILE_ERROR = ("noisebench: NoiseInjector(intercept='patch') intercepts eager code only and cannot noise code that "
+                  "torch.compile traces; use intercept='mode' (the default) for compiled models")
+
+
+def _refuse_compile(*args, **kwargs) -> None:
+    raise RuntimeError(_COMPILE_ERROR)
+
+
+class Patches:
+    """Install / remove the wrappers of ``SPELLINGS`` (``intercept="patch"``); removing restores every attribute
+    exactly (inherited Tensor methods are deleted again, not shadowed). While installed, a compilation raises."""
+
+    def __init__(self) -> None:
+        self._saved: list = []
+
+    def __enter__(self) -> "Patches":
+        _OWNER[0] = threading.get_ident()
+        for owner, name, op in SPELLINGS:
+            own = vars(owner).get(name, _MISSING) if isinstance(owner, type) else getattr(owner, name)
+            self._saved.append((owner, name, own))
+            setattr(owner, name, _wrap(getattr(owner, name), op))
+        _callbacks().register_start_callback(_refuse_compile)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _callbacks().remove_start_callback(_refuse_compile)
+        for owner, name, own in reversed(self._saved):
+            if own is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, own)
+        self._saved = []
+        _OWNER[0] = None
+
+
+_MISSING = object()
+
+
+def _callbacks():
+    from torch._dynamo.callback import callback_handler
+    return callback_handler

@@ -76,6 +76,20 @@ def injector_hooks(cfg: DictConfig) -> str:
     return "global" if vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate" else "attached"
 
 
+def injector_intercept(cfg: DictConfig) -> str:
+    """How the run's injector catches covered calls: by patching the covered spellings (``patch``: only those calls
+    run Python, issue 7; bitwise the mode's draws), unless something may compile under it or run code that bound
+    torch functions at import: colocated vLLM, ``trainer.args.torch_compile``, or a static generation cache (which
+    transformers compiles). Then the TorchFunctionMode (``mode``). A compilation under ``patch`` raises, never runs
+    unnoised."""
+    from noisebench.train import vllm
+
+    args = cfg.trainer.get("args") or {}
+    gen = args.get("generation_kwargs") or {}
+    compiles = bool(args.get("torch_compile", False)) or str(gen.get("cache_implementation", "")) == "static"
+    return "mode" if compiles or (vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate") else "patch"
+
+
 def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
     from trl import GRPOConfig
 
@@ -258,7 +272,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     set_seed(int(cfg.seed))
 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
-    injector = NoiseInjector(spec, hooks=injector_hooks(cfg))
+    injector = NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=injector_intercept(cfg))
     aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
 
     ckpt = None
