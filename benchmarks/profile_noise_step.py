@@ -1,7 +1,9 @@
 """Where a noisy training step's extra time goes: host time, device time and kernels, clean against noisy (issue 7).
 
 Same workload and flags as ``noise_overhead.py`` (it reuses its model and step builders), with ``--paths``
-(reference, fast: eager; compiled: torch.compile default mode; compiled-cg: reduce-overhead, CUDA graphs) and
+(reference, fast: eager; compiled: torch.compile default mode; compiled-cg: reduce-overhead, CUDA graphs;
+compiled-at: max-autotune-no-cudagraphs, Inductor's Triton GEMM templates, which can take pointwise epilogues such as
+the ``fused`` variant's draws: the matmul-epilogue noise of issue 7 item 2) and
 ``--variants``, timed in ``--rounds`` interleaved rounds. One row per variant: the median wall time of a fwd+bwd step,
 the host time (until the step's last launch returns, before the synchronisation), the device time (the step's
 kernels summed, torch.profiler), kernels per step, the ratio against clean, and how much the forward output moved
@@ -39,7 +41,8 @@ from noisebench.noise.fast.dispatch import kernels  # noqa: E402
 VARIANTS = ("clean", "off", "off-attached", "off-patch", "no-launch", "noisy", "st-add", "fused", "attached", "patch",
             "no-tele")
 EAGER_ONLY = ("off-patch", "patch")   # intercept="patch" refuses compiled code
-PATHS = ("reference", "fast", "compiled", "compiled-cg")
+PATHS = ("reference", "fast", "compiled", "compiled-cg", "compiled-at")
+COMPILE_MODES = {"compiled": None, "compiled-cg": "reduce-overhead", "compiled-at": "max-autotune-no-cudagraphs"}
 
 
 def train_step(model, x, inj, marks: list = None) -> None:
@@ -135,7 +138,7 @@ def main() -> None:
         set_mode("off" if path == "reference" else "auto")
         torch._dynamo.reset()
         runner = model if path in ("reference", "fast") else \
-            torch.compile(model, fullgraph=True, mode="reduce-overhead" if path == "compiled-cg" else None)
+            torch.compile(model, fullgraph=True, mode=COMPILE_MODES[path])
         here = [v for v in variants if path in ("reference", "fast") or v not in EAGER_ONLY]
         injs, res = {}, {v: [] for v in here}
         for variant in here:
