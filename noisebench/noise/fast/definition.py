@@ -27,11 +27,9 @@ def kernel_key(seed: int) -> int:
 _PHILOX = (0xD2511F53, 0xCD9E8D57, 0x9E3779B9, 0xBB67AE85)
 
 
-def reference_normals(seed: int, numel: int) -> np.ndarray:
-    """float64 normals the kernel draws for ``numel`` elements under the engine seed ``seed`` (no graph counter)."""
-    key = kernel_key(seed)
-    nprog = -(-numel // BLOCK)
-    ctr = np.arange(nprog * Q, dtype=np.uint64)
+def philox_normals(key: int, ctr: np.ndarray) -> list:
+    """The eight float64 normals of each Philox4x32-ROUNDS block (key ``key``, counters ``ctr``, uint64 < 2**32):
+    word j's 16-bit halves (lo, hi) give the cosine (normal 2j) and sine (normal 2j + 1) of one Box-Muller pair."""
     M32 = np.uint64(0xFFFFFFFF)
     c0, c1 = ctr & M32, ctr >> np.uint64(32)
     c2 = np.zeros_like(c0)
@@ -43,11 +41,18 @@ def reference_normals(seed: int, numel: int) -> np.ndarray:
         c0, c1, c2, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0) & M32, pb & M32, ((pa >> np.uint64(32)) ^ c3 ^ k1) & M32, \
             pa & M32
         k0, k1 = (k0 + KA) & M32, (k1 + KB) & M32
-    out = np.empty((nprog, SLICES, Q))
-    for j, w in enumerate((c0, c1, c2, c3)):
+    out = []
+    for w in (c0, c1, c2, c3):
         u = ((w & np.uint64(0xFFFF)).astype(np.float64) + 0.5) / 65536.0
         th = ((w >> np.uint64(16)).astype(np.float64) + 0.5) * (_TWO_PI / 65536.0) - math.pi
         r = np.sqrt(-2.0 * np.log(u))
-        out[:, 2 * j] = (r * np.cos(th)).reshape(nprog, Q)
-        out[:, 2 * j + 1] = (r * np.sin(th)).reshape(nprog, Q)
+        out += [r * np.cos(th), r * np.sin(th)]
+    return out
+
+
+def reference_normals(seed: int, numel: int) -> np.ndarray:
+    """float64 normals the kernel draws for ``numel`` elements under the engine seed ``seed`` (no graph counter)."""
+    nprog = -(-numel // BLOCK)
+    normals = philox_normals(kernel_key(seed), np.arange(nprog * Q, dtype=np.uint64))
+    out = np.stack([n.reshape(nprog, Q) for n in normals], axis=1)   # (program, slice, lane)
     return out.reshape(-1)[:numel]

@@ -13,15 +13,13 @@ kernel, the cosine and sine of one Box-Muller pair, which noise rows r + (2j) BM
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .definition import _KEY_BIT, _KEY_MASK, _PHILOX, ROUNDS
+from .definition import ROUNDS, kernel_key, philox_normals
 from .kernels import _fast_math, _pair
 
 BM, BN, BK, GROUP_M = 128, 128, 64, 8   # BM and BN fix the draws (see the module docstring); BK and GROUP_M do not
@@ -100,7 +98,7 @@ def linear_noise(x: Tensor, w: Tensor, seed: int, scale: float, kind: str = "rel
     c = torch.empty(M, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
     _linear_noise_kernel[grid](a, w, c, M, N, K, a.stride(0), w.stride(0), c.stride(0),
-                               (int(seed) & _KEY_MASK) | _KEY_BIT, float(scale), NOISE=bool(noise),
+                               kernel_key(seed), float(scale), NOISE=bool(noise),
                                KIND=0 if kind == "relative_gaussian" else 1, FAST=_fast_math(x.device), ROUNDS=ROUNDS,
                                BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
                                K_TILES=triton.cdiv(K, BK), num_warps=num_warps, num_stages=num_stages)
@@ -109,25 +107,10 @@ def linear_noise(x: Tensor, w: Tensor, seed: int, scale: float, kind: str = "rel
 
 def reference_normals(seed: int, M: int, N: int) -> np.ndarray:
     """float64 M x N normals the epilogue draws under the engine seed ``seed`` (the module docstring's map)."""
-    key = (int(seed) & _KEY_MASK) | _KEY_BIT
     R, n_m, n_n = BM // 8, -(-M // BM), -(-N // BN)
     t = np.arange(n_m * n_n, dtype=np.uint64)[:, None, None]
     ctr = t * np.uint64(R * BN) + np.arange(R, dtype=np.uint64)[None, :, None] * np.uint64(BN) + \
         np.arange(BN, dtype=np.uint64)[None, None, :]
-    M32 = np.uint64(0xFFFFFFFF)
-    c0, c1, c2, c3 = ctr & M32, ctr >> np.uint64(32), np.zeros_like(ctr), np.zeros_like(ctr)
-    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64((key >> 32) & 0xFFFFFFFF)
-    A, B, KA, KB = (np.uint64(v) for v in _PHILOX)
-    for _ in range(ROUNDS):
-        pa, pb = A * c0, B * c2
-        c0, c1, c2, c3 = ((pb >> np.uint64(32)) ^ c1 ^ k0) & M32, pb & M32, ((pa >> np.uint64(32)) ^ c3 ^ k1) & M32, \
-            pa & M32
-        k0, k1 = (k0 + KA) & M32, (k1 + KB) & M32
-    tiles = np.empty((n_m * n_n, 8, R, BN))
-    for j, word in enumerate((c0, c1, c2, c3)):
-        u = ((word & np.uint64(0xFFFF)).astype(np.float64) + 0.5) / 65536.0
-        th = ((word >> np.uint64(16)).astype(np.float64) + 0.5) * (2.0 * math.pi / 65536.0) - math.pi
-        rad = np.sqrt(-2.0 * np.log(u))
-        tiles[:, 2 * j], tiles[:, 2 * j + 1] = rad * np.cos(th), rad * np.sin(th)
+    tiles = np.stack(philox_normals(kernel_key(seed), ctr), axis=1)   # (tile, slice, r, c): row slice * R + r
     full = tiles.reshape(n_m, n_n, BM, BN).transpose(0, 2, 1, 3).reshape(n_m * BM, n_n * BN)
     return full[:M, :N]
