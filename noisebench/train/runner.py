@@ -71,9 +71,14 @@ def injector_hooks(cfg: DictConfig) -> str:
     reference model, the evaluator each checkpoint it loads), so every other module call skips torch's hook path and
     compiled frames its guards (issue 7); globally when vLLM runs colocated, since its model runs under this injector
     and is never attached."""
+    return "global" if _vllm_colocated(cfg) else "attached"
+
+
+def _vllm_colocated(cfg: DictConfig) -> bool:
+    """vLLM generates the rollouts in this process, under the run's injector (its model is never attached)."""
     from noisebench.train import vllm
 
-    return "global" if vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate" else "attached"
+    return vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate"
 
 
 def injector_intercept(cfg: DictConfig) -> str:
@@ -82,12 +87,10 @@ def injector_intercept(cfg: DictConfig) -> str:
     torch functions at import: colocated vLLM, ``trainer.args.torch_compile``, or a static generation cache (which
     transformers compiles). Then the TorchFunctionMode (``mode``). A compilation under ``patch`` raises, never runs
     unnoised."""
-    from noisebench.train import vllm
-
     args = cfg.trainer.get("args") or {}
     gen = args.get("generation_kwargs") or {}
     compiles = bool(args.get("torch_compile", False)) or str(gen.get("cache_implementation", "")) == "static"
-    return "mode" if compiles or (vllm.use_vllm(cfg) and vllm.vllm_mode(cfg) == "colocate") else "patch"
+    return "mode" if compiles or _vllm_colocated(cfg) else "patch"
 
 
 def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
