@@ -37,9 +37,12 @@ def _epilogue_slice(c_ptr, rows, cols, M, N, scm, n, scale, KIND: tl.constexpr):
 @triton.jit(do_not_specialize=["seed"])
 def _linear_noise_kernel(a_ptr, w_ptr, c_ptr, M, N, K, sam, swn, scm, seed, scale, NOISE: tl.constexpr,
                          KIND: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, K_TILES: tl.constexpr):
+                         BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, K_TILES: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """C = A W^T (A: M x K, W: N x K, both with unit stride along K; C: M x N, unit column stride), then, with
-    NOISE, ``C (1 + s n)`` (KIND 0) or ``C + s n`` (KIND 1) with the tile-local draws of the module docstring."""
+    NOISE, ``C (1 + s n)`` (KIND 0) or ``C + s n`` (KIND 1) with the tile-local draws of the module docstring.
+    PRECISION: ``ieee`` for float32 inputs (torch's float32 matmul does not use TF32 by default), else ``tf32``
+    (ignored for 16-bit inputs)."""
     pid = tl.program_id(0)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
     group = pid // (GROUP_M * n_n)
@@ -57,7 +60,7 @@ def _linear_noise_kernel(a_ptr, w_ptr, c_ptr, M, N, K, sam, swn, scm, seed, scal
         kk = k * BK + rk
         a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         w = tl.load(w_ptrs, mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
-        acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BK
         w_ptrs += BK
     cm = (rm[:, None] < M) & (rn[None, :] < N)
@@ -101,7 +104,8 @@ def linear_noise(x: Tensor, w: Tensor, seed: int, scale: float, kind: str = "rel
                                kernel_key(seed), float(scale), NOISE=bool(noise),
                                KIND=0 if kind == "relative_gaussian" else 1, FAST=_fast_math(x.device), ROUNDS=ROUNDS,
                                BM=BM, BN=BN, BK=BK, GROUP_M=GROUP_M,
-                               K_TILES=triton.cdiv(K, BK), num_warps=num_warps, num_stages=num_stages)
+                               K_TILES=triton.cdiv(K, BK), PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                               num_warps=num_warps, num_stages=num_stages)
     return c.view(*x.shape[:-1], N)
 
 
