@@ -27,7 +27,7 @@ from rollout_throughput import SHAPES, _sync, build, decode_step, one_rollout  #
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline  # noqa: E402
 
-VARIANTS = ("clean", "auto", "kernel", "fused")
+VARIANTS = ("clean", "auto", "kernel", "fused", "none")
 
 
 def parse() -> argparse.Namespace:
@@ -42,6 +42,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="profiled decode steps (at most --new - 1)")
     p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--out", default="", help="folder for each variant's full kernel table (device us/step, name)")
     a = p.parse_args()
     if a.steps > a.new - 1:
         p.error(f"--steps {a.steps}: at most --new - 1 = {a.new - 1} (the profiled steps reuse the rollout's cache)")
@@ -53,10 +54,31 @@ def parse() -> argparse.Namespace:
 
 
 def _set_variant(v: str) -> None:
-    inline.MODE = "auto" if v == "clean" else v
+    """``none``: the engine's default with the fused draws replaced by ones (diagnostic: the noise without normals)."""
+    inline.MODE = "auto" if v in ("clean", "none") else v
+    inline.draw = (lambda seed, shape: torch.ones(list(shape), device=seed.device)) if v == "none" else _DRAW
 
 
-def profile_steps(model, prompts, a, step, inj) -> tuple:
+_DRAW = inline.draw
+
+
+def _category(name: str) -> str:
+    """Kernel family of a profiled kernel name (for a per-family device-time table across variants)."""
+    low = name.lower()
+    if any(k in low for k in ("gemm", "cutlass", "nvjet", "sm90_", "cublas", "gemv")):
+        return "gemm"
+    if any(k in low for k in ("flash", "attention", "fmha", "sdpa")):
+        return "attention"
+    if "graph_noise" in low:
+        return "noise kernel"
+    if low.startswith("triton_") and ("red" in low.split("_")[1] or "per" in low.split("_")[1]):
+        return "triton reduction"
+    if low.startswith("triton_"):
+        return "triton pointwise"
+    return "other"
+
+
+def profile_steps(model, prompts, a, step, inj, label: str = "") -> tuple:
     """(tokens/s, kernels/step, device us/step, wall us/step, top kernels, top host) for ``step`` under ``inj`` (or
     clean): one warm-up rollout, ``a.repeats`` timed ones, then ``a.steps`` decode steps under torch.profiler."""
     tps = []
@@ -68,16 +90,22 @@ def profile_steps(model, prompts, a, step, inj) -> tuple:
     prof = profile(activities=acts)
     _, wall = one_rollout(model, prompts, a, step, inj, steps=a.steps, ctx=prof)
     kern = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    per = Counter()
+    per, cat, ncat = Counter(), Counter(), Counter()
     for e in kern:
         per[e.name] += e.device_time
+        cat[_category(e.name)] += e.device_time
+        ncat[_category(e.name)] += 1
     n = a.steps
+    if a.out:
+        with open(Path(a.out) / f"kernels-{label}.tsv", "w") as f:
+            for k, t in per.most_common():
+                f.write(f"{t / n:.2f}\t{k}\n")
     host = Counter()
     for e in prof.key_averages():
         if e.self_cpu_time_total > 0:
             host[e.key] = e.self_cpu_time_total
     return (sorted(tps)[len(tps) // 2], len(kern) / n, sum(e.device_time for e in kern) / n, 1e6 * wall / n,
-            per.most_common(6), host.most_common(5))
+            per.most_common(6), host.most_common(5), {k: (ncat[k] / n, cat[k] / n) for k in cat})
 
 
 def main() -> None:
@@ -95,20 +123,27 @@ def main() -> None:
         print(f"{'variant':<15} {'tok/s':>9} {'x clean':>8} {'kernels/step':>13} {'device us/step':>15} "
               f"{'wall us/step':>13}")
         base = None
-        tops = {}
+        tops, fams = {}, {}
         for v in a.variants.split(","):
             _set_variant(v)
             torch._dynamo.reset()
             step = torch.compile(decode_step, fullgraph=True, mode=a.mode)
             from torch._dynamo.utils import counters
             counters.clear()
-            tps, nk, busy, wall, top, host = profile_steps(model, prompts, a, step, None if v == "clean" else inj)
+            tps, nk, busy, wall, top, host, cats = profile_steps(model, prompts, a, step,
+                                                                 None if v == "clean" else inj, v)
             skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
             base = tps if v == "clean" else base
             ratio = f"{tps / base:.3f}" if base else "-"
             print(f"{v:<15} {tps:9.0f} {ratio:>8} {nk:13.1f} {busy:15.1f} {wall:13.1f}  cudagraph skips {skips}, "
                   f"frames {dict(counters['stats'])}")
             tops[v] = top, host
+            fams[v] = cats
+        names = sorted({k for c in fams.values() for k in c})
+        print(f"  {'kernels/step, us/step':<22}" + "".join(f"{v:>22}" for v in fams))
+        for k in names:
+            print(f"  {k:<22}" + "".join(f"{fams[v].get(k, (0, 0))[0]:>9.1f} {fams[v].get(k, (0, 0))[1]:>10.1f}us"
+                                         for v in fams))
         for v, (top, host) in tops.items():
             print(f"  top kernels, {v}: " + "; ".join(f"{k[:60]} {t / a.steps:.1f}us" for k, t in top))
             print(f"  top host (self CPU), {v}: " + "; ".join(f"{k[:50]} {t / a.steps:.1f}us" for k, t in host))

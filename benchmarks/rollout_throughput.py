@@ -30,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM, StaticCache  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec, norms  # noqa: E402
+from noisebench.noise.fast import inline  # noqa: E402
 
 SHAPES = {  # the embedded testbed's tiny Qwen2 (noise_overhead.py --grpo-like) and Qwen2.5-1.5B
     "testbed": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -52,14 +53,44 @@ def parse() -> argparse.Namespace:
     p.add_argument("--hooks", default="attached",
                    help="comma list of NoiseInjector(hooks=...) settings, one compiled noisy variant each (the first "
                         f"is also eager noisy's; the trainer uses attached): {list(norms.HOOKS)}")
+    p.add_argument("--no-eager", action="store_true", help="time the compiled variants only")
+    p.add_argument("--draws", default="engine",
+                   help="comma list of fused-draw variants, one compiled noisy variant each beyond the first: "
+                        f"{list(DRAWS)} (engine: what the engine draws; inductor: Inductor's own tl.randn, the "
+                        "engine's draw before version 30; none: a diagnostic with the draw replaced by ones, so that "
+                        "the noise's other costs are timed without the normals)")
     a = p.parse_args()
-    bad = [h for h in a.hooks.split(",") if h not in norms.HOOKS]
-    if bad:
-        p.error(f"--hooks: unknown {bad}; valid choices: {list(norms.HOOKS)}")
+    for key, val, valid in (("--hooks", a.hooks, norms.HOOKS), ("--draws", a.draws, DRAWS)):
+        bad = [v for v in val.split(",") if v not in valid]
+        if bad:
+            p.error(f"{key}: unknown {bad}; valid choices: {list(valid)}")
     bad = [m for m in a.models.split(",") if m not in SHAPES]
     if bad:
         p.error(f"--models: unknown {bad}; valid choices: {list(SHAPES)}")
     return a
+
+
+def _ones(seed, shape):
+    return torch.ones(list(shape), device=seed.device, dtype=torch.float32)
+
+
+def _inductor_randn(seed, shape):
+    return torch.ops.prims.inductor_random(list(shape), seed, "randn")
+
+
+DRAWS = {"engine": inline.draw, "inductor": _inductor_randn, "none": _ones}
+
+
+def with_draw(step, name: str):
+    """``step`` run with ``inline.draw`` set to the draw ``name`` (set before every call: Dynamo guards on it, and
+    each variant's compiled step traced its own)."""
+    def run(*args):
+        inline.draw = DRAWS[name]
+        try:
+            return step(*args)
+        finally:
+            inline.draw = DRAWS["engine"]
+    return run
 
 
 def build(name: str, a) -> Qwen2ForCausalLM:
@@ -179,21 +210,24 @@ def main() -> None:
         torch._dynamo.reset()
         counters.clear()
         first = next(iter(injs))
-        variants = {"eager clean": (decode_step, None), "eager noisy": (decode_step, injs[first]),
-                    "compiled clean": (fresh_compile(decode_step, a), None)}
+        variants = {} if a.no_eager else {"eager clean": (decode_step, None),
+                                          "eager noisy": (decode_step, injs[first])}
+        variants["compiled clean"] = (fresh_compile(decode_step, a), None)
         for h, inj in injs.items():
             variants["compiled noisy" + ("" if h == first else f" ({h})")] = (fresh_compile(decode_step, a), inj)
+        for d in [d for d in a.draws.split(",") if d != "engine"]:
+            variants[f"compiled noisy [{d}]"] = (with_draw(fresh_compile(decode_step, a), d), injs[first])
         res = timed_interleaved(model, prompts, a, variants)
         skips = dict(counters["inductor"]).get("cudagraph_skips", 0)
         same = {k: (res[k][1] == res["compiled clean"][1]).float().mean().item() for k in res}
         print(f"\n{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, graph breaks: none "
               f"(fullgraph), cudagraph skips: {skips}, recompiles/frames: {dict(counters['stats'])}")
-        print(f"{'variant':<16} {'tokens/s':>10}  {'tokens equal to compiled clean':>30}")
+        print(f"{'variant':<26} {'tokens/s':>10}  {'tokens equal to compiled clean':>30}")
         for k, (tps, _) in res.items():
-            print(f"{k:<16} {tps:10.0f}  {same[k]:30.3f}")
-        cc, cn, en = res["compiled clean"][0], res["compiled noisy"][0], res["eager noisy"][0]
-        print(f"compiled noisy (hooks {first}) / compiled clean = {cn / cc:.3f} (target >= 0.9); compiled noisy / "
-              f"eager noisy = {cn / en:.2f} (target >= 2)")
+            print(f"{k:<26} {tps:10.0f}  {same[k]:30.3f}")
+        cc, cn = res["compiled clean"][0], res["compiled noisy"][0]
+        print(f"compiled noisy (hooks {first}) / compiled clean = {cn / cc:.3f} (target >= 0.9)" +
+              ("" if a.no_eager else f"; compiled noisy / eager noisy = {cn / res['eager noisy'][0]:.2f} (target >= 2)"))
         for k in res:
             if k.startswith("compiled noisy "):
                 print(f"{k} / compiled clean = {res[k][0] / cc:.3f}")

@@ -300,6 +300,30 @@ def test_graph_kernel_split_lanes_draw_the_documented_definition(split):
     assert kernels.graph_split(64 * 1536) == kernels.SMALL_SPLIT and kernels.graph_split(1 << 24) == 1
 
 
+@needs_cuda
+@pytest.mark.parametrize("seed", [424242, (1 << 40) + 987654321, (1 << 62) - 3])   # forward, backward, high key bits
+def test_compiled_fused_draw_is_the_documented_definition_on_cuda(seed):
+    """Inductor fuses the compiled route's draw into its kernels as one inline-PTX op, four elements an instance
+    (``inline.PHILOX7_ASM``): on CUDA it must draw ``definition.reference_normals_flat`` element for element
+    (hardware lg2/cos/sin approximations), whether an instance's four elements are contiguous and aligned (one
+    Philox call for four) or not (a transposed or strided consumer: one call each)."""
+    from noisebench.noise.fast import definition
+    if inline.FUSED_DRAW != "philox7":
+        pytest.skip(f"this torch's Inductor has no inline-asm op: the fused draw is {inline.FUSED_DRAW!r}")
+    shape = (5, 2 * definition.BLOCK + 4099)       # odd sizes: partial blocks and rows that do not start aligned
+    key = torch.tensor(seed, dtype=torch.int64, device="cuda")
+    ref = torch.from_numpy(definition.reference_normals_flat(seed, shape[0] * shape[1])).view(shape)
+    consumers = {"contiguous": lambda n: n * 1.0, "transposed": lambda n: n.t() * 1.0,
+                 "strided": lambda n: n[:, ::3] * 1.0}
+    for name, use in consumers.items():
+        f = torch.compile(lambda s: use(inline.draw(s, shape)), fullgraph=True)
+        got = f(key).double().cpu()
+        assert (got - use(ref)).abs().max().item() < 1e-4, name
+    n = f(key).double()
+    assert abs(n.mean().item()) < 0.02 and n.std().item() == pytest.approx(1.0, abs=0.02)
+    torch._dynamo.reset()
+
+
 def test_documented_noise_definition_is_standard_normal():
     """The definition itself (no kernel needed): moments, tails and independence over 4M draws."""
     from noisebench.noise.fast import definition
@@ -313,6 +337,11 @@ def test_documented_noise_definition_is_standard_normal():
     assert abs(torch.corrcoef(torch.stack([s[:, 0].flatten() ** 2, s[:, 1].flatten() ** 2]))[0, 1].item()) < 5e-3
     other = torch.from_numpy(definition.reference_normals(6, 1 << 20))
     assert abs(torch.corrcoef(torch.stack([z[:1 << 20], other]))[0, 1].item()) < 5e-3
+    flat = torch.from_numpy(definition.reference_normals_flat(5, 1 << 22))   # the compiled route's layout
+    assert torch.equal(flat.sort().values, z.sort().values)          # the same draws, placed by flat index
+    assert not torch.equal(flat, z)
+    pairs = flat.reshape(-1, 2)                                      # cos/sin of one pair sit side by side
+    assert abs(torch.corrcoef(pairs.T ** 2)[0, 1].item()) < 5e-3
 
 
 @needs_kernel

@@ -56,3 +56,11 @@ def reference_normals(seed: int, numel: int) -> np.ndarray:
     normals = philox_normals(kernel_key(seed), np.arange(nprog * Q, dtype=np.uint64))
     out = np.stack([n.reshape(nprog, Q) for n in normals], axis=1)   # (program, slice, lane)
     return out.reshape(-1)[:numel]
+
+
+def reference_normals_flat(seed: int, numel: int) -> np.ndarray:
+    """float64 normals of the compiled route's fused draw (``inline.PHILOX7_ASM``) for ``numel`` elements: element e
+    takes block e >> 3 and its normal e & 7 (word (e >> 1) & 3; cosine when e is even, sine when odd). The same
+    generator as the kernel's, laid out by flat index (a pointwise op cannot see the kernel's slices)."""
+    normals = philox_normals(kernel_key(seed), np.arange(-(-numel // SLICES), dtype=np.uint64))
+    return np.stack(normals, axis=1).reshape(-1)[:numel]

@@ -67,20 +67,119 @@ def _keyed_randn_fake(seed: Tensor, size: List[int]) -> Tensor:
     return torch.empty(size, device=seed.device, dtype=torch.float32)
 
 
-def _register_inductor_decomp() -> bool:
-    """Let Inductor lower the keyed draw to its fused Philox (private API: without it the draw stays an extern op)."""
+# The compiled route's draw as one PTX block of Inductor's ``inline_asm_elementwise``, four elements an instance
+# (``pack=4``): definition.reference_normals_flat, i.e. element e takes Philox4x32-7 block e >> 3 (key
+# ``kernel_key(seed)``), word (e >> 1) & 3, and the cosine (e even) or sine (e odd) of that word's 16-bit Box-Muller
+# pair, with the hardware lg2/sqrt/cos/sin approximations. When the four elements of an instance are e0..e0+3 with
+# e0 % 4 == 0 (Triton's usual layout: a thread holds runs of 4 or 8 contiguous elements) they share one Philox call
+# (one call for four normals, against Inductor's ``tl.randn``: a Philox-10 call plus accurate log and cosine per
+# element); any other grouping takes the slow branch, one call per element, with the same result.
+_ROUND = ("mul.hi.u32 h0, c0, 0xD2511F53; mul.lo.u32 l0, c0, 0xD2511F53; mul.hi.u32 h1, c2, 0xCD9E8D57; "
+          "mul.lo.u32 l1, c2, 0xCD9E8D57; xor.b32 c0, h1, c1; xor.b32 c0, c0, k0; mov.b32 c1, l1; "
+          "xor.b32 c2, h0, c3; xor.b32 c2, c2, k1; mov.b32 c3, l0; add.u32 k0, k0, 0x9E3779B9; "
+          "add.u32 k1, k1, 0xBB67AE85; ")
+
+
+def _philox(e: str) -> str:
+    """PTX: c0..c3 = Philox4x32-7 of block ``e`` >> 3 under the key (kk0, kk1)."""
+    return (f"mov.b32 k0, kk0; mov.b32 k1, kk1; shr.u32 c0, {e}, 3; mov.b32 c1, 0; mov.b32 c2, 0; mov.b32 c3, 0; "
+            + _ROUND * 7)
+
+
+def _box_muller(w: str, cos_out: str, sin_out: str) -> str:
+    """PTX: the Box-Muller pair of word ``w``'s 16-bit halves (lo: radius, hi: angle), as in definition.py."""
+    return (f"and.b32 t, {w}, 0xFFFF; cvt.rn.f32.u32 u, t; fma.rn.f32 u, u, 0f37800000, 0f37000000; "
+            f"shr.u32 t, {w}, 16; cvt.rn.f32.u32 th, t; fma.rn.f32 th, th, 0f38C90FDB, 0fC0490F12; "
+            "lg2.approx.f32 lg, u; mul.f32 lg, lg, 0fBFB17218; sqrt.approx.f32 r, lg; "
+            f"cos.approx.f32 cs, th; sin.approx.f32 sn, th; mul.f32 {cos_out}, r, cs; mul.f32 {sin_out}, r, sn; ")
+
+
+def _one(k: int) -> str:
+    """PTX (slow branch): output $k from element $(8+k) alone."""
+    e = f"${8 + k}"
+    return (_philox(e) + f"shr.u32 t, {e}, 1; and.b32 t, t, 1; setp.ne.u32 b0, t, 0; "
+            f"shr.u32 t, {e}, 2; and.b32 t, t, 1; setp.ne.u32 b1, t, 0; "
+            "selp.b32 w, c1, c0, b0; selp.b32 t, c3, c2, b0; selp.b32 w, t, w, b1; "
+            + _box_muller("w", "nc", "ns") + f"and.b32 t, {e}, 1; setp.ne.u32 b0, t, 0; selp.f32 ${k}, ns, nc, b0; ")
+
+
+PHILOX7_ASM = (
+    "{ .reg .b32 kk0, kk1, k0, k1, c0, c1, c2, c3, h0, l0, h1, l1, t, w, v; "
+    ".reg .f32 u, th, lg, r, cs, sn, nc, ns; .reg .pred p, b0, b1; "
+    "mov.b64 {kk0, kk1}, $4; and.b32 kk1, kk1, 0x3FFFFFFF; or.b32 kk1, kk1, 0x40000000; "
+    "and.b32 t, $8, 3; setp.eq.u32 p, t, 0; add.u32 t, $8, 1; setp.eq.and.u32 p, t, $9, p; "
+    "add.u32 t, $8, 2; setp.eq.and.u32 p, t, $10, p; add.u32 t, $8, 3; setp.eq.and.u32 p, t, $11, p; "
+    "@!p bra NB_SLOW; "
+    + _philox("$8") +
+    "and.b32 t, $8, 4; setp.ne.u32 b1, t, 0; selp.b32 w, c2, c0, b1; selp.b32 v, c3, c1, b1; "
+    + _box_muller("w", "$0", "$1") + _box_muller("v", "$2", "$3") +
+    "bra.uni NB_DONE; NB_SLOW: "
+    + "".join(_one(k) for k in range(4)) +
+    "NB_DONE: }"
+)
+PHILOX7_CONSTRAINTS = "=r,=r,=r,=r,l,l,l,l,r,r,r,r"
+PHILOX7_MAX_NUMEL = 2 ** 31   # the element index travels as int32
+
+
+def _register_inductor_lowering() -> str:
+    """Let Inductor fuse the keyed draw into the kernels around it (private API). On CUDA the draw is
+    ``PHILOX7_ASM`` (Inductor's ``inline_asm_elementwise``): ``definition.reference_normals_flat``, the fused
+    kernel's generator laid out by flat index. Elsewhere (CPU, or a torch whose Triton backend lacks inline
+    asm) Inductor's own Philox (``prims.inductor_random``). Returns which: "philox7" (CUDA) / "inductor" / "" (the
+    draw stays an extern op)."""
+    try:
+        from torch._inductor import ir
+        from torch._inductor.codegen.triton import TritonOverrides
+        from torch._inductor.lowering import lowerings, register_lowering
+        from torch._inductor.virtualized import ops
+        inductor_random = lowerings[torch.ops.prims.inductor_random.default]
+    except Exception:  # pragma: no cover - depends on torch internals
+        return _register_inductor_decomp()
+    asm = hasattr(TritonOverrides, "inline_asm_elementwise") and not torch.version.hip
+
+    @register_lowering(torch.ops.noisebench.keyed_randn.default, type_promotion_kind=None)
+    def _lower(seed, size):
+        size = [int(v) for v in size]
+        device = seed.get_device()
+        numel = 1
+        for v in size:
+            numel *= v
+        if not (asm and device is not None and device.type == "cuda" and numel < PHILOX7_MAX_NUMEL):
+            return inductor_random(size, seed, "randn")
+        flat = ir.FixedLayout(device, torch.float32, size, ir.FlexibleLayout.contiguous_strides(size)).make_indexer()
+        seed_loader = seed.make_loader()
+
+        def inner_fn(index):
+            return ops.inline_asm_elementwise(seed_loader([]), ops.index_expr(flat(index), torch.int32),
+                                              asm=PHILOX7_ASM, constraints=PHILOX7_CONSTRAINTS,
+                                              dtype=torch.float32, is_pure=True, pack=4)
+        out = ir.Pointwise.create(device=device, dtype=torch.float32, inner_fn=inner_fn, ranges=size)
+        out.realize()   # as Inductor's own random ops: computed once, fused into its consumer
+        return out
+    return "philox7" if asm else "inductor"
+
+
+def _register_inductor_decomp() -> str:
+    """Fallback: decompose the keyed draw into Inductor's fused Philox (``prims.inductor_random``)."""
     try:
         from torch._inductor.decomposition import register_decomposition
 
         @register_decomposition([torch.ops.noisebench.keyed_randn.default])
         def _decomp(seed, size):
             return torch.ops.prims.inductor_random(list(size), seed, "randn")
-        return True
+        return "inductor"
     except Exception:  # pragma: no cover - depends on torch internals
-        return False
+        return ""
 
 
-FUSABLE = _register_inductor_decomp()
+FUSED_DRAW = _register_inductor_lowering()
+FUSABLE = bool(FUSED_DRAW)
+
+
+def draw(seed: Tensor, shape) -> Tensor:
+    """The fused route's standard normals for a tensor of ``shape``, keyed by the device scalar ``seed`` (a module
+    function so that benchmarks can swap the draw for a diagnostic before compiling: ``rollout_throughput --draws``)."""
+    return torch.ops.noisebench.keyed_randn(seed, list(shape))
 
 
 def reset(seed: Optional[int]) -> None:
@@ -160,7 +259,7 @@ def noise(y: Tensor, spec) -> Tensor:
             return KernelNoise.apply(y, s, SCALES[typ], _KIND[spec.type])
         out = torch.ops.noisebench.graph_noise(y.detach(), s, SCALES[typ], _KIND[spec.type], 0).view(y.shape)
     else:
-        n = torch.ops.noisebench.keyed_randn(s, list(y.shape))
+        n = draw(s, y.shape)
         out = _noisy(y, n, SCALES[typ][0], spec.type == "relative_gaussian")
     return y + (out - y).detach() if grad else out
 
@@ -181,7 +280,7 @@ class InlineMark(torch.autograd.Function):
         if _use_kernel(g):
             out = torch.ops.noisebench.graph_noise(g, seed, scales, 0 if ctx.relative else 1, 1).view(g.shape)
             return out, None, None, None
-        n = torch.ops.noisebench.keyed_randn(seed, list(g.shape))
+        n = draw(seed, g.shape)
         return _noisy(g, n, scales[1], ctx.relative), None, None, None
 
 
