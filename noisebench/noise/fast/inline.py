@@ -35,18 +35,25 @@ ENABLED = MODE != "off"
 KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: tensors at least this large take the graph kernel, smaller ones Inductor's randn
 
 
-def _use_kernel(t: Tensor) -> bool:
+def _use_kernel(t: Tensor, training: bool = False) -> bool:
     """How a compiled graph draws the noise of ``t`` (decided at trace time from its static size). ``kernel``: on
     CUDA the fused Triton kernel called from the graph (``kernels.graph_noise``: Philox4x32-7, 8 normals a call, one
-    read and one write: an extra pass and an extra launch); ``fused``: Inductor's own ``randn``, fused into the
-    neighbouring pointwise kernels (no launch, no pass, but one Philox4x32-10 call per element: compute-bound at
-    training sizes); ``auto`` (default): the kernel for tensors of ``KERNEL_MIN_NUMEL`` elements or more (training),
-    Inductor's randn below (decode steps, where an extra launch costs more than the draw). CPU tensors (forced fast
-    path) always use ``fused``."""
-    if MODE == "fused" or t.device.type != "cuda" or (MODE == "auto" and t.numel() < KERNEL_MIN_NUMEL):
+    read and one write: an extra pass and an extra launch); ``fused``: the draw as a graph op that Inductor fuses
+    into the neighbouring kernels (no launch, no pass): on CUDA ``PHILOX7_ASM`` (one Philox-7 call per four
+    elements), else Inductor's own ``randn`` (one Philox4x32-10 call per element: compute-bound at training sizes);
+    ``auto`` (default): ``fused`` for tensors under ``KERNEL_MIN_NUMEL`` elements (decode steps, where an extra launch
+    costs more than the draw) and, where the PTX draw serves, in ``training`` graphs (version 30: device x1.076
+    against the kernel's x1.098); the kernel for the other large tensors (in a decode step, the lm_head's logits:
+    what version 30's rollout figure measured). CPU tensors (forced fast path) always use ``fused``."""
+    if MODE == "fused" or t.device.type != "cuda":
+        return False
+    if MODE == "auto" and (t.numel() < KERNEL_MIN_NUMEL or
+                           (training and FUSED_DRAW == "philox7" and t.numel() < PHILOX7_MAX_NUMEL)):
         return False
     k = dispatch._KERNELS   # imported on install, outside any compiled region
     return bool(k) and k.graph_noise is not None
+
+
 SEEDS: Dict[str, Tensor] = {}   # device type -> 0-d int64 seed (static address; changed only in place)
 SCALES: Dict[str, Tensor] = {}  # device type -> float32 [2]: forward scale, backward scale (0 when not live)
 _BWD_OFFSET = 1 << 40           # backward draws use seed + 2**40: never the key of a forward draw
@@ -254,7 +261,7 @@ def noise(y: Tensor, spec) -> Tensor:
     s = SEEDS[typ]
     s.add_(1)
     grad = torch.is_grad_enabled() and y.requires_grad
-    if _use_kernel(y):
+    if _use_kernel(y, grad):
         if grad and ST_FUNCTION:
             return KernelNoise.apply(y, s, SCALES[typ], _KIND[spec.type])
         out = torch.ops.noisebench.graph_noise(y.detach(), s, SCALES[typ], _KIND[spec.type], 0).view(y.shape)
@@ -277,7 +284,7 @@ class InlineMark(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         seed, scales = ctx.saved_tensors
-        if _use_kernel(g):
+        if _use_kernel(g, True):
             out = torch.ops.noisebench.graph_noise(g, seed, scales, 0 if ctx.relative else 1, 1).view(g.shape)
             return out, None, None, None
         n = draw(seed, g.shape)
