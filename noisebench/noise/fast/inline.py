@@ -4,8 +4,10 @@ Why: in a decode step the opaque noise op is one extra kernel per noised op (a f
 28-layer model), which costs more than the noise. Here the noise is ``y (1 + s n)`` written with a keyed normal
 draw, ``noisebench::keyed_randn(seed, size)``, whose seed is a device scalar advanced in the graph itself
 (``seed.add_(1)`` per call), so every replay of a captured graph draws fresh noise and the global RNG is never used.
-Under Inductor the draw decomposes to Inductor's own fused Philox (``prims.inductor_random``, ``tl.randn``); under
-other backends (aot_eager) it runs eagerly from a private generator seeded by the seed's value.
+Under Inductor the draw is lowered to one fused op: on CUDA inline PTX (``PHILOX7_ASM``: the fast kernel's Philox-7
+generator by flat index, ``definition.reference_normals_flat``), elsewhere Inductor's own Philox
+(``prims.inductor_random``, ``tl.randn``); under other backends (aot_eager) it runs eagerly from a private generator
+seeded by the seed's value.
 Training graphs (issue 7) use the same draw: forward noise is ``y + (noisy(y) - y).detach()`` (straight-through
 gradient), and backward noise is ``InlineMark``, an identity whose backward is ``g (1 + b n)`` with ``b`` a device
 scalar that the engine sets to the scale when the phase in force is train_backward (or global) and to 0 otherwise,
