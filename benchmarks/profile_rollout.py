@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import SHAPES, _sync, build, decode_step, one_rollout  # noqa: E402
+from rollout_throughput import DRAWS, SHAPES, _sync, build, decode_step, one_rollout  # noqa: E402
 
 from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
 from noisebench.noise.fast import inline  # noqa: E402
@@ -56,10 +56,7 @@ def parse() -> argparse.Namespace:
 def _set_variant(v: str) -> None:
     """``none``: the engine's default with the fused draws replaced by ones (diagnostic: the noise without normals)."""
     inline.MODE = "auto" if v in ("clean", "none") else v
-    inline.draw = (lambda seed, shape: torch.ones(list(shape), device=seed.device)) if v == "none" else _DRAW
-
-
-_DRAW = inline.draw
+    inline.draw = DRAWS["none" if v == "none" else "engine"]
 
 
 def _category(name: str) -> str:

@@ -17,6 +17,7 @@ next phase change without recompiling). Telemetry is not recorded on this path (
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -34,7 +35,7 @@ if MODE not in MODES:
 ENABLED = MODE != "off"
 
 
-KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: tensors at least this large take the graph kernel, smaller ones Inductor's randn
+KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: smaller tensors always take the fused draw (see ``_use_kernel``)
 
 
 def _use_kernel(t: Tensor, training: bool = False) -> bool:
@@ -150,10 +151,7 @@ def _register_inductor_lowering() -> str:
     def _lower(seed, size):
         size = [int(v) for v in size]
         device = seed.get_device()
-        numel = 1
-        for v in size:
-            numel *= v
-        if not (asm and device is not None and device.type == "cuda" and numel < PHILOX7_MAX_NUMEL):
+        if not (asm and device is not None and device.type == "cuda" and math.prod(size) < PHILOX7_MAX_NUMEL):
             return inductor_random(size, seed, "randn")
         flat = ir.FixedLayout(device, torch.float32, size, ir.FlexibleLayout.contiguous_strides(size)).make_indexer()
         seed_loader = seed.make_loader()
