@@ -21,6 +21,7 @@ Schema (``schema: 1``); every key lives inside the record, never in the file nam
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -103,3 +104,22 @@ def load_records(root: str | os.PathLike, statuses: Iterable[str] | None = None)
         rec.setdefault("_path", str(p))
         out.append(rec)
     return out
+
+
+#: Config groups that make an arm differ from the baseline (what the board compares), not the setting it runs in.
+TREATMENT_KEYS = ("noise", "aqn", "mitigation", "chip")
+#: Evaluation keys that change the scores themselves (the rest only choose when or how often to score).
+SCORE_EVAL_KEYS = ("limit", "max_gen_toks")
+
+
+def setting(config: dict) -> dict:
+    """What must match for two runs to be compared: testbed (data, model, warm start), trainer, scoring."""
+    ev = config.get("eval") or {}
+    return {"testbed": config.get("testbed"), "trainer": config.get("trainer"),
+            "eval": {k: ev.get(k) for k in SCORE_EVAL_KEYS}}
+
+
+def setting_fingerprint(config: dict) -> str:
+    """Short stable hash of :func:`setting` (sorted JSON), stored in records and compared by the board and resume."""
+    blob = json.dumps(_jsonable(setting(config)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
