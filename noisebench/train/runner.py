@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from noisebench.record import RECORD_NAME, write_record
+from noisebench.record import RECORD_NAME, setting_fingerprint, write_record
 from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
 from noisebench.train.mismatch import aggregate
 
@@ -197,6 +197,7 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         "noise_engine": noise_engine(),
         "aqn": OmegaConf.to_container(cfg.aqn, resolve=True),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        "setting_fingerprint": setting_fingerprint(OmegaConf.to_container(cfg, resolve=True)),
         "versions": versions(),
         "git_commit": git_commit(),
         "eval_task": eval_task,
