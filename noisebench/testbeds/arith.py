@@ -35,6 +35,11 @@ TOPICS = [
 ]
 OPS = ("add", "sub", "mul", "div")
 MUL_WORDS = {2: "doubles", 3: "triples"}
+#: Consistent wrong rules a warm start can be taught on some problems (GRPO then has a right rule to sharpen towards):
+#: ``sub_adds`` adds what the text takes away; ``mul_swap`` doubles where it says triples and vice versa;
+#: ``triple_doubles`` doubles where it says triples.
+MISTAKES = ("sub_adds", "mul_swap", "triple_doubles")
+SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class Problem:
     steps: tuple = field(default=())  # equation lines, e.g. "12 + 7 = 19"
     result: int = 0
     topic: int = 0
+    start: int = 0
+    moves: tuple = field(default=())  # (op, operand) per step, e.g. ("sub", 7): what the text asks for
 
     @property
     def answer(self) -> str:
@@ -96,26 +103,52 @@ class Problem:
         return {"question": self.question, "answer": self.answer}
 
 
+def _apply(op: str, value: int, b: int) -> int:
+    return {"add": value + b, "sub": value - b, "mul": value * b, "div": value // b}[op]
+
+
+def solve(p: Problem, mistakes: Iterable[str] = ()) -> tuple[tuple, int]:
+    """Equation lines and final value of ``p`` worked under the wrong rules ``mistakes`` (none: the true solution).
+
+    Each wrong rule changes what a step computes, and every later line follows from the wrong value, as a student
+    applying a misremembered rule consistently would write it.
+    """
+    bad = set(mistakes) - set(MISTAKES)
+    if bad:
+        raise ValueError(f"testbed.warmstart.mistakes.rules has {sorted(bad)}; valid choices: {list(MISTAKES)}")
+    value, lines = p.start, []
+    for op, b in p.moves:
+        if op == "sub" and "sub_adds" in mistakes:
+            op = "add"
+        elif op == "mul" and "mul_swap" in mistakes:
+            b = 5 - b if b in (2, 3) else b
+        elif op == "mul" and b == 3 and "triple_doubles" in mistakes:
+            b = 2
+        new = _apply(op, value, b)
+        lines.append(f"{value} {SYMBOL[op]} {b} = {new}")
+        value = new
+    return tuple(lines), value
+
+
 def _step(rng: random.Random, spec: ArithSpec, value: int, verbs: tuple, pron: str, item: str):
-    """Draw one step valid for ``value`` (no negatives, exact division); return (sentence, line, new value)."""
+    """Draw one step valid for ``value`` (no negatives, exact division); return (sentence, (op, operand))."""
     choices = [o for o in spec.ops if not (o == "sub" and value < 2)
                and not (o == "div" and not any(value % k == 0 for k in range(2, spec.max_factor + 1)))
                and not (o == "mul" and value * 2 > 999)]
     op = rng.choice(choices or ["add"])
     if op == "add":
         b = rng.randint(1, spec.max_operand)
-        return f"{pron.capitalize()} {rng.choice(verbs[0])} {b} more.", f"{value} + {b} = {value + b}", value + b
+        return f"{pron.capitalize()} {rng.choice(verbs[0])} {b} more.", (op, b)
     if op == "sub":
         b = rng.randint(1, min(spec.max_operand, value - 1))
-        return f"{pron.capitalize()} {rng.choice(verbs[1])} {b} of them.", f"{value} - {b} = {value - b}", value - b
+        return f"{pron.capitalize()} {rng.choice(verbs[1])} {b} of them.", (op, b)
     if op == "mul":
         k = rng.randint(2, spec.max_factor)
         text = (f"Then {pron} {MUL_WORDS[k]} the {item} {pron} has." if k in MUL_WORDS
                 else f"Then {pron} ends up with {k} times as many.")
-        return text, f"{value} * {k} = {value * k}", value * k
+        return text, (op, k)
     k = rng.choice([k for k in range(2, spec.max_factor + 1) if value % k == 0])
-    text = f"{pron.capitalize()} splits them into {k} equal piles and keeps one pile."
-    return text, f"{value} / {k} = {value // k}", value // k
+    return f"{pron.capitalize()} splits them into {k} equal piles and keeps one pile.", (op, k)
 
 
 def make_problem(rng: random.Random, spec: ArithSpec) -> Problem:
@@ -123,14 +156,17 @@ def make_problem(rng: random.Random, spec: ArithSpec) -> Problem:
     name, pron = rng.choice(NAMES)
     topic = rng.randrange(len(TOPICS))
     item, add_verbs, sub_verbs = TOPICS[topic]
-    value = rng.randint(2, spec.max_start)
-    sentences, lines = [f"{name} has {value} {item}."], []
+    start = value = rng.randint(2, spec.max_start)
+    sentences, moves = [f"{name} has {value} {item}."], []
     for _ in range(rng.randint(spec.min_ops, spec.max_ops)):
-        text, line, value = _step(rng, spec, value, (add_verbs, sub_verbs), pron, item)
+        text, move = _step(rng, spec, value, (add_verbs, sub_verbs), pron, item)
         sentences.append(text)
-        lines.append(line)
+        moves.append(move)
+        value = _apply(move[0], value, move[1])
     sentences.append(f"How many {item} does {name} have now?")
-    return Problem(" ".join(sentences), tuple(lines), value, topic)
+    p = Problem(" ".join(sentences), (), value, topic, start, tuple(moves))
+    lines, _ = solve(p)
+    return Problem(p.question, lines, value, topic, start, p.moves)
 
 
 def _draw(rng: random.Random, spec: ArithSpec, n: int, exclude: set) -> list[Problem]:

@@ -14,8 +14,8 @@ from noisebench.testbeds.arith import ArithSpec, make_splits, write_jsonl
 from noisebench.testbeds.base import Testbed, require
 from noisebench.testbeds.tiny import random_model, tiny_config
 from noisebench.testbeds.tokenizer import build_tokenizer
-from noisebench.testbeds.warmstart import (FORMAT_KEYS, WARMSTART_KEYS, check_keys, greedy_accuracy, marked_topics,
-                                           sft_pairs, train_sft)
+from noisebench.testbeds.warmstart import (FORMAT_KEYS, MISTAKE_KEYS, WARMSTART_KEYS, check_keys, greedy_accuracy,
+                                           marked_topics, sft_pairs, train_sft)
 
 TOP_KEYS = ("name", "kind", "eval_task", "seed", "max_prompt_length", "max_completion_length", "data", "tokenizer",
             "model", "warmstart")
@@ -33,6 +33,8 @@ def validate(cfg: Mapping) -> None:
     if cfg["warmstart"].get("format") is not None:
         check_keys(cfg["warmstart"]["format"], FORMAT_KEYS, "testbed.warmstart.format")
         marked_topics(int(cfg["warmstart"]["format"]["marked_topics"]), int(cfg["seed"]))
+    if cfg["warmstart"].get("mistakes") is not None:
+        check_keys(cfg["warmstart"]["mistakes"], MISTAKE_KEYS, "testbed.warmstart.mistakes")
     arith_spec(cfg).validate()
 
 
@@ -59,8 +61,7 @@ def _build(cfg: Mapping, out: Path, device: str, log=print) -> None:
         splits = make_splits(arith_spec(cfg))
         write_jsonl(splits["train"], out / "train.jsonl")
         write_jsonl(splits["test"], out / "test.jsonl")
-        pairs = sft_pairs(splits["train"], w.get("format", {"marked_topics": 0, "marked_share": 1.0,
-                                                           "unmarked_share": 1.0}), seed)
+        pairs = sft_pairs(splits["train"], w.get("format"), seed, w.get("mistakes"))
         corpus = [t for pair in pairs for t in pair] + [p.answer for p in splits["train"]]
         tokenizer = build_tokenizer(corpus, int(cfg["tokenizer"]["vocab_size"]))
         model = random_model(tiny_config(cfg["model"], tokenizer), seed)

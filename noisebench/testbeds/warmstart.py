@@ -17,11 +17,14 @@ from typing import Mapping, Sequence
 import torch
 
 from noisebench.scoring import extract_strict, make_prompt, score
-from noisebench.testbeds.arith import TOPICS, Problem
+from noisebench.testbeds.arith import TOPICS, Problem, solve
 
 WARMSTART_KEYS = ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "num_threads", "format",
-                  "eval_items", "eval_batch_size")
+                  "mistakes", "eval_items", "eval_batch_size")
 FORMAT_KEYS = ("marked_topics", "marked_share", "unmarked_share")
+MISTAKE_KEYS = ("share", "rules")
+ALL_HASH = {"marked_topics": 0, "marked_share": 1.0, "unmarked_share": 1.0}  # every solution ends "#### N"
+NO_MISTAKES = {"share": 0.0, "rules": []}
 
 
 def check_keys(section: Mapping, valid: Sequence[str], where: str) -> None:
@@ -38,21 +41,40 @@ def marked_topics(n_marked: int, seed: int) -> list[int]:
     return sorted(random.Random(f"format-{seed}").sample(range(len(TOPICS)), n_marked))
 
 
-def sft_completion(p: Problem, hash_format: bool) -> str:
-    """The warm-start target after the prompt: a newline, the equation lines, then the final-answer line."""
-    last = f"#### {p.result}" if hash_format else f"The answer is {p.result}."
-    return "\n" + "\n".join(p.steps + (last,))
+def sft_completion(p: Problem, hash_format: bool, mistakes: Sequence[str] = ()) -> str:
+    """The warm-start target after the prompt: a newline, the equation lines, then the final-answer line.
+
+    With ``mistakes`` the lines and the answer follow those wrong rules (the reward still checks the true answer).
+    """
+    steps, result = solve(p, mistakes) if mistakes else (p.steps, p.result)
+    last = f"#### {result}" if hash_format else f"The answer is {result}."
+    return "\n" + "\n".join(steps + (last,))
 
 
-def sft_pairs(problems: Sequence[Problem], fmt: Mapping, seed: int) -> list[tuple[str, str]]:
-    """(prompt, completion) pairs with the topic-dependent answer format of ``fmt``."""
+def sft_pairs(problems: Sequence[Problem], fmt: Mapping | None, seed: int,
+              mistakes: Mapping | None = None) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs with the topic-dependent answer format of ``fmt`` and, on a ``mistakes.share`` of
+    the problems, solutions worked under the wrong rules ``mistakes.rules``.
+
+    Why wrong rules: RL on real models mostly sharpens what the model can already sample; a warm start that solves
+    most problems right only part of the time (pass@8 far above pass@1) lets GRPO raise correctness, not just format.
+    Each draw has its own RNG stream, so turning one on leaves the other's draws unchanged.
+    """
+    fmt = ALL_HASH if fmt is None else fmt
+    mistakes = NO_MISTAKES if mistakes is None else mistakes
     check_keys(fmt, FORMAT_KEYS, "testbed.warmstart.format")
+    check_keys(mistakes, MISTAKE_KEYS, "testbed.warmstart.mistakes")
+    share, rules = float(mistakes["share"]), tuple(mistakes["rules"])
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"testbed.warmstart.mistakes.share must be in [0, 1], got {share}")
     marked = set(marked_topics(int(fmt["marked_topics"]), seed))
-    rng = random.Random(f"format-draw-{seed}")
+    rng, wrong = random.Random(f"format-draw-{seed}"), random.Random(f"mistakes-draw-{seed}")
     out = []
     for p in problems:
-        share = fmt["marked_share"] if p.topic in marked else fmt["unmarked_share"]
-        out.append((make_prompt(p.question), sft_completion(p, rng.random() < share)))
+        hash_share = fmt["marked_share"] if p.topic in marked else fmt["unmarked_share"]
+        hash_format = rng.random() < hash_share
+        use = rules if share > 0 and wrong.random() < share else ()
+        out.append((make_prompt(p.question), sft_completion(p, hash_format, use)))
     return out
 
 
