@@ -113,10 +113,10 @@ SCORE_EVAL_KEYS = ("limit", "max_gen_toks")
 
 
 def setting(config: dict) -> dict:
-    """What must match for two runs to be compared: testbed (data, model, warm start), trainer, scoring."""
+    """What must match for two runs to be compared: testbed (data, model, warm start), trainer, scoring, device."""
     ev = config.get("eval") or {}
     return {"testbed": config.get("testbed"), "trainer": config.get("trainer"),
-            "eval": {k: ev.get(k) for k in SCORE_EVAL_KEYS}}
+            "eval": {k: ev.get(k) for k in SCORE_EVAL_KEYS}, "device": config.get("device")}
 
 
 def setting_fingerprint(config: dict) -> str:

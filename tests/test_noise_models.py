@@ -226,3 +226,19 @@ def test_cpu_inplace_write_keeps_a_view_outputs_node():
     assert not torch.equal(y.detach(), F.linear(x, w, b).detach())
     y.backward(gy)
     assert all(torch.equal(t.grad, c) for t, c in zip((x, w, b), clean))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "stochastic"])
+@pytest.mark.parametrize("fmt,limit", [("fp8_e4m3", 448.0), ("fp8_e5m2", 57344.0)])
+def test_fp8_saturates_on_every_device(fmt, limit, mode):
+    """Out-of-range values saturate to the format's largest finite value on CPU and CUDA alike (torch's CUDA cast
+    gives NaN there), and NaN stays NaN."""
+    from noisebench.noise.models import round_format
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        y = torch.tensor([limit * 1.05, -limit * 40, limit, 1.0, float("nan")], device=dev)
+        gen = torch.Generator(device=dev).manual_seed(0)
+        out = round_format(y, fmt, mode, gen).cpu()
+        assert out[:4].tolist() == [limit, -limit, limit, 1.0]
+        assert torch.isnan(out[4])

@@ -131,11 +131,17 @@ def bitflip(y: Tensor, p: float, bits: str, gen: torch.Generator) -> Tuple[Tenso
 def round_format(y: Tensor, fmt: str, mode: str, gen: Optional[torch.Generator] = None) -> Tensor:
     """Emulate storing ``y`` in ``fmt`` (bf16, fp16, fp8_e4m3, fp8_e5m2) and reading it back.
 
-    ``nearest``: torch's own cast (round-to-nearest-even; e4m3 saturates at +-448 like torch).
+    ``nearest``: torch's own cast (round-to-nearest-even).
     ``stochastic``: ``floor(y / ulp + u) * ulp``, u ~ U[0, 1), ulp the format's spacing at y (subnormal spacing
-    below the smallest normal), so E[result] = y; then cast (exact, except overflow, which follows torch's cast).
+    below the smallest normal), so E[result] = y; then cast (exact).
+    FP8 values beyond the format's largest finite value saturate to it, as hardware conversions with ``satfinite``
+    do, on every device: torch's own cast saturates on CPU but gives NaN on CUDA, which would make one spec two
+    physics. bf16/fp16 overflow to inf, as IEEE casts do.
     """
     dt = ROUND_DTYPES[fmt]
+    if fmt.startswith("fp8"):
+        lim = torch.finfo(dt).max
+        y = y.clamp(-lim, lim)
     if mode == "nearest":
         return y.to(dt).to(y.dtype)
     x = y.float()

@@ -273,6 +273,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
                          f"use conf/accelerate/ddp.yaml or deepspeed_zero2.yaml")
     aqn_cfg = AQNConfig(**OmegaConf.to_container(cfg.aqn, resolve=True))
     device = pick_device(str(cfg.device))
+    cfg.device = device  # the record's config holds the device that ran (part of the setting runs are compared in)
     set_seed(int(cfg.seed))
 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
