@@ -13,9 +13,11 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from noisebench import __version__
+from noisebench.resources import resource_dir
 from noisebench.train.rundirs import register_resolvers
 
-CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR") or str(resource_dir("conf"))  # the package's, or the checkout's
 log = logging.getLogger("noisebench")
 
 register_resolvers()
@@ -40,7 +42,10 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench``: exits non-zero when a dry run finds problems."""
+    """``noisebench`` (and ``python -m noisebench``): exits non-zero when a dry run finds problems."""
+    if sys.argv[1:] == ["--version"]:  # Hydra owns every other argument
+        print(f"noisebench {__version__}")
+        return
     _main()
 
 

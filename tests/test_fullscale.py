@@ -251,7 +251,8 @@ def test_vllm_plugin_entry_point_is_declared_in_the_built_package(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "noisebench", src / "noisebench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("noisebench", "conf", "tasks", "leaderboards/reference"):  # the folders the build maps into the package
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                           "--no-index", "--target", str(site), str(src)], capture_output=True, text=True,
