@@ -32,6 +32,21 @@ def noise_spec(cfg: DictConfig):
     return spec
 
 
+def make_injector(cfg: DictConfig, spec):
+    """The run's noise injector, inert until entered; hooks and interception chosen for what the run executes."""
+    from noisebench.noise import NoiseInjector
+
+    return NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=injector_intercept(cfg))
+
+
+def make_aqn(cfg: DictConfig):
+    """QeRL's adaptive quantization noise on the RMSNorm weights in rollout, or None when ``aqn.enabled`` is off."""
+    from noisebench.train.aqn import AQN, AQNConfig
+
+    aqn_cfg = AQNConfig(**OmegaConf.to_container(cfg.aqn, resolve=True))
+    return AQN(aqn_cfg) if aqn_cfg.enabled else None
+
+
 def injector_hooks(cfg: DictConfig) -> str:
     """Where the run's injector puts its module hooks: on the attached models alone (the trainer attaches policy and
     reference model, the evaluator each checkpoint it loads), so every other module call skips torch's hook path and
@@ -102,6 +117,8 @@ def make_trainer(cfg: DictConfig, tb, spec, injector, aqn, callbacks: list, run_
     from noisebench.train.trainer import NoisyGRPOTrainer
     from noisebench.train.vllm import vllm_rollouts
 
+    if not tb.model.config._name_or_path:  # built in memory (model_init=random): TRL loads the reference model
+        tb.model.config._name_or_path = tb.model.name_or_path = str(tb.model_path)  # (and vLLM its config) from here
     with vllm_rollouts(cfg, spec, tb.model_path):  # no-op unless trainer.args.use_vllm
         trainer = NoisyGRPOTrainer(
             model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),

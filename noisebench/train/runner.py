@@ -11,11 +11,11 @@ import time
 import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from noisebench.record import RECORD_NAME, write_record
-from noisebench.train.builders import (injector_hooks, injector_intercept, make_evaluator, make_trainer,
-                                       noise_spec, pick_device, skip_evaluation)
+from noisebench.train.builders import (make_aqn, make_evaluator, make_injector, make_trainer, noise_spec, pick_device,
+                                       skip_evaluation)
 from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
 from noisebench.train.distributed import is_main_process, rank, sharding_problem
 from noisebench.train.run_record import build_record
@@ -54,22 +54,20 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from noisebench.noise import NoiseInjector
     from noisebench.testbeds import load_testbed
-    from noisebench.train.aqn import AQN, AQNConfig
     from noisebench.train.tracking import Tracker
 
+    # setup: everything the config can get wrong is refused here, before the testbed is built
     spec = noise_spec(cfg)
     problem = sharding_problem()
     if problem:
         raise ValueError(problem)
-    aqn_cfg = AQNConfig(**OmegaConf.to_container(cfg.aqn, resolve=True))
+    aqn = make_aqn(cfg)
     device = pick_device(str(cfg.device))
     set_seed(int(cfg.seed))
 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
-    injector = NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=injector_intercept(cfg))
-    aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
+    injector = make_injector(cfg, spec)
 
     ckpt = None
     history = RunHistory()
@@ -81,8 +79,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         history.diverged_at = None
         log.info("resuming from %s", ckpt)
 
-    if not tb.model.config._name_or_path:  # built in memory (model_init=random): TRL loads the reference model
-        tb.model.config._name_or_path = tb.model.name_or_path = str(tb.model_path)  # (and vLLM its config) from here
     main = is_main_process()  # other ranks train but neither evaluate nor write the record (same run_dir)
     tracker = Tracker(cfg, run_dir, tags=[tb.name, spec.type]) if main else None
     evaluator = make_evaluator(cfg, tb, injector, run_dir) if main else skip_evaluation
@@ -112,6 +108,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("run failed at step %d:\n%s", trainer.state.global_step, traceback.format_exc())
 
+    # record: written by rank 0 alone, whatever the status, with the partial curve
     telemetry = injector.telemetry()
     if aqn is not None:
         telemetry["aqn/last_sigma"] = aqn.last_sigma
