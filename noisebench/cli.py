@@ -14,9 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from noisebench import __version__
+from noisebench.resources import resource_dir
 from noisebench.train.rundirs import register_resolvers
 
-CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR") or str(resource_dir("conf"))  # the package's, or the checkout's
 log = logging.getLogger("noisebench")
 
 register_resolvers()
@@ -58,7 +60,10 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench``: exits non-zero when a dry run finds problems."""
+    """``noisebench`` (and ``python -m noisebench``): exits non-zero when a dry run finds problems."""
+    if sys.argv[1:] == ["--version"]:  # Hydra owns every other argument
+        print(f"noisebench {__version__}")
+        return
     _main()
 
 

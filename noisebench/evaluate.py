@@ -15,6 +15,7 @@ import contextlib
 import copy
 import os
 import random
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,12 +59,11 @@ class EvalResult:
 
 
 def tasks_dir() -> Path:
-    """The folder of task YAMLs: ``$NOISEBENCH_TASKS_DIR``, else ``<repo>/tasks`` beside the package."""
-    if os.environ.get(TASKS_DIR_ENV):
-        path = Path(os.environ[TASKS_DIR_ENV])
-    else:
-        import noisebench
-        path = Path(noisebench.__file__).resolve().parents[1] / "tasks"
+    """The folder of task YAMLs: ``$NOISEBENCH_TASKS_DIR``, else the package's own copy (a wheel) or the checkout's
+    ``tasks/`` (noisebench.resources)."""
+    from noisebench.resources import resource_dir
+
+    path = Path(os.environ[TASKS_DIR_ENV]) if os.environ.get(TASKS_DIR_ENV) else resource_dir("tasks")
     if not (path / "noisebench").is_dir():
         raise FileNotFoundError(f"noisebench task YAMLs not found in {path}; set {TASKS_DIR_ENV} to the repo's tasks/")
     return path
@@ -86,6 +86,26 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu"):
         if raw(probe)["input_ids"] != tok(probe)["input_ids"]:
             tok = raw
     return model, tok
+
+
+def _git_hash_quietly() -> Optional[str]:
+    """lm-eval's ``get_git_commit_hash`` for its results.json, without the ``fatal: not a git repository`` that git
+    prints when it runs outside a checkout (an installed noisebench run from any folder)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@contextlib.contextmanager
+def _quiet_git(evaluator):
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash_quietly
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 @contextlib.contextmanager
@@ -185,7 +205,7 @@ def _run(lm, task: str, data_files, limit, max_gen_toks, seed, phase, output_dir
         output_dir.mkdir(parents=True, exist_ok=True)
         tracker = EvaluationTracker(output_path=str(output_dir / "results.json"))  # ".json": files land in output_dir
     t0 = time.perf_counter()
-    with phase:
+    with phase, _quiet_git(evaluator):
         res = evaluator.simple_evaluate(
             model=lm, tasks=[task], task_manager=tm, limit=limit, log_samples=True, bootstrap_iters=1000,
             gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,

@@ -17,7 +17,7 @@ def evaluate_only(cfg: DictConfig, out_dir: str | os.PathLike) -> float:
     from noisebench.evaluate import evaluate_checkpoint, load_checkpoint
     from noisebench.noise import NoiseInjector
     from noisebench.testbeds import load_testbed
-    from noisebench.train.runner import noise_spec, pick_device
+    from noisebench.train.builders import noise_spec, pick_device
 
     out_dir = Path(out_dir)
     device = pick_device(str(cfg.device))

@@ -22,7 +22,7 @@ def test_all_study_presets_exist():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_and_validates(name):
-    from noisebench.train.runner import noise_spec
+    from noisebench.train.builders import noise_spec
 
     cfg = compose([f"+exp={name}"])
     assert cfg.experiment == name
@@ -46,7 +46,7 @@ def test_default_is_embedded_baseline():
 
 
 def test_run_seed_offsets_noise_seed():
-    from noisebench.train.runner import noise_spec
+    from noisebench.train.builders import noise_spec
 
     a = noise_spec(compose(["+exp=e4c", "seed=0"]))
     b = noise_spec(compose(["+exp=e4c", "seed=1"]))
@@ -54,7 +54,7 @@ def test_run_seed_offsets_noise_seed():
 
 
 def test_bad_noise_type_names_key_and_choices():
-    from noisebench.train.runner import noise_spec
+    from noisebench.train.builders import noise_spec
 
     with pytest.raises(ValueError) as err:
         noise_spec(compose(["noise.type=gaussian"]))
@@ -80,7 +80,7 @@ def test_cfg_job_prints_composed_config():
 def test_run_injector_hooks_only_global_for_colocated_vllm():
     """The run's injector hooks the attached models alone, except with colocated vLLM (its model is never
     attached, so only global hooks reach it); a bad vllm_mode is refused by name."""
-    from noisebench.train.runner import injector_hooks
+    from noisebench.train.builders import injector_hooks
 
     qwen = ["+exp=e4c", "testbed=qwen2_5_1_5b_gsm8k", "trainer=grpo_qwen"]
     assert injector_hooks(compose(["+exp=e4c"])) == "attached"
@@ -94,7 +94,7 @@ def test_run_injector_hooks_only_global_for_colocated_vllm():
 def test_run_injector_patches_unless_something_compiles_or_vllm_is_colocated():
     """The run's injector patches the covered spellings (eager TRL training and HF generation), and keeps the mode
     where code may be compiled under it (TRL's torch_compile, a static generation cache) or is colocated vLLM's."""
-    from noisebench.train.runner import injector_intercept
+    from noisebench.train.builders import injector_intercept
 
     qwen = ["+exp=e4c", "testbed=qwen2_5_1_5b_gsm8k", "trainer=grpo_qwen"]
     assert injector_intercept(compose(["+exp=e4c"])) == "patch"

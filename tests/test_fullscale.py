@@ -54,7 +54,7 @@ def test_qwen_testbed_composes_with_the_study_recipe():
 def test_per_device_batch_splits_the_step_over_ranks_and_accumulation(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from noisebench.train.runner import grpo_config, per_device_batch
+    from noisebench.train.builders import grpo_config, per_device_batch
 
     cfg = compose(QWEN + ["trainer.args.bf16=false"])
     assert per_device_batch(cfg) == 64 * 5 // 4
@@ -127,7 +127,7 @@ def test_dry_run_with_local_model_and_gsm8k_is_ready(tmp_path):
 
 def test_dry_run_plans_vllm_server_and_refuses_what_cannot_work(monkeypatch):
     from noisebench.train.plan import plan_lines, problems
-    from noisebench.train.runner import noise_spec
+    from noisebench.train.builders import noise_spec
 
     cfg = compose(QWEN + ["trainer.args.use_vllm=true", "trainer.args.vllm_mode=server"])
     spec = noise_spec(cfg)
@@ -150,7 +150,7 @@ def test_colocate_keeps_the_plugin_inert_and_forces_eager(monkeypatch):
     from trl.generation import vllm_generation
 
     from noisebench.noise.vllm_plugin import register
-    from noisebench.train.runner import noise_spec
+    from noisebench.train.builders import noise_spec
     from noisebench.train.vllm import ENV_ENABLED, vllm_rollouts
 
     code = inspect.getsource(vllm_generation.VLLMGeneration._init_vllm)
@@ -251,7 +251,8 @@ def test_vllm_plugin_entry_point_is_declared_in_the_built_package(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    shutil.copytree(REPO / "noisebench", src / "noisebench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("noisebench", "conf", "tasks", "leaderboards/reference"):  # the folders the build maps into the package
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site"
     res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                           "--no-index", "--target", str(site), str(src)], capture_output=True, text=True,

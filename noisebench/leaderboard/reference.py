@@ -7,10 +7,12 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from noisebench.resources import resource_dir
+
 from .columns import pct, sci, times
 from .table import BF16_RMS, FP8_RMS
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "leaderboards" / "reference"  # the project's own copy
+REFERENCE_DIR = resource_dir("reference")  # the project's own copy: in the package (a wheel) or the checkout
 FULL_REFERENCE_TESTBEDS = ("qwen2_5_1_5b_gsm8k",)  # testbeds whose setting the reference figures come from
 TAG = "EXTERNAL"
 

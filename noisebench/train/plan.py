@@ -8,10 +8,12 @@ see the plan per rank; nothing here initialises CUDA contexts beyond counting de
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 
 from omegaconf import DictConfig, OmegaConf
+
+from noisebench.train.builders import noise_spec, per_device_batch
+from noisebench.train.distributed import rank, sharding_problem, strategy, world_size
 
 
 def _gpus() -> int:
@@ -21,22 +23,6 @@ def _gpus() -> int:
         return torch.cuda.device_count()
     except Exception:  # noqa: BLE001 -- a dry run must not die on a broken CUDA install
         return 0
-
-
-def strategy() -> str:
-    """The distributed strategy ``accelerate launch`` put in the environment (its ACCELERATE_* variables)."""
-    env = os.environ
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return f"DeepSpeed ZeRO-{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?')}"
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        return f"FSDP{env.get('FSDP_VERSION', '')}"
-    return "DDP" if int(env.get("WORLD_SIZE", 1) or 1) > 1 else "single process"
-
-
-def sharded() -> bool:
-    """Parameters split over ranks (ZeRO-3, FSDP): rank 0 alone cannot run lm-eval on the model."""
-    s = strategy()
-    return s.startswith("FSDP") or s == "DeepSpeed ZeRO-3"
 
 
 def _model_source(tb: DictConfig) -> str:
@@ -78,10 +64,8 @@ def _rollout_lines(cfg: DictConfig, spec) -> list[str]:
 
 
 def plan_lines(cfg: DictConfig, spec=None) -> list[str]:
-    from noisebench.train.runner import per_device_batch
-
     t, e, tb = cfg.trainer, cfg.eval, cfg.testbed
-    world = int(os.environ.get("WORLD_SIZE", 1) or 1)
+    world = world_size()
     steps = int(t.max_steps)
     every = int(e.eval_every)
     evals = sorted({0, *range(every, steps + 1, every), steps})
@@ -92,8 +76,7 @@ def plan_lines(cfg: DictConfig, spec=None) -> list[str]:
                 f"accumulation step(s)"
     except ValueError as exc:
         micro = f"does not split: {exc}"
-    rank = int(os.environ.get("RANK", 0) or 0)
-    seed = f"noise seed {spec.seed} mixed with RANK={rank} (each rank draws its own stream)" if spec else "-"
+    seed = f"noise seed {spec.seed} mixed with RANK={rank()} (each rank draws its own stream)" if spec else "-"
     lines = [
         f"experiment      {cfg.experiment} (seed {cfg.seed})",
         f"testbed         {tb.name}: model {_model_source(tb)}; data {_data_source(tb)}; eval task {tb.eval_task}",
@@ -116,7 +99,6 @@ def problems(cfg: DictConfig, spec) -> list[str]:
     """Everything that would stop the run, found without loading weights."""
     from noisebench.testbeds import check_reachable
     from noisebench.train import vllm
-    from noisebench.train.runner import per_device_batch
 
     out = []
     try:
@@ -132,16 +114,14 @@ def problems(cfg: DictConfig, spec) -> list[str]:
         if importlib.util.find_spec("vllm") is None:
             out.append("trainer.args.use_vllm=true but vLLM is not installed: `pip install noisebench[vllm]` "
                        "(or set trainer.args.use_vllm=false for transformers generate)")
-    if sharded() and int(os.environ.get("WORLD_SIZE", 1) or 1) > 1:
-        out.append(f"{strategy()} shards the weights over ranks, but checkpoint evaluation runs lm-eval on rank 0 "
-                   f"alone: use conf/accelerate/ddp.yaml or deepspeed_zero2.yaml for runs with in-loop evaluation")
+    problem = sharding_problem()
+    if problem:
+        out.append(problem)
     out += list(check_reachable(cfg.testbed))
     return out
 
 
 def dry_run(cfg: DictConfig) -> None:
-    from noisebench.train.runner import noise_spec
-
     spec, found = None, []
     try:
         spec = noise_spec(cfg)
