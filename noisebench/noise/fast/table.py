@@ -50,6 +50,11 @@ def name() -> str:
     return _state["name"]
 
 
+def log2_size() -> int:
+    """log2 of the ``table`` generator's size."""
+    return _state["log2"]
+
+
 _ICDF: list = [None]
 _SCRATCH = threading.local()   # per thread: int32 index and float32 normal buffers, grown as needed
 
