@@ -9,7 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from noisebench.noise import NoiseInjector, NoiseSpec, configure_engine, engine_config, engine_from_env, install_from_env
+from noisebench.noise import (NoiseInjector, NoiseSpec, configure_engine, engine_config, engine_from_env,
+                              install_from_env)
 
 REPO = Path(__file__).resolve().parents[1]
 

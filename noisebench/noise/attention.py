@@ -1,12 +1,12 @@
 """Attention's products as matmuls: ``F.scaled_dot_product_attention`` decomposed so that the matmul family covers
 QK^T and PV (and ``softmax`` the softmax between them) wherever attention runs.
 
-Why: a fused SDPA kernel hides attention's two products from the engine, so ``matmul_family`` noised them with
-``attn_implementation="eager"`` (plain ``torch.matmul`` calls) and not with ``"sdpa"``: the same spec meant different
-physics depending on how the model was loaded. When a spec covers ``matmul`` (or ``softmax``) but not ``sdpa``, the
-engine replaces each SDPA call whose phase is noisy by this math, and the parts go through the engine as ops of
-their own (telemetry labels ``attn_qk``, ``attn_pv``, ``attn_softmax``; gated by ``matmul`` and ``softmax``). Where no
-noise can apply, the SDPA call is left untouched (bitwise the library-free result).
+Why: a fused SDPA kernel hides attention's two products from the engine. Without this, ``matmul_family`` would noise
+them under ``attn_implementation="eager"`` (plain ``torch.matmul`` calls) and not under ``"sdpa"``: the same spec
+would mean different physics depending on how the model is loaded. When a spec covers ``matmul`` (or ``softmax``)
+but not ``sdpa``, the engine replaces each SDPA call whose phase may be noisy by this math, and the parts go through
+the engine as ops of their own (telemetry labels ``attn_qk``, ``attn_pv``, ``attn_softmax``; gated by ``matmul`` and
+``softmax``). Where no noise can apply, the SDPA call is left untouched (bitwise the library-free result).
 
 Precision follows a fused attention kernel, so that the decomposition adds no rounding of its own beyond SDPA's:
 the scores QK^T and the softmax are computed in float32 (half-precision inputs are upcast: their products are exact

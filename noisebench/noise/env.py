@@ -91,7 +91,7 @@ def install_from_env(environ: Optional[Mapping[str, str]] = None,
     global _ENV_INJECTOR
     if _ENV_INJECTOR is not None and _ENV_INJECTOR.installed:
         return _ENV_INJECTOR
-    configure_engine(**engine_from_env(environ))   # NOISEBENCH_FAST, _FAST_INLINE, _CPU_RNG, _CPU_TABLE_LOG2, _INTERCEPT
+    configure_engine(**engine_from_env(environ))   # engine switches: NOISEBENCH_FAST, _CPU_RNG, ... (engine.py)
     spec = spec_from_env(environ)
     if spec is None:
         return None
