@@ -193,3 +193,13 @@ def test_realized_noise_of_the_products_is_the_scale():
             key = f"noise/global/{op}/{d}/rel_err_rms"
             assert tel[key] == pytest.approx(scale, rel=0.03), key
         assert tel[f"noise/global/{op}/fwd/calls"] == 12 and tel[f"noise/global/{op}/bwd/calls"] == 24
+
+
+def test_an_sdpa_signature_it_does_not_know_raises_instead_of_running_unnoised():
+    """torch rejects unknown keywords before dispatch today; a keyword a later torch adds must not run fused and
+    silently unnoised under a spec that covers attention's products."""
+    from noisebench.noise.attention import sdpa_arguments
+    q, k, v = _qkv((1, 2, 4, 8), (1, 2, 4, 8))
+    assert sdpa_arguments((q, k, v, None, 0.0), {"is_causal": True})["is_causal"] is True
+    with pytest.raises(TypeError, match=r"cannot decompose.*\['future_flag'\].*Add 'sdpa'"):
+        sdpa_arguments((q, k, v), {"future_flag": True})

@@ -35,14 +35,15 @@ def covered_parts(ops: frozenset) -> frozenset:
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def sdpa_arguments(args: tuple, kwargs: dict) -> Optional[dict]:
-    """The call's arguments by name, or None when it uses a keyword this decomposition does not know (then the
-    call runs fused and unnoised rather than wrongly)."""
-    if len(args) > len(_SDPA_ARGS) or any(k not in _SDPA_ARGS for k in kwargs):
-        return None
+def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
+    """The call's arguments by name. An argument this decomposition does not know raises: running the call fused
+    would leave attention's products unnoised while the spec says they are covered."""
+    unknown = sorted(k for k in kwargs if k not in _SDPA_ARGS)
+    if len(args) > len(_SDPA_ARGS) or unknown:
+        raise TypeError(f"noisebench: cannot decompose scaled_dot_product_attention called with {len(args)} "
+                        f"positional arguments and keywords {unknown}; known: {list(_SDPA_ARGS)}. Add 'sdpa' to the "
+                        f"spec's ops to noise the fused call as one op instead")
     named = dict(zip(_SDPA_ARGS, args))
-    if set(named) & set(kwargs):
-        return None
     named.update(kwargs)
     return named
 

@@ -234,9 +234,7 @@ def route(func, op: str, args: tuple, kwargs: dict):
     if (fwd or bwd) and st.blocked():
         fwd = bwd = False
     if op == "sdpa" and not (fwd or bwd) and _attention_parts_live(st):
-        named = attention.sdpa_arguments(args, kwargs)
-        if named is not None:
-            return attention.decomposed_sdpa(route, **named)
+        return attention.decomposed_sdpa(route, **attention.sdpa_arguments(args, kwargs))
     if bwd and op == "linear" and not torch.compiler.is_compiling():
         xwb = _linear_args(args, kwargs)
         if xwb is not None:
