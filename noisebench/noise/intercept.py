@@ -105,8 +105,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def backward_noise(g: Tensor, op: str) -> Tensor:
-    """Backward noise on a gradient: the opaque op while compiling, a direct call in eager."""
-    if torch.compiler.is_compiling():
+    """Backward noise on a gradient met in backward (a mark's backward, a norm weight's hook): a direct call in eager
+    code; in compiled code the opaque op on either compiled path, since an inline backward draw needs the seed its
+    forward took (``inline.InlineMark``)."""
+    if STATE.path(g) in ("inline", "graph_op"):
         return torch.ops.noisebench.bwd(g, op)
     return STATE.perturb(g, op, "bwd")
 
