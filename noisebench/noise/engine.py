@@ -21,7 +21,6 @@ SWITCHES = {
     "cpu_table_log2": (None, "NOISEBENCH_CPU_TABLE_LOG2"),
     "intercept": (INTERCEPTS, "NOISEBENCH_INTERCEPT"),
 }
-DEFAULTS = {"fast": "auto", "compiled": "auto", "cpu_rng": "icdf16", "cpu_table_log2": 24, "intercept": "mode"}
 _ENV_ALIASES = {"compiled": {"1": "auto", "true": "auto", "on": "auto", "0": "off", "false": "off"}}
 _INTERCEPT = ["mode"]   # NoiseInjector's default when none is passed
 
