@@ -108,3 +108,25 @@ def test_inductor_fullgraph_noise():
     assert _counts(comp) == _counts(eager)
     assert comp["noise/train_forward/linear/fwd/rel_err_rms"] == pytest.approx(1e-2, rel=0.15)
     assert comp["noise/train_backward/linear/bwd/rel_err_rms"] == pytest.approx(1e-2, rel=0.15)
+
+
+def test_decomposed_sdpa_compiles_fullgraph_with_eager_counts_and_stays_fused_when_off():
+    """matmul_family on an sdpa model: the decomposition traces without a graph break, counts what eager counts
+    (attention's products included), and a phase without noise keeps the fused SDPA (bitwise the clean graph)."""
+    model = tiny(attn="sdpa")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    clean = step(compiled, NoiseInjector(NoiseSpec()))
+    inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["extended"], phases=["train_forward",
+                                  "train_backward"], telemetry_rate=1.0))
+    inj.attach(model)
+    with inj:
+        eager, comp = eager_then_compiled(model, compiled, inj)
+    off_inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["extended"], phases=["rollout"]))
+    off_inj.attach(model)
+    with off_inj:
+        off = step(compiled, off_inj)
+    assert _counts(comp) == _counts(eager)
+    assert comp["noise/train_forward/attn_qk/fwd/calls"] == comp["noise/train_forward/attn_pv/fwd/calls"] == 2
+    assert comp["noise/train_backward/attn_pv/bwd/calls"] == 4
+    assert comp["noise/train_forward/attn_qk/fwd/rel_err_rms"] == pytest.approx(1e-2, rel=0.15)
+    assert torch.equal(clean[0], off[0]) and all(torch.equal(a, b) for a, b in zip(clean[1], off[1]))

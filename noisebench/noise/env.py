@@ -17,6 +17,7 @@ import json
 import os
 from typing import Mapping, Optional
 
+from .engine import configure_engine, engine_from_env
 from .injector import NoiseInjector
 from .runtime import STATE
 from .spec import NoiseSpec
@@ -90,6 +91,7 @@ def install_from_env(environ: Optional[Mapping[str, str]] = None,
     global _ENV_INJECTOR
     if _ENV_INJECTOR is not None and _ENV_INJECTOR.installed:
         return _ENV_INJECTOR
+    configure_engine(**engine_from_env(environ))   # engine switches: NOISEBENCH_FAST, _CPU_RNG, ... (engine.py)
     spec = spec_from_env(environ)
     if spec is None:
         return None

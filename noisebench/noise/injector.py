@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Dict, Iterator, Optional
 
 from torch import nn
 
 from . import norms
+from .engine import default_intercept
 from .intercept import INTERCEPTS, NoiseMode, Patches
 from .runtime import GLOBAL_PHASE, STATE
 from .spec import PHASES, NoiseSpec
@@ -32,8 +32,8 @@ class NoiseInjector:
         hooks: where the module hooks (targeting, hand-written norms) go: ``global`` (default) on every module that
             runs, ``attached`` only on the attached models' modules whose class can matter. ``attached`` is exact
             only when every model run under the injector is attached; it spares every other module call torch's
-            slow path and compiled frames the guards of global hooks (issue 7).
-        intercept: how covered calls are caught: ``mode`` (default; env ``NOISEBENCH_INTERCEPT``), a
+            slow path and compiled frames the guards of global hooks.
+        intercept: how covered calls are caught: ``mode`` (default; ``configure_engine(intercept=...)``), a
             TorchFunctionMode that sees every torch call of the installing thread, eager or compiled; or ``patch``,
             the covered spellings replaced while installed, so only covered calls run Python (eager code only:
             compiling under it raises; names bound before install are not seen). See ``intercept.INTERCEPTS``.
@@ -49,7 +49,7 @@ class NoiseInjector:
             raise ValueError(f"hooks={hooks!r} unknown; valid choices: {list(norms.HOOKS)}")
         self.hooks = hooks
         if intercept is None:
-            intercept = os.environ.get("NOISEBENCH_INTERCEPT", "").strip().lower() or "mode"
+            intercept = default_intercept()
         if intercept not in INTERCEPTS:
             raise ValueError(f"intercept={intercept!r} unknown; valid choices: {list(INTERCEPTS)}")
         self.intercept = intercept

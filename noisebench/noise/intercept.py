@@ -1,6 +1,6 @@
 """Op interception: a TorchFunctionMode that routes covered ops through opaque noise ops, forward and backward.
 
-Design (noise-under-compile.md): the mode decides at call (= trace) time whether an op is noised in this phase;
+Design: the mode decides at call (= trace) time whether an op is noised in this phase;
 forward noise is the opaque custom op ``noisebench::fwd`` on the op output (straight-through gradient); backward
 noise is an identity autograd.Function on each differentiable input whose backward calls the opaque op
 ``noisebench::bwd`` on the gradient. Both opaque ops read ``runtime.STATE`` when they execute, so under
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import attention
 from .fast import inline as fast_inline
 from .runtime import STATE
 
@@ -104,8 +105,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def backward_noise(g: Tensor, op: str) -> Tensor:
-    """Backward noise on a gradient: the opaque op while compiling, a direct call in eager."""
-    if torch.compiler.is_compiling():
+    """Backward noise on a gradient met in backward (a mark's backward, a norm weight's hook): a direct call in eager
+    code; in compiled code the opaque op on either compiled path, since an inline backward draw needs the seed its
+    forward took (``inline.InlineMark``)."""
+    if STATE.path(g) in ("inline", "graph_op"):
         return torch.ops.noisebench.bwd(g, op)
     return STATE.perturb(g, op, "bwd")
 
@@ -115,7 +118,7 @@ def mark(x, op: str):
     if isinstance(x, Tensor):
         if not (x.requires_grad and x.is_floating_point()):
             return x
-        if torch.compiler.is_compiling() and fast_inline.applicable(x, STATE.spec):  # issue 7: fusable graph ops
+        if STATE.path(x) == "inline":
             return fast_inline.mark(x, STATE.spec)
         return MarkForBackward.apply(x, op)
     if isinstance(x, (list, tuple)):
@@ -127,7 +130,8 @@ def mark(x, op: str):
 # path's raw kernel write, or the reference path's write through a detached alias on CPU float32, bypasses autograd,
 # so the gradient is straight-through with no Python node).
 # softmax and sdpa save their outputs; norms are left out (their saved tensors vary across torch versions).
-OUTPUT_UNSAVED = frozenset(("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "silu", "gelu"))
+OUTPUT_UNSAVED = frozenset(("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "silu", "gelu",
+                            "attn_qk", "attn_pv"))
 
 
 def noise_output(y, op: str):
@@ -137,9 +141,10 @@ def noise_output(y, op: str):
     same results."""
     if not (isinstance(y, Tensor) and y.is_floating_point()):
         return y
-    if torch.compiler.is_compiling():
-        if fast_inline.applicable(y, STATE.spec):  # issue 7: fusable, graph-capturable noise (CUDA)
-            return fast_inline.noise(y, STATE.spec)
+    path = STATE.path(y)
+    if path == "inline":
+        return fast_inline.noise(y, STATE.spec)
+    if path == "graph_op":
         return torch.ops.noisebench.fwd(y, op)
     if op in OUTPUT_UNSAVED and STATE.writes_in_place(y):
         return STATE.perturb(y, op, "fwd", inplace=True)
@@ -149,8 +154,8 @@ def noise_output(y, op: str):
 
 
 class NoisyLinear(torch.autograd.Function):
-    """Eager ``F.linear`` with forward and backward noise in one autograd node (issue 7: per-input marks plus a
-    straight-through node cost four Python nodes a call). Backward computes the input, weight and bias gradients
+    """Eager ``F.linear`` with forward and backward noise in one autograd node (per-input marks plus a
+    straight-through node would cost four Python nodes a call). Backward computes the input, weight and bias gradients
     with the formulas of torch's own linear backward (``g @ W``, ``g^T x``, ``sum g``; bitwise the same values)
     and noises each one the op returns, as ``MarkForBackward`` would."""
 
@@ -230,6 +235,8 @@ def route(func, op: str, args: tuple, kwargs: dict):
     bwd = op in st.bwd_ops and torch.is_grad_enabled() and not inplace
     if (fwd or bwd) and st.blocked():
         fwd = bwd = False
+    if op == "sdpa" and not (fwd or bwd) and _attention_parts_live(st):
+        return attention.decomposed_sdpa(route, **attention.sdpa_arguments(args, kwargs))
     if bwd and op == "linear" and not torch.compiler.is_compiling():
         xwb = _linear_args(args, kwargs)
         if xwb is not None:
@@ -241,7 +248,17 @@ def route(func, op: str, args: tuple, kwargs: dict):
     return noise_output(out, op) if fwd else out
 
 
-# -- Interception by patching (issue 7) ---------------------------------------------------------------------------
+_ATTENTION_PARTS = frozenset(attention.PARTS)
+
+
+def _attention_parts_live(st) -> bool:
+    """Whether a part of attention (``attention.PARTS``) is noised in this call's forward, or its inputs marked for a
+    backward that may be noisy: only then is an SDPA call decomposed (otherwise it runs fused, untouched)."""
+    live = (_ATTENTION_PARTS & st.fwd_ops) or (torch.is_grad_enabled() and _ATTENTION_PARTS & st.bwd_ops)
+    return bool(live) and not st.blocked()
+
+
+# -- Interception by patching ------------------------------------------------------------------------------------
 INTERCEPTS = ("mode", "patch")
 """``mode``: a TorchFunctionMode sees every torch call of the installing thread (eager and compiled code, names bound
 at import included), at a Python cost on every call: ~2-4 ms a step on a 4-layer Qwen2.5-1.5B stack, which an eager

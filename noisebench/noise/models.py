@@ -22,8 +22,8 @@ def _randn(y: Tensor, gen: torch.Generator) -> Tensor:
     """float32 N(0, 1) of ``y``'s shape, for the caller to consume at once: on CPU the result may be a per-thread
     scratch buffer (icdf16) or a view of the shared table, which later calls overwrite or reuse."""
     # CPU randn is single-threaded (~3.5 ns an element on this project's CPUs) and dominates Gaussian noise cost;
-    # splitting it over Python threads was tried and lost to MKL's spinning worker threads right after a matmul.
-    if y.device.type == "cpu" and _table.name() != "randn":  # issue 7: cheaper CPU generators (fast/table.py)
+    # not split over Python threads: they lose to MKL's worker threads, which keep spinning right after a matmul.
+    if y.device.type == "cpu" and _table.name() != "randn":  # cheaper CPU generators (fast/table.py)
         if _table.name() == "icdf16":
             return _table.icdf16(y.shape, gen.initial_seed(), scratch=True)
         n = _table.normals(y.shape, gen.initial_seed())

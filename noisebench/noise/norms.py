@@ -3,8 +3,8 @@
 Hand-written norms are pow/mean/rsqrt/mul, invisible to the TorchFunctionMode, so their output is noised by a
 forward hook, their input gradient by marking the input in a forward pre-hook, and their weight gradient by a
 ``weight.register_hook``. Every hook is gated on the state: when noise is off it returns None, which keeps outputs
-and gradients bitwise clean (noise-under-compile.md). Module-name targeting works the same way: entering an
-excluded (included) module raises a depth counter that the mode reads.
+and gradients bitwise clean (an ungated hook at scale 0 still changes the gradient summation order). Module-name
+targeting works the same way: entering an excluded (included) module raises a depth counter that the mode reads.
 """
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ _SKIP: frozenset = frozenset()  # classes whose every known module is neutral an
 def skip_classes(spec: NoiseSpec, models) -> frozenset:
     """Module classes the global hooks may ignore under ``spec``: every module of the class in the attached ``models``
     has a neutral scope and is not a norm whose noise is on, and so would any unattached module of the class (scope
-    from its class name). Why (issue 7): Dynamo traces the hooks of every module and guards on what they read; reading
-    each module's annotation cost ~5 guards a module (1.5k for a 28-layer model, ~1 ms of guard checks per compiled
+    from its class name). Why: Dynamo traces the hooks of every module and guards on what they read; reading
+    each module's annotation costs ~5 guards a module (1.5k for a 28-layer model, ~1 ms of guard checks per compiled
     decode step), while ``type(module) in _SKIP`` is decided from guards Dynamo already has."""
     norm_noise = "rms_norm" in spec.resolved_ops()
     seen, interesting = set(), set()
@@ -177,13 +177,13 @@ def install_hooks(spec: Optional[NoiseSpec] = None, models=(), where: str = "glo
     """Register the module hooks while installed (``where`` is one of ``HOOKS``, checked by ``NoiseInjector``):
     ``global`` (default) on every module of every model, attached or not; ``attached``: only on the modules of the
     attached ``models`` whose class can matter (not in ``_SKIP``: for Qwen2 under the default spec, the rotary
-    embedding alone). Why ``attached`` (issue 7): any global hook sends
+    embedding alone). Why ``attached``: any global hook sends
     every module call through torch's slow path and Dynamo guards on it in every compiled frame; it is exact only
     when every model that runs under the injector is attached (unattached modules get no targeting at all).
 
     Each reinstall reuses the handle ids of the first install: Dynamo guards on the keys of the hook dicts, so fresh
-    ids would recompile every compiled model at every install (issue 7: a rollout that installs the injector per
-    generation recompiled its decode step each time)."""
+    ids would recompile every compiled model at every install (a rollout that installs the injector per
+    generation would recompile its decode step each time)."""
     _CLASS_INFO.clear()
     set_skip(skip_classes(spec, models) if spec is not None else frozenset())
     handles = []

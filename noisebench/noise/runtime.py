@@ -7,8 +7,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from . import models
+from . import attention, models
 from .fast import dispatch as fast
+from .fast import inline
 from .spec import NoiseSpec
 
 _MASK64 = (1 << 64) - 1
@@ -16,6 +17,10 @@ _SAMPLE_ELEMS = 4096
 GLOBAL_PHASE = "global"  # telemetry label of noise applied outside any phase context by a global injector
 DIRECTIONS = ("fwd", "bwd")
 _GAUSSIAN = ("relative_gaussian", "absolute_gaussian")
+# How one tensor's noise is computed (``NoiseState.path``): in compiled code as graph ops Inductor fuses (``inline``)
+# or as the opaque op that calls the engine when the graph runs (``graph_op``); in eager code by the fused Triton
+# kernel (``kernel``) or the reference models of ``models.py`` (``reference``).
+PATHS = ("inline", "graph_op", "kernel", "reference")
 
 
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -48,6 +53,7 @@ class NoiseState:
         self.spec: Optional[NoiseSpec] = None
         self.phase: Optional[str] = None      # active phase context
         self.default_phase: Optional[str] = None  # in force outside contexts: None, GLOBAL_PHASE or a phase name
+        self.ops: frozenset = frozenset()      # the spec's ops, plus the attention parts they cover (attention.py)
         self.fwd_ops: frozenset = frozenset()  # ops noised in the forward right now
         self.bwd_ops: frozenset = frozenset()  # ops whose inputs are marked for backward noise
         self.excl_depth = 0                    # >0: inside an excluded module
@@ -75,10 +81,12 @@ class NoiseState:
         self._period = max(1, int(round(1.0 / rate))) if rate > 0 else 0
         self._bias_cache.clear()
         self.fast_kind = bool(spec is not None and spec.enabled and fast.kind_covered(spec))
+        ops = spec.resolved_ops() if spec is not None else frozenset()
+        self.ops = ops | attention.covered_parts(ops)
         seed = spec.seed if spec else 0
         self._base = [mix_seed(seed, self.rank, d) for d in range(len(DIRECTIONS))]  # per-call: one splitmix round
-        if spec is not None:  # issue 7: device-side streams of the fast paths (restart only when the seed changes)
-            fast.reset_all(mix_seed(seed, self.rank, len(DIRECTIONS)))
+        if spec is not None:  # device-side streams of the fast paths (restart only when the seed changes)
+            _restart_device_streams(mix_seed(seed, self.rank, len(DIRECTIONS)))
         self.refresh()
 
     def effective_phase(self) -> Optional[str]:
@@ -98,18 +106,27 @@ class NoiseState:
             self.fwd_ops = self.bwd_ops = frozenset()
             return
         ph = self.effective_phase()
-        ops = spec.resolved_ops()
+        ops = self.ops
         self.fwd_ops = ops if (ph != "train_backward" and self.phase_on(ph)) else frozenset()
         # Mark inputs whenever a later backward could be noisy: forward under any phase (or global default).
         bwd_possible = ph is not None and (self.default_phase == GLOBAL_PHASE or "train_backward" in spec.resolved_phases())
         self.bwd_ops = ops if bwd_possible else frozenset()
-        fast.set_inline_scales(spec.scale, spec.scale if self.bwd_live() else 0.0)   # compiled graphs read these
+        inline.set_scales(spec.scale, spec.scale if self.bwd_live() else 0.0)   # compiled graphs read these
+
+    def path(self, t: Tensor) -> str:
+        """The one decision of how ``t``'s noise is computed, one of ``PATHS``. Compiled code: graph ops that Inductor
+        fuses where the inline draw serves (Gaussian models on CUDA, or CPU when the fast path is forced), else the
+        opaque op, which runs the eager decision when the graph runs. Eager code: the fused kernel where it
+        implements the model for ``t`` (dtype, size, device), else the reference models."""
+        if torch.compiler.is_compiling():
+            return "inline" if inline.applicable(t, self.spec) else "graph_op"
+        return "kernel" if self.fast_kind and fast.tensor_ok(t) else "reference"
 
     def writes_in_place(self, t: Tensor) -> bool:
         """Whether ``perturb(t, inplace=True)`` writes into ``t`` itself: the fused kernel takes it, or (reference
         path) a Gaussian model on a contiguous CPU float32 tensor, which saves a fresh multi-MB output per call whose
         page faults cost about as much as the addcmul."""
-        if self.fast_kind and fast.tensor_ok(t):
+        if self.path(t) == "kernel":
             return t.is_contiguous()
         return (self.spec is not None and self.spec.type in _GAUSSIAN and t.device.type == "cpu"
                 and models.writable(t, True))
@@ -154,7 +171,7 @@ class NoiseState:
         key = (phase, op, direction)
         sample = not capture and self._tick(key)   # host code does not run on graph replays: no telemetry there
         clean = None                               # the sampled clean elements, when taken before the write
-        if self.fast_kind and fast.tensor_ok(t):  # issue 7: fused Triton kernel (fast/), its own Philox draws
+        if self.path(t) == "kernel":   # fused Triton kernel (fast/), its own Philox draws
             seed = self.next_seed(direction) if kind != "systematic_bias" else 0
             tele = self._slot(key, t) if sample else None   # the kernel adds the sampled error sums itself
             out = fast.perturb(t, kind, spec.scale, seed, direction, capture, inplace=inplace, tele=tele)
@@ -186,7 +203,7 @@ class NoiseState:
     def perturb_many(self, ts: list, op: str, direction: str) -> list:
         """``perturb`` each tensor of ``ts`` in place where the fast path takes them all (one kernel launch for up to
         three tensors, each drawing what its own call would); otherwise one ``perturb`` call each."""
-        if not (self.fast_kind and len(ts) <= 3 and all(t.is_contiguous() and fast.tensor_ok(t) for t in ts)
+        if not (ts and len(ts) <= 3 and all(t.is_contiguous() and self.path(t) == "kernel" for t in ts)
                 and len({t.device for t in ts}) == 1) or not (direction == "fwd" or self.bwd_live()):
             return [self.perturb(t, op, direction, inplace=True) for t in ts]
         key = (self.effective_phase(), op, direction)
@@ -253,4 +270,17 @@ class NoiseState:
         return out
 
 
+def _restart_device_streams(seed: int) -> None:
+    """Restart the device-side streams (fused-kernel graph counters, compiled-graph seeds) when ``seed`` differs from
+    the last one: a fresh process with a fixed seed reproduces its draws, and re-installing the same seed continues
+    the stream (replays of graphs captured earlier keep drawing fresh noise instead of repeating it)."""
+    if torch.cuda.is_available() and fast.MODE != "off":
+        fast.kernels()   # import (and register the graph op) outside any compiled region
+    if seed != _LAST_SEED[0] or not inline.SEEDS:
+        fast.reset_counters()
+        inline.reset(seed)
+        _LAST_SEED[0] = seed
+
+
+_LAST_SEED: list = [None]
 STATE = NoiseState()

@@ -12,9 +12,9 @@ NOISE_TYPES = ("none", "relative_gaussian", "absolute_gaussian", "systematic_bia
 OPS = ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "sdpa",
        "softmax", "silu", "gelu", "layer_norm", "rms_norm")
 
-# ``matmul_family`` is the study's E4 set (it noised matmul/bmm/linear). It does NOT contain ``sdpa``: with
-# ``attn_implementation="eager"`` attention's two products are ``torch.matmul`` calls and are noised, with "sdpa"
-# they sit inside the fused kernel and are not, unless ``sdpa`` is named too. ``extended`` is E5.
+# ``matmul_family`` is the study's E4 set (it noised matmul/bmm/linear). It covers attention's two products however
+# attention runs: ``torch.matmul`` calls under eager attention, a decomposed SDPA call otherwise (attention.py), unless
+# ``sdpa`` is named too (then the fused call is noised as one op). ``extended`` is E5.
 OP_SETS: Dict[str, tuple] = {
     "matmul_family": ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum"),
     "extended": ("linear", "matmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "softmax", "silu", "gelu"),

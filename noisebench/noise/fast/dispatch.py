@@ -1,4 +1,6 @@
-"""Chooses the fast path for one noise call and owns the device counters that keep CUDA-graph replays fresh."""
+"""The fused kernel's side of the engine: whether it may take a tensor (mode, Triton, device, dtype), its launches,
+and the device counters that keep CUDA-graph replays fresh. Which path a call takes is decided in
+``runtime.NoiseState.path``."""
 from __future__ import annotations
 
 import os
@@ -11,22 +13,14 @@ MODES = ("auto", "off", "force")
 FAST_KINDS = frozenset(("relative_gaussian", "absolute_gaussian", "systematic_bias"))
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _mode_from_env() -> str:
-    m = os.environ.get("NOISEBENCH_FAST", "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"NOISEBENCH_FAST={m!r} is not a fast-path mode; valid choices: {list(MODES)}")
-    return m
-
-
-MODE = _mode_from_env()
+MODE = "auto"            # set by set_mode (noisebench.noise.configure_engine)
 _KERNELS = None          # the kernels module once imported; False when Triton is missing
 _COUNTERS: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
 
 
 def set_mode(mode: str) -> None:
     """``auto``: fast path on CUDA when Triton is there; ``off``: always the reference path; ``force``: also on CPU
-    tensors when Triton runs its interpreter (``TRITON_INTERPRET=1``; slow, for tests). Env: ``NOISEBENCH_FAST``."""
+    tensors when Triton runs its interpreter (``TRITON_INTERPRET=1``; slow, for tests)."""
     global MODE
     if mode not in MODES:
         raise ValueError(f"fast-path mode {mode!r} unknown; valid choices: {list(MODES)}")
@@ -143,25 +137,3 @@ def perturb_many(ts: list, kind: str, scale: float, seeds: list, direction: str,
 def state() -> Dict[str, list]:
     """Device counters as lists (for logs; a sync)."""
     return {str(d): c[0].tolist() for d, c in _COUNTERS.items()}
-
-
-_LAST_SEED: list = [None]
-
-
-def set_inline_scales(fwd: float, bwd: float) -> None:
-    """Forward and (live) backward scale for compiled graphs' inline noise (``inline.set_scales``)."""
-    from . import inline
-    inline.set_scales(fwd, bwd)
-
-
-def reset_all(seed: int) -> None:
-    """Restart the device-side streams (fused-kernel graph counters, compiled-graph seeds) when ``seed`` differs from
-    the last one: a fresh process with a fixed seed reproduces its draws, and re-installing the same seed continues
-    the stream (replays of graphs captured earlier keep drawing fresh noise instead of repeating it)."""
-    from . import inline
-    if torch.cuda.is_available() and MODE != "off":
-        kernels()   # import (and register the graph op) outside any compiled region
-    if seed != _LAST_SEED[0] or not inline.SEEDS:
-        reset_counters()
-        inline.reset(seed)
-        _LAST_SEED[0] = seed

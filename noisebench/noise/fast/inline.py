@@ -8,7 +8,7 @@ Under Inductor the draw is lowered to one fused op: on CUDA inline PTX (``PHILOX
 generator by flat index, ``definition.reference_normals_flat``), elsewhere Inductor's own Philox
 (``prims.inductor_random``, ``tl.randn``); under other backends (aot_eager) it runs eagerly from a private generator
 seeded by the seed's value.
-Training graphs (issue 7) use the same draw: forward noise is ``y + (noisy(y) - y).detach()`` (straight-through
+Training graphs use the same draw: forward noise is ``y + (noisy(y) - y).detach()`` (straight-through
 gradient), and backward noise is ``InlineMark``, an identity whose backward is ``g (1 + b n)`` with ``b`` a device
 scalar that the engine sets to the scale when the phase in force is train_backward (or global) and to 0 otherwise,
 at every phase change: so the backward phase is still read at run time, by the GPU, with no host work per op, and
@@ -18,7 +18,6 @@ next phase change without recompiling). Telemetry is not recorded on this path (
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional
 
 import torch
@@ -28,11 +27,16 @@ from . import dispatch
 
 INLINE_KINDS = ("relative_gaussian", "absolute_gaussian")
 MODES = ("auto", "kernel", "fused", "off")
-MODE = os.environ.get("NOISEBENCH_FAST_INLINE", "auto").strip().lower() or "auto"
-MODE = {"1": "auto", "true": "auto", "on": "auto", "0": "off", "false": "off"}.get(MODE, MODE)
-if MODE not in MODES:
-    raise ValueError(f"NOISEBENCH_FAST_INLINE={MODE!r} unknown; valid choices: {list(MODES)}")
-ENABLED = MODE != "off"
+MODE = "auto"   # set by set_mode (noisebench.noise.configure_engine)
+
+
+def set_mode(mode: str) -> None:
+    """How compiled graphs draw the noise: ``auto`` (per tensor, see ``_use_kernel``), ``kernel``, ``fused``, or
+    ``off`` (compiled graphs call the opaque op, which runs the eager engine)."""
+    global MODE
+    if mode not in MODES:
+        raise ValueError(f"compiled-noise mode {mode!r} unknown; valid choices: {list(MODES)}")
+    MODE = mode
 
 
 KERNEL_MIN_NUMEL = 1 << 20   # ``auto``: smaller tensors always take the fused draw (see ``_use_kernel``)
@@ -45,9 +49,10 @@ def _use_kernel(t: Tensor, training: bool = False) -> bool:
     into the neighbouring kernels (no launch, no pass): on CUDA ``PHILOX7_ASM`` (one Philox-7 call per four
     elements), else Inductor's own ``randn`` (one Philox4x32-10 call per element: compute-bound at training sizes);
     ``auto`` (default): ``fused`` for tensors under ``KERNEL_MIN_NUMEL`` elements (decode steps, where an extra launch
-    costs more than the draw) and, where the PTX draw serves, in ``training`` graphs (version 30: device x1.076
-    against the kernel's x1.098); the kernel for the other large tensors (in a decode step, the lm_head's logits:
-    what version 30's rollout figure measured). CPU tensors (forced fast path) always use ``fused``."""
+    costs more than the draw) and, where the PTX draw serves, in ``training`` graphs (one Philox-7 call per four
+    elements inside kernels that run anyway costs less device time than the kernel's extra pass); the kernel for the
+    other large tensors (in a decode step, the lm_head's logits, whose draw would dominate the kernel it is fused
+    into). CPU tensors (forced fast path) always use ``fused``."""
     if MODE == "fused" or t.device.type != "cuda":
         return False
     if MODE == "auto" and (t.numel() < KERNEL_MIN_NUMEL or
@@ -221,7 +226,7 @@ def set_scales(fwd: float, bwd: float) -> None:
 def applicable(y: Tensor, spec) -> bool:
     """Trace-time test: compiled, a Gaussian model, a float tensor on a device with a seed scalar (CUDA, or CPU when
     the fast path is forced)."""
-    if not ENABLED or dispatch.MODE == "off":
+    if MODE == "off" or dispatch.MODE == "off":
         return False
     if spec is None or spec.type not in INLINE_KINDS or y.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False

@@ -5,7 +5,7 @@ The noise for element ``e`` of a call with key ``k`` (written in NumPy in ``defi
   one Philox4x32 block (``ROUNDS`` rounds, key k, counter p*Q + i) = four 32-bit words; word j is split into two
   16-bit halves (lo, hi) that give one Box-Muller pair: radius sqrt(-2 ln((lo + 1/2) / 2^16)), angle
   2 pi (hi + 1/2) / 2^16 - pi; the pair's cosine and sine are the normals of slices 2j and 2j + 1.
-Why this generator (issue 7): with one Philox-10 call per element (``tl.randn``) the kernel is bound by integer
+Why this generator: with one Philox-10 call per element (``tl.randn``) the kernel is bound by integer
 arithmetic, not memory; here one 7-round call feeds eight elements. Philox4x32-7 passes BigCrush (Salmon et al.,
 SC'11; 10 rounds is their safety margin). 16-bit uniforms bound |n| at 4.85 (P(|N(0,1)| > 4.85) = 1.2e-6) and
 shift the variance by < 1e-4 relative: immaterial for simulated arithmetic noise, and stated in the README.
@@ -82,8 +82,8 @@ def _program(x_ptr, y_ptr, tele_ptr, pid, numel, key, scale, is_first,
              SPLIT: tl.constexpr, part):
     """One program's BLOCK elements of one tensor (program ``pid`` of that tensor, Philox key ``key``), or, with
     SPLIT > 1, part ``part`` of its lanes (lanes [part * Q/SPLIT, (part + 1) * Q/SPLIT)): the same draws for the same
-    elements, spread over more thread blocks. The eight slices are loaded before the draws and stores (version 19:
-    ``x`` and ``y`` may be one buffer, so a load written after a store waits for it)."""
+    elements, spread over more thread blocks. The eight slices are loaded before the draws and stores: ``x`` and
+    ``y`` may be one buffer, so a load written after a store would wait for it."""
     QQ: tl.constexpr = BLOCK // 8
     LANES: tl.constexpr = QQ // SPLIT
     lane = part * LANES + tl.arange(0, LANES)
@@ -188,8 +188,8 @@ def _graph_noise_kernel(x_ptr, y_ptr, seed_ptr, scales_ptr, numel, KIND: tl.cons
              SPLIT, pid % SPLIT)
 
 
-EAGER_SPLIT = 2   # eager launches of tensors of SMALL_NUMEL elements or more: programs per BLOCK (version 19: x1.07
-                  # faster than 1 at 73M bf16 elements on the H200, in place; kernel_bandwidth.py)
+EAGER_SPLIT = 2   # eager launches of tensors of SMALL_NUMEL elements or more: programs per BLOCK (more programs in
+                  # flight hide memory latency on large in-place tensors; benchmarks/kernel_bandwidth.py)
 SMALL_SPLIT = 8   # thread blocks per BLOCK for tensors under SMALL_NUMEL elements (128 lanes each, one per thread)
 SMALL_NUMEL = 1 << 20
 
@@ -244,7 +244,7 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or (
 
 def _direct(kernel, nprog: int, args: tuple, consts: tuple, device: torch.device) -> None:
     """Launch an already compiled kernel without Triton's Python launcher (binding and specialization cost ~20 us a
-    call on the H100 host, a third of a noisy call's host time). Same call the launcher makes (Triton 3.x)."""
+    call, a large share of a noisy call's host time). Same call the launcher makes (Triton 3.x)."""
     stream = _raw_stream(device.index)
     kernel.run(nprog, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *consts)
 
@@ -274,8 +274,8 @@ except ImportError:  # pragma: no cover - Triton before 3.4 has no knobs (and no
 
 def _launch_hooks() -> bool:
     """Whether a launch hook is registered (a profiler that wants each launch's metadata): then launches go through
-    Triton's launcher, which calls them. Triton 3.6 keeps the hooks as chains, present and empty by default (a test
-    for None alone turned direct launches off for good: issue 7, version 20)."""
+    Triton's launcher, which calls them. Triton 3.6 keeps the hooks as chains, present and empty by default, so an
+    empty chain counts as no hook (a test for None alone would turn direct launches off for good)."""
     if _knobs is None:
         return False
     rt = _knobs.runtime

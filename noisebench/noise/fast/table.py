@@ -13,12 +13,10 @@ Why: on CPU, ``torch.randn`` is single-threaded (~3.5 ns an element here) and is
 offset of a contiguous window. Trade-off, stated plainly: each call's values are exact N(0, 1) draws and i.i.d.
 within the call (distinct table entries), but two calls whose windows overlap reuse the same values at shifted
 positions, so the noise of different ops is no longer independent. Calls larger than the table use ``randn``.
-Default off; ``NOISEBENCH_CPU_RNG=table`` (``NOISEBENCH_CPU_TABLE_LOG2``, default 24 = 64 MiB) or
-``set_cpu_generator("table")``.
+Opt-in: ``configure_engine(cpu_rng="table", cpu_table_log2=24)`` (24: 64 MiB).
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional
 
@@ -28,7 +26,7 @@ from torch import Tensor
 
 GENERATORS = ("randn", "icdf16", "table")
 _TABLE_SEED = 0x5EED_7AB1E
-_state = {"name": "randn", "log2": 24, "table": None}
+_state = {"name": "icdf16", "log2": 24, "table": None}   # set by set_cpu_generator (configure_engine)
 
 
 def set_cpu_generator(name: str, log2_size: Optional[int] = None) -> None:
@@ -36,7 +34,7 @@ def set_cpu_generator(name: str, log2_size: Optional[int] = None) -> None:
     if name not in GENERATORS:
         raise ValueError(f"CPU noise generator {name!r} unknown; valid choices: {list(GENERATORS)}")
     if log2_size is not None and not 10 <= int(log2_size) <= 30:
-        raise ValueError(f"NOISEBENCH_CPU_TABLE_LOG2 must be in [10, 30], got {log2_size}")
+        raise ValueError(f"cpu_table_log2 must be in [10, 30], got {log2_size}")
     _state["name"] = name
     if log2_size is not None and int(log2_size) != _state["log2"]:
         _state["log2"], _state["table"] = int(log2_size), None
@@ -50,6 +48,11 @@ def active() -> bool:
 def name() -> str:
     """The CPU normal generator in force."""
     return _state["name"]
+
+
+def log2_size() -> int:
+    """log2 of the ``table`` generator's size."""
+    return _state["log2"]
 
 
 _ICDF: list = [None]
@@ -102,5 +105,3 @@ def normals(shape, key: int) -> Optional[Tensor]:
     return t[off:off + n].view(shape)
 
 
-set_cpu_generator(os.environ.get("NOISEBENCH_CPU_RNG", "icdf16").strip().lower() or "icdf16",
-                  int(os.environ["NOISEBENCH_CPU_TABLE_LOG2"]) if os.environ.get("NOISEBENCH_CPU_TABLE_LOG2") else None)
