@@ -13,12 +13,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from noisebench.schema import register
+from noisebench.schema.preflight import preflight
 from noisebench.train.rundirs import register_resolvers
 
 CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 log = logging.getLogger("noisebench")
 
 register_resolvers()
+register()  # the schemas conf/ names in its defaults lists
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -40,7 +43,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench``: exits non-zero when a dry run finds problems."""
+    """``noisebench``: exits non-zero when a dry run finds problems, 2 on a bad config value."""
+    preflight(CONF_DIR, "config")
     _main()
 
 
@@ -53,6 +57,7 @@ def _eval_main(cfg: DictConfig) -> float | None:
 
 def eval_main() -> None:
     """``noisebench-eval``: evaluate any checkpoint or hub model under any noise spec, without training."""
+    preflight(CONF_DIR, "eval_only", prog="noisebench-eval")
     _eval_main()
 
 

@@ -53,18 +53,19 @@ def test_run_seed_offsets_noise_seed():
     assert a.seed != b.seed
 
 
-def test_bad_noise_type_names_key_and_choices():
-    from noisebench.train.runner import noise_spec
+def test_bad_noise_type_is_refused_at_composition_naming_key_and_choices():
+    from hydra.errors import ConfigCompositionException
 
-    with pytest.raises(ValueError) as err:
-        noise_spec(compose(["noise.type=gaussian"]))
-    assert "type" in str(err.value) and "relative_gaussian" in str(err.value)
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["noise.type=gaussian"])
+    cause = str(err.value.__cause__)
+    assert "noise.type" in cause and "relative_gaussian" in cause and "bitflip" in cause
 
 
 def test_bad_group_choice_is_a_clear_hydra_error():
     out = subprocess.run([sys.executable, "-m", "noisebench.cli", "+exp=nope", "--cfg", "job"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0
+    assert out.returncode == 2
     assert "Could not find 'exp/nope'" in out.stderr and "e4c" in out.stderr  # Hydra lists the available options
     assert "Traceback" not in out.stderr
 
@@ -104,3 +105,112 @@ def test_run_injector_patches_unless_something_compiles_or_vllm_is_colocated():
     assert injector_intercept(compose(["+exp=e4c", "+trainer.args.torch_compile=true"])) == "mode"
     assert injector_intercept(compose(["+exp=e4c", "+trainer.args.generation_kwargs.cache_implementation=static"])) \
         == "mode"
+
+
+def test_schema_choices_are_the_engine_choices():
+    """The schema repeats NoiseSpec's choices (importing the engine would load torch before the check)."""
+    from noisebench.noise import spec
+    from noisebench.schema import nodes
+
+    assert [m.value for m in nodes.NoiseType] == list(spec.NOISE_TYPES)
+    assert [m.value for m in nodes.Op] == list(spec.OPS) + list(spec.OP_SETS)
+    assert [m.value for m in nodes.Phase] == list(spec.PHASES) + ["all"]
+    assert [m.value for m in nodes.RoundFormat] == list(spec.ROUND_FORMATS)
+    assert [m.value for m in nodes.Rounding] == list(spec.ROUNDING_MODES)
+    assert [m.value for m in nodes.BitField] == list(spec.BIT_FIELDS)
+
+
+@pytest.mark.parametrize("name", ["tiny_arith", "qwen2_5_1_5b_gsm8k"])
+def test_schema_keeps_every_testbed_value_and_type(name):
+    """The composed testbed holds the file's values with their YAML types (the warm-start cache hash and the
+    setting fingerprint hash them), plus null for the optional sections the file leaves out."""
+    import json
+
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "testbed" / f"{name}.yaml"), resolve=False)
+    raw = raw.get("testbed", raw)  # a global-package file nests its keys
+    raw.pop("defaults", None)
+    composed = OmegaConf.to_container(compose([f"testbed={name}"]).testbed, resolve=False)
+
+    def same(a, b, path=""):
+        for k, v in a.items():
+            assert k in b, f"{path}{k} lost"
+            if isinstance(v, dict):
+                same(v, b[k], f"{path}{k}.")
+            else:
+                assert json.dumps(b[k]) == json.dumps(v), f"{path}{k}: {b[k]!r} != {v!r}"
+        extra = {k: b[k] for k in set(b) - set(a)}
+        assert all(v is None for v in extra.values()), f"{path}: schema added values {extra}"
+
+    same(raw, composed)
+
+
+def test_composed_choices_are_plain_strings_to_the_engine():
+    """Schema choices compose as StrEnums; the NoiseSpec and the JSON record see plain strings."""
+    import json
+
+    from noisebench.train.runner import noise_spec
+
+    cfg = compose(["+exp=round_fp8"])
+    spec = noise_spec(cfg)
+    assert type(spec.type) is str and type(spec.round_format) is str and all(type(o) is str for o in spec.ops)
+    assert (spec.type, spec.round_format, spec.rounding) == ("round", "fp8_e4m3", "stochastic")
+    blob = json.loads(json.dumps(OmegaConf.to_container(cfg, resolve=True)))
+    assert blob["noise"]["type"] == "round" and blob["device"] == "auto" and blob["testbed"]["kind"] == "tiny"
+
+
+def test_noise_spec_is_validated_once_on_the_way_to_the_kernel(monkeypatch):
+    """Config -> NoiseSpec -> NoiseInjector checks the spec once; a field changed later is checked again."""
+    from noisebench.noise import NoiseInjector, NoiseSpec
+    from noisebench.train.runner import noise_spec
+
+    calls = []
+    check = NoiseSpec._check
+    monkeypatch.setattr(NoiseSpec, "_check", lambda self: calls.append(1) or check(self))
+    spec = noise_spec(compose(["+exp=e4c"]))
+    NoiseInjector(spec)
+    assert len(calls) == 1
+    spec.scale = -1.0
+    with pytest.raises(ValueError, match="scale"):
+        spec.validate()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["trainer.num_generations=1"], "trainer.num_generations"),
+    (["eval.limit=0"], "eval.limit"),
+    (["eval.limit=1.5"], "eval.limit"),
+    (["aqn=qerl", "aqn.num_stages=2"], "aqn.num_stages"),
+    (["noise=bitflip", "noise.scale=1.5"], "noise.scale"),
+    (["+exp=e4c", "noise.ops=[]"], "noise.ops"),
+    (["+exp=e4c", "noise.layers=[3,1]"], "noise.layers"),
+    (["+exp=e4c", "noise.exclude=['(unclosed']"], "noise.exclude"),
+    (["testbed.warmstart.lr=0"], "testbed.warmstart.lr"),
+    (["testbed.data.min_ops=4"], "testbed.data.min_ops"),
+    (["testbed=qwen2_5_1_5b_gsm8k", "testbed.max_prompt_length=0"], "testbed.max_prompt_length"),
+])
+def test_rules_name_the_key(overrides, key):
+    from noisebench.schema import ConfigError, check
+
+    with pytest.raises(ConfigError) as err:
+        check(compose(overrides))
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("overrides", [[], ["+exp=e4c"], ["+exp=bitflip_exponent"], ["+exp=aqn_e4d"],
+                                       ["testbed=qwen2_5_1_5b_gsm8k"], ["eval.limit=0.5"], ["eval.limit=48"]])
+def test_rules_pass_the_shipped_configs(overrides):
+    from noisebench.schema import check
+
+    check(compose(overrides))
+
+
+def test_eval_only_config_is_typed():
+    from hydra.errors import ConfigCompositionException
+
+    from noisebench.schema import check
+
+    cfg = compose(config_name="eval_only")
+    check(cfg)
+    assert cfg.eval.clean_too is True
+    with pytest.raises(ConfigCompositionException):
+        compose(["eval.batch_size=many"], config_name="eval_only")

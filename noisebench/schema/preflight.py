@@ -1,0 +1,76 @@
+"""Check the command line's config before Hydra starts a run: a bad value ends the launch with one line and exit
+code 2, before any import of torch, any model or data work, and before Hydra creates the run folder.
+
+Composes exactly what Hydra will (same conf dir, overrides, and every job of a ``-m`` sweep), then applies the
+schemas' rules (``noisebench.schema.rules``). ``HYDRA_FULL_ERROR=1`` keeps the traceback for developers.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from typing import Optional, Sequence
+
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from noisebench.schema import register
+from noisebench.schema.rules import ConfigError, check
+
+EXIT_USAGE = 2  # as argparse: the command line is wrong, nothing ran
+CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
+
+
+def preflight(config_dir: str, config_name: str, argv: Optional[Sequence[str]] = None, prog: str = "noisebench") -> None:
+    """Compose and check the config(s) ``argv`` asks for; on a bad value print one line and exit 2."""
+    try:
+        for overrides in _jobs(argv if argv is not None else sys.argv[1:]):
+            check(_compose(config_dir, config_name, overrides))
+    except CONFIG_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{prog}: error: {explain(err)}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+    finally:
+        from hydra.core.global_hydra import GlobalHydra
+        GlobalHydra.instance().clear()  # leave Hydra as found: the real launch initialises it again
+
+
+def _jobs(argv: Sequence[str]) -> list[list[str]]:
+    """The override lists of the jobs Hydra would run (one, or each of a basic ``-m`` sweep); none for --help."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(list(argv))  # argparse exits 2 on a bad flag, as Hydra would
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.experimental_rerun \
+            or args.config_path or args.config_dir or args.config_name:
+        return []  # Hydra answers these itself, or reads another config tree
+    if not args.multirun:
+        return [list(args.overrides)]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(args.overrides))
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def _compose(config_dir: str, config_name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def explain(err: BaseException) -> str:
+    """One line naming the key and what is valid, from a rule, Hydra or OmegaConf error."""
+    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        msg = str(cause.msg).splitlines()[0]
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
+            msg += f"; valid keys: {list(cause.parent_node.keys())}"
+        return f"{cause.full_key}: {msg}"
+    text = str(err).split("Config search path:")[0]  # a missing option: keep the options Hydra lists, not its paths
+    return re.sub(r"\s*\n\s*", " ", text.strip())  # Hydra's own message, on one line

@@ -1,0 +1,93 @@
+"""Rules Hydra's types cannot express, checked right after composition: ranges (``bounded`` fields) and rules
+across fields. Each failure is a ``ConfigError`` naming the key and the valid range or choices.
+
+Only the Hydra path runs these; ``NoiseSpec`` and the testbed builders keep their own checks for use without Hydra.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Iterator
+
+from omegaconf import DictConfig, OmegaConf
+
+from noisebench.schema.fields import describe, out_of_range
+from noisebench.schema.testbed import KIND_SCHEMAS
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; ``key`` is its dotted path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` on the first broken range or cross-field rule of a composed config."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        raise ConfigError(missing[0], f"has no value (set it on the command line or in its conf/ file; "
+                                      f"all unset: {missing})")
+    for key, value, meta in _bounded(cfg, ""):
+        if out_of_range(value, meta):
+            raise ConfigError(key, f"must be {describe(meta)}, got {value!r}")
+    for rule in (_noise, _eval_limit, _testbed):
+        rule(cfg)
+
+
+def _bounded(node: DictConfig, prefix: str) -> Iterator[tuple[str, Any, dict]]:
+    """(dotted key, value, bounds) of every bounded field under a structured node, depth first."""
+    kind = OmegaConf.get_type(node)
+    fields = {f.name: f for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else {}
+    for name in node:
+        if name == "hydra" and not prefix:
+            continue
+        child = node._get_node(name)
+        if isinstance(child, DictConfig):
+            if not child._is_none():
+                yield from _bounded(child, f"{prefix}{name}.")
+        elif name in fields and fields[name].metadata:
+            yield f"{prefix}{name}", node[name], fields[name].metadata
+
+
+def _noise(cfg: DictConfig) -> None:
+    n = cfg.get("noise")
+    if n is None:
+        return
+    if n.type == "bitflip" and n.scale > 1:
+        raise ConfigError("noise.scale", f"is a flip probability for noise.type=bitflip: must be <= 1, got {n.scale}")
+    if n.type != "none":
+        for key in ("ops", "phases"):
+            if not n[key]:
+                raise ConfigError(f"noise.{key}", f"is empty while noise.type={n.type}; name at least one")
+    if n.layers is not None:
+        lay = list(n.layers)
+        if len(lay) != 2 or lay[0] < 0 or lay[0] > lay[1]:
+            raise ConfigError("noise.layers", f"must be [lo, hi] with 0 <= lo <= hi, got {lay}")
+    for key in ("include", "exclude"):
+        for pattern in n[key] or []:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"noise.{key}", f"bad regex {pattern!r}: {err}") from None
+
+
+def _eval_limit(cfg: DictConfig) -> None:
+    limit = cfg.eval.limit
+    ok = limit is None or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1) \
+        or (isinstance(limit, float) and 0 < limit < 1)
+    if not ok:
+        raise ConfigError("eval.limit", f"must be null, a number of items >= 1 or a fraction in (0, 1), got {limit!r}")
+
+
+def _testbed(cfg: DictConfig) -> None:
+    tb = cfg.testbed
+    schema = KIND_SCHEMAS[str(tb.kind)]
+    if not issubclass(OmegaConf.get_type(tb), schema):
+        raise ConfigError("testbed.kind", f"{tb.kind} needs a testbed file built on the {schema.__name__} schema "
+                                          f"(defaults: - /testbed/schema_{tb.kind}@testbed); this one is "
+                                          f"{OmegaConf.get_type(tb).__name__}")
+    if tb.kind == "tiny" and tb.data.min_ops > tb.data.max_ops:
+        raise ConfigError("testbed.data.min_ops", f"must be <= testbed.data.max_ops ({tb.data.max_ops}), "
+                                                  f"got {tb.data.min_ops}")
