@@ -24,16 +24,22 @@ class ConfigError(ValueError):
 
 
 def check(cfg: DictConfig) -> None:
-    """Raise ``ConfigError`` on the first broken range or cross-field rule of a composed config."""
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    """Raise ``ConfigError`` on the first unset key, broken range or cross-field rule of a composed config."""
+    check_node(cfg)
+    _noise(cfg)
+    _eval_limit(cfg)
+    check_testbed(cfg.testbed)
+
+
+def check_node(node: DictConfig, prefix: str = "") -> None:
+    """Unset (``???``) keys and the ranges of every ``bounded`` field under a structured node."""
+    missing = sorted(prefix + k for k in OmegaConf.missing_keys(node) if not k.startswith("hydra."))
     if missing:
         raise ConfigError(missing[0], f"has no value (set it on the command line or in its conf/ file; "
                                       f"all unset: {missing})")
-    for key, value, meta in _bounded(cfg, ""):
+    for key, value, meta in _bounded(node, prefix):
         if out_of_range(value, meta):
             raise ConfigError(key, f"must be {describe(meta)}, got {value!r}")
-    for rule in (_noise, _eval_limit, _testbed):
-        rule(cfg)
 
 
 def _bounded(node: DictConfig, prefix: str) -> Iterator[tuple[str, Any, dict]]:
@@ -81,13 +87,13 @@ def _eval_limit(cfg: DictConfig) -> None:
         raise ConfigError("eval.limit", f"must be null, a number of items >= 1 or a fraction in (0, 1), got {limit!r}")
 
 
-def _testbed(cfg: DictConfig) -> None:
-    tb = cfg.testbed
+def check_testbed(tb: DictConfig, prefix: str = "testbed.") -> None:
+    """The testbed's rules across fields: its schema matches its kind; ``data.min_ops <= data.max_ops``."""
     schema = KIND_SCHEMAS[str(tb.kind)]
     if not issubclass(OmegaConf.get_type(tb), schema):
-        raise ConfigError("testbed.kind", f"{tb.kind} needs a testbed file built on the {schema.__name__} schema "
-                                          f"(defaults: - /testbed/schema_{tb.kind}@testbed); this one is "
-                                          f"{OmegaConf.get_type(tb).__name__}")
+        raise ConfigError(f"{prefix}kind", f"{tb.kind} needs a testbed file built on the {schema.__name__} schema "
+                                           f"(defaults: - /schema/testbed/{tb.kind}@...); this one is "
+                                           f"{OmegaConf.get_type(tb).__name__}")
     if tb.kind == "tiny" and tb.data.min_ops > tb.data.max_ops:
-        raise ConfigError("testbed.data.min_ops", f"must be <= testbed.data.max_ops ({tb.data.max_ops}), "
-                                                  f"got {tb.data.min_ops}")
+        raise ConfigError(f"{prefix}data.min_ops", f"must be <= {prefix}data.max_ops ({tb.data.max_ops}), "
+                                                   f"got {tb.data.min_ops}")
