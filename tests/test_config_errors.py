@@ -3,6 +3,7 @@ model or data work and before Hydra makes a run folder. Run as a user would, in 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ CASES = [  # (override, key, what the message must say is valid)
     ("noise.scale=abc", "noise.scale", "Float"),
     ("eval.eval_every=0", "eval.eval_every", ">= 1"),
     ("noise.scale=-1", "noise.scale", ">= 0"),
-    ("noise.type=foo", "noise.type", "relative_gaussian"),
+    ("noise.type=foo", "noise.type", "valid choices: ['none', 'relative_gaussian'"),
     ("testbed.data.max_ops=x", "testbed.data.max_ops", "Integer"),
     ("trainer.max_step=3", "trainer.max_step", "max_steps"),          # a typo: the valid keys are listed
     ("device=tpu", "device", "cuda"),
@@ -44,7 +45,7 @@ def test_bad_value_is_one_line_exit_2_no_run_folder(tmp_path, override, key, val
     out, seconds = launch([override], results)
     assert out.returncode == 2, out.stderr
     first = out.stderr.strip().splitlines()[0]
-    assert first.startswith(f"noisebench: error: {key}: ") and valid in first, out.stderr
+    assert re.match(rf"noisebench: error: {re.escape(key)}[:=]", first) and valid in first, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
     assert not results.exists(), list(results.rglob("*"))
     assert seconds < LIMIT_S, f"{override}: rejected after {seconds:.1f} s"

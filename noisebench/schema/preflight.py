@@ -12,11 +12,10 @@ import sys
 from typing import Optional, Sequence
 
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
 
 from noisebench.schema import register
-from noisebench.schema.rules import ConfigError, check
+from noisebench.schema.rules import ConfigError, check, omegaconf_message
 
 EXIT_USAGE = 2  # as argparse: the command line is wrong, nothing ran
 CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
@@ -68,9 +67,6 @@ def explain(err: BaseException) -> str:
     """One line naming the key and what is valid, from a rule, Hydra or OmegaConf error."""
     cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
-        msg = str(cause.msg).splitlines()[0]
-        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.parent_node is not None:
-            msg += f"; valid keys: {list(cause.parent_node.keys())}"
-        return f"{cause.full_key}: {msg}"
+        return omegaconf_message(cause)
     text = str(err).split("Config search path:")[0]  # a missing option: keep the options Hydra lists, not its paths
     return re.sub(r"\s*\n\s*", " ", text.strip())  # Hydra's own message, on one line

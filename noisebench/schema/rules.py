@@ -10,6 +10,7 @@ import re
 from typing import Any, Iterator
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from noisebench.schema.fields import describe, out_of_range
 from noisebench.schema.testbed import KIND_SCHEMAS
@@ -21,6 +22,18 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+def omegaconf_message(err: OmegaConfBaseException, prefix: str = "") -> str:
+    """One line from an OmegaConf type, choice or key error: ``key: what is wrong; valid ...``."""
+    key = f"{prefix}{err.full_key}"
+    msg = str(err.msg).splitlines()[0]
+    choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
+    if choice:
+        return f"{key}={choice[1]!r}; valid choices: {choice[2].split(', ')}"
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.parent_node is not None:
+        return f"{key}: unknown key; valid keys: {list(err.parent_node.keys())}"
+    return f"{key}: {msg}"
 
 
 def check(cfg: DictConfig) -> None:

@@ -93,7 +93,7 @@ def check_schema(cfg: Mapping) -> None:
     from omegaconf import OmegaConf
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-    from noisebench.schema.rules import check_node, check_testbed
+    from noisebench.schema.rules import check_node, check_testbed, omegaconf_message
     from noisebench.schema.testbed import KIND_SCHEMAS
 
     if cfg.get("kind") not in KIND_SCHEMAS:
@@ -105,6 +105,6 @@ def check_schema(cfg: Mapping) -> None:
         valid = list(err.parent_node.keys()) if err.parent_node is not None else []
         raise ValueError(f"{where} has unknown keys [{key!r}]; valid keys: {valid}") from None
     except OmegaConfBaseException as err:
-        raise ValueError(f"testbed.{err.full_key}: {str(err.msg).splitlines()[0]}") from None
+        raise ValueError(omegaconf_message(err, "testbed.")) from None
     check_node(node, "testbed.")
     check_testbed(node)
