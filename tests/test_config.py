@@ -214,3 +214,31 @@ def test_eval_only_config_is_typed():
     assert cfg.eval.clean_too is True
     with pytest.raises(ConfigCompositionException):
         compose(["eval.batch_size=many"], config_name="eval_only")
+
+
+def test_testbed_cache_hash_is_the_same_composed_or_read_raw():
+    """The schema adds null optional sections and a defaults list to the file; the builder's view (to_plain) and so
+    the warm-start cache folder stay those of the file read raw."""
+    from noisebench.testbeds.base import check_schema, to_plain
+    from noisebench.testbeds.tiny_arith import cache_folder
+
+    raw = to_plain(OmegaConf.load(REPO / "conf" / "testbed" / "tiny_arith.yaml"))
+    composed = to_plain(compose().testbed)
+    assert "defaults" not in raw and "mistakes" not in composed["warmstart"]
+    assert composed == raw and cache_folder(composed, "/c") == cache_folder(raw, "/c")
+    check_schema(raw)
+
+
+@pytest.mark.parametrize("over, match", [
+    ({"warmstart": {"steps": "many"}}, r"testbed.warmstart.steps: .*Integer"),
+    ({"data": {"ops": ["add", "pow"]}}, r"testbed.data.ops\[1\]='pow'; valid choices: \['add', 'sub', 'mul', 'div'\]"),
+    ({"data": {"min_ops": 3, "max_ops": 2}}, r"testbed.data.min_ops: must be <= testbed.data.max_ops"),
+    ({"warmstart": {"lr": -1.0}}, r"testbed.warmstart.lr: must be > 0"),
+    ({"model": {"hidden_sise": 64}}, r"testbed.model has unknown keys \['hidden_sise'\]; valid keys: \['hidden_size'"),
+])
+def test_check_schema_names_the_key_without_hydra(over, match):
+    from noisebench.testbeds.base import check_schema, to_plain
+
+    cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "testbed" / "tiny_arith.yaml"), over)
+    with pytest.raises(ValueError, match=match):
+        check_schema(to_plain(cfg))
