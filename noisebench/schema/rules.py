@@ -31,6 +31,10 @@ def omegaconf_message(err: OmegaConfBaseException, prefix: str = "") -> str:
     choice = re.fullmatch(r"Invalid value '(.*)', expected one of \[(.*)\]", msg)
     if choice:
         return f"{key}={choice[1]!r}; valid choices: {choice[2].split(', ')}"
+    typed = re.fullmatch(r"Value '(.*)' of type '.*' could not be converted to (\w+)", msg)
+    if typed:
+        kind = typed[2].lower()
+        return f"{key}={typed[1]!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.parent_node is not None:
         return f"{key}: unknown key; valid keys: {list(err.parent_node.keys())}"
     return f"{key}: {msg}"
