@@ -8,10 +8,17 @@ Ranges ride in the dataclass field's metadata (``bounded``), next to the type, a
 from __future__ import annotations
 
 import dataclasses
-from enum import StrEnum
+from enum import Enum
 from typing import Any, Iterable, Optional
 
 from omegaconf import MISSING
+
+try:
+    from enum import StrEnum
+except ImportError:  # Python 3.10: the same behaviour, spelled out
+    class StrEnum(str, Enum):
+        __str__ = str.__str__
+        __format__ = str.__format__
 
 
 def choices(name: str, values: Iterable[str]) -> type[StrEnum]:

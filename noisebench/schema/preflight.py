@@ -21,8 +21,15 @@ EXIT_USAGE = 2  # as argparse: the command line is wrong, nothing ran
 CONFIG_ERRORS = (ConfigError, HydraException, OmegaConfBaseException)
 
 
-def preflight(config_dir: str, config_name: str, argv: Optional[Sequence[str]] = None, prog: str = "noisebench") -> None:
-    """Compose and check the config(s) ``argv`` asks for; on a bad value print one line and exit 2."""
+def preflight(config_dir: str, config_name: str, argv: Optional[Sequence[str]] = None,
+              prog: str = "noisebench") -> None:
+    """Compose and check the config(s) ``argv`` asks for; on a bad value print one line and exit 2.
+
+    Args:
+        config_dir: the config tree Hydra reads: an absolute folder or ``pkg://package.path``.
+        config_name: the primary config (``config`` or ``eval_only``).
+        argv: the command line after the program name; default ``sys.argv[1:]``.
+    """
     try:
         for overrides in _jobs(argv if argv is not None else sys.argv[1:]):
             check(_compose(config_dir, config_name, overrides))
@@ -54,18 +61,22 @@ def _jobs(argv: Sequence[str]) -> list[list[str]]:
 
 
 def _compose(config_dir: str, config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     register()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+    if config_dir.startswith("pkg://"):
+        tree = initialize_config_module(config_module=config_dir[len("pkg://"):], version_base="1.3")
+    else:
+        tree = initialize_config_dir(config_dir=config_dir, version_base="1.3")
+    with tree:
         return compose(config_name=config_name, overrides=overrides)
 
 
 def explain(err: BaseException) -> str:
     """One line naming the key and what is valid, from a rule, Hydra or OmegaConf error."""
-    cause = err if isinstance(err, OmegaConfBaseException) else err.__cause__
+    cause = err if isinstance(err, OmegaConfBaseException) else (err.__cause__ or err.__context__)
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         return omegaconf_message(cause)
     text = str(err).split("Config search path:")[0]  # a missing option: keep the options Hydra lists, not its paths

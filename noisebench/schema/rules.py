@@ -1,7 +1,9 @@
-"""Rules Hydra's types cannot express, checked right after composition: ranges (``bounded`` fields) and rules
-across fields. Each failure is a ``ConfigError`` naming the key and the valid range or choices.
+"""Rules Hydra's types cannot express: ranges (``bounded`` fields) and rules across fields. Each failure is a
+``ConfigError`` naming the key and the valid range or choices.
 
-Only the Hydra path runs these; ``NoiseSpec`` and the testbed builders keep their own checks for use without Hydra.
+The CLI runs them on each composed config before Hydra starts the run (``preflight``); ``testbeds.base.check_schema``
+runs the testbed's on a config read without Hydra. The noise rules restate a few of ``NoiseSpec``'s (bitflip scale,
+layers, regexes) because the engine's check would load torch first; NoiseSpec keeps its own for use without Hydra.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from noisebench.schema.fields import describe, out_of_range
-from noisebench.schema.testbed import KIND_SCHEMAS
+from noisebench.schema.testbed import KIND_SCHEMAS, TestbedConfig
 
 
 class ConfigError(ValueError):
@@ -36,7 +38,10 @@ def omegaconf_message(err: OmegaConfBaseException, prefix: str = "") -> str:
         kind = typed[2].lower()
         return f"{key}={typed[1]!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.parent_node is not None:
-        return f"{key}: unknown key; valid keys: {list(err.parent_node.keys())}"
+        hint = ""
+        if OmegaConf.get_type(err.parent_node) is TestbedConfig:  # a testbed file that names no kind schema
+            hint = " (a testbed file starts its defaults list with its kind's schema: - /schema/testbed/tiny@...)"
+        return f"{key}: unknown key; valid keys: {list(err.parent_node.keys())}{hint}"
     return f"{key}: {msg}"
 
 
