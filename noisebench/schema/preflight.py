@@ -11,6 +11,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,15 +33,17 @@ def preflight(config_dir: str, config_name: str, argv: Optional[Sequence[str]] =
         argv: the command line after the program name; default ``sys.argv[1:]``.
     """
     try:
-        for overrides in _jobs(argv if argv is not None else sys.argv[1:]):
-            check(_compose(config_dir, config_name, overrides))
+        jobs = _jobs(argv if argv is not None else sys.argv[1:])
+        if jobs:
+            with _config_tree(config_dir):
+                for overrides in jobs:
+                    check(compose(config_name=config_name, overrides=overrides))
     except CONFIG_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {explain(err)}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE) from None
     finally:
-        from hydra.core.global_hydra import GlobalHydra
         GlobalHydra.instance().clear()  # leave Hydra as found: the real launch initialises it again
 
 
@@ -60,18 +64,15 @@ def _jobs(argv: Sequence[str]) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def _compose(config_dir: str, config_name: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+def _config_tree(config_dir: str):
+    """Hydra initialised on the tree the launch reads: an absolute folder or ``pkg://package.path``."""
+    from hydra import initialize_config_dir, initialize_config_module
 
     register()
     GlobalHydra.instance().clear()
     if config_dir.startswith("pkg://"):
-        tree = initialize_config_module(config_module=config_dir[len("pkg://"):], version_base="1.3")
-    else:
-        tree = initialize_config_dir(config_dir=config_dir, version_base="1.3")
-    with tree:
-        return compose(config_name=config_name, overrides=overrides)
+        return initialize_config_module(config_module=config_dir[len("pkg://"):], version_base="1.3")
+    return initialize_config_dir(config_dir=config_dir, version_base="1.3")
 
 
 def explain(err: BaseException) -> str:
