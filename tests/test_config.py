@@ -211,7 +211,10 @@ def test_eval_only_config_is_typed():
 
     cfg = compose(config_name="eval_only")
     check(cfg)
-    assert cfg.eval.clean_too is True
+    assert cfg.eval.clean_too is True and cfg.trainer is None
+    qwen = compose(["testbed=qwen2_5_1_5b_gsm8k"], config_name="eval_only")  # the file overrides the trainer group
+    check(qwen)
+    assert qwen.testbed.kind == "hf" and qwen.eval.clean_too is True
     with pytest.raises(ConfigCompositionException):
         compose(["eval.batch_size=many"], config_name="eval_only")
 

@@ -135,6 +135,7 @@ class EvalOnlyConfig:
 
     checkpoint: Optional[str] = None
     experiment: str = MISSING
+    trainer: Optional[TrainerConfig] = None   # unused: present because testbed files may override the trainer
     seed: int = bounded(MISSING, ge=0)
     device: Device = Device.auto
     results_dir: str = MISSING
