@@ -51,24 +51,27 @@ def to_plain(cfg: Any) -> dict:
     ``testbed:``; neither is a testbed key. A section the schema makes optional and the file leaves out composes as
     null; the builders read null as absent, and so must the cache hash: such sections are dropped.
     """
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-        for path in _null_sections(cfg):
-            *parents, last = path
-            node = plain
-            for key in parents:
-                node = node[key]
-            node.pop(last, None)
-    elif isinstance(cfg, Mapping):
-        plain = {k: to_plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
-    else:
-        raise TypeError(f"testbed config must be a mapping or DictConfig, got {type(cfg).__name__}")
+    plain = _plain(cfg)
     if "kind" not in plain and isinstance(plain.get("testbed"), dict):
         plain = plain["testbed"]
     plain.pop("defaults", None)
     return plain
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        for *parents, last in _null_sections(cfg):
+            node = plain
+            for key in parents:
+                node = node[key]
+            node.pop(last, None)
+        return plain
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"testbed config must be a mapping or DictConfig, got {type(cfg).__name__}")
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
 
 
 def _null_sections(node, path=()) -> list[tuple]:
