@@ -187,6 +187,8 @@ def test_noise_spec_is_validated_once_on_the_way_to_the_kernel(monkeypatch):
     (["testbed.warmstart.lr=0"], "testbed.warmstart.lr"),
     (["testbed.data.min_ops=4"], "testbed.data.min_ops"),
     (["testbed=qwen2_5_1_5b_gsm8k", "testbed.max_prompt_length=0"], "testbed.max_prompt_length"),
+    (["trainer.prompts_per_step=3", "trainer.num_generations=3", "trainer.args.gradient_accumulation_steps=2"],
+     "trainer.prompts_per_step"),
 ])
 def test_rules_name_the_key(overrides, key):
     from noisebench.schema import ConfigError, check

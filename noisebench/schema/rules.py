@@ -8,6 +8,7 @@ layers, regexes) because the engine's check would load torch first; NoiseSpec ke
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from typing import Any, Iterator
 
@@ -51,6 +52,8 @@ def check(cfg: DictConfig) -> None:
     _noise(cfg)
     _eval_limit(cfg)
     check_testbed(cfg.testbed)
+    if cfg.get("trainer") is not None:
+        _batch_split(cfg.trainer)
 
 
 def check_node(node: DictConfig, prefix: str = "") -> None:
@@ -107,6 +110,20 @@ def _eval_limit(cfg: DictConfig) -> None:
         or (isinstance(limit, float) and 0 < limit < 1)
     if not ok:
         raise ConfigError("eval.limit", f"must be null, a number of items >= 1 or a fraction in (0, 1), got {limit!r}")
+
+
+def _batch_split(t: DictConfig) -> None:
+    """One optimizer step's completions split evenly over processes and accumulation steps (TRL's generation batch
+    is per-device x WORLD_SIZE x gradient_accumulation_steps). ``accelerate launch`` sets WORLD_SIZE before this runs."""
+    completions = t.prompts_per_step * t.num_generations
+    ga = int(t.args.get("gradient_accumulation_steps") or 1)
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if completions % (world * ga):
+        raise ConfigError("trainer.prompts_per_step", f"{t.prompts_per_step} x trainer.num_generations "
+                                                      f"{t.num_generations} = {completions} completions a step do not "
+                                                      f"split over WORLD_SIZE={world} x trainer.args."
+                                                      f"gradient_accumulation_steps={ga}: choose values whose product "
+                                                      f"divides {completions}")
 
 
 def check_testbed(tb: DictConfig, prefix: str = "testbed.") -> None:
