@@ -247,3 +247,18 @@ def test_check_schema_names_the_key_without_hydra(over, match):
     cfg = OmegaConf.merge(OmegaConf.load(REPO / "conf" / "testbed" / "tiny_arith.yaml"), over)
     with pytest.raises(ValueError, match=match):
         check_schema(to_plain(cfg))
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"NOISEBENCH_NOISE_TYPE": "relative_gaussian", "NOISEBENCH_NOISE_SCALE": "abc"},
+     r"NOISEBENCH_NOISE_SCALE='abc' is not a number"),
+    ({"NOISEBENCH_NOISE_TYPE": "bitflip", "NOISEBENCH_NOISE_SEED": "1.5"},
+     r"NOISEBENCH_NOISE_SEED='1.5' is not an integer"),
+    ({"VERL_NOISY_OPS_ENABLED": "1", "VERL_NOISY_OPS_SCALE": "x"}, r"VERL_NOISY_OPS_SCALE='x' is not a number"),
+    ({"NOISEBENCH_NOISE_SPEC": "{type: round}"}, r"NOISEBENCH_NOISE_SPEC is not a JSON object"),
+])
+def test_engine_env_errors_name_the_variable(env, match):
+    from noisebench.noise.env import spec_from_env
+
+    with pytest.raises(ValueError, match=match):
+        spec_from_env(env)
