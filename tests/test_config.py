@@ -120,16 +120,17 @@ def test_schema_choices_are_the_engine_choices():
     assert [m.value for m in nodes.BitField] == list(spec.BIT_FIELDS)
 
 
-@pytest.mark.parametrize("name", ["tiny_arith", "qwen2_5_1_5b_gsm8k"])
-def test_schema_keeps_every_testbed_value_and_type(name):
-    """The composed testbed holds the file's values with their YAML types (the warm-start cache hash and the
-    setting fingerprint hash them), plus null for the optional sections the file leaves out."""
+@pytest.mark.parametrize("group, name", [("testbed", "tiny_arith"), ("testbed", "qwen2_5_1_5b_gsm8k"),
+                                         ("trainer", "grpo_tiny"), ("trainer", "grpo_qwen")])
+def test_schema_keeps_every_value_and_type(group, name):
+    """A composed testbed or trainer holds its file's values with their YAML types (the warm-start cache hash and
+    the setting fingerprint hash them), plus null for the optional sections the file leaves out."""
     import json
 
-    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "testbed" / f"{name}.yaml"), resolve=False)
-    raw = raw.get("testbed", raw)  # a global-package file nests its keys
+    raw = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / group / f"{name}.yaml"), resolve=False)
+    raw = raw.get(group, raw)  # a global-package file nests its keys
     raw.pop("defaults", None)
-    composed = OmegaConf.to_container(compose([f"testbed={name}"]).testbed, resolve=False)
+    composed = OmegaConf.to_container(compose([f"{group}={name}"])[group], resolve=False)
 
     def same(a, b, path=""):
         for k, v in a.items():

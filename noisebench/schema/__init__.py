@@ -5,12 +5,13 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 from noisebench.schema.nodes import (AQNConfig, EvalConfig, EvalOnlyConfig, LeaderboardConfig, LoggerConfig,
-                                     NoiseConfig, RootConfig, TrainerConfig)
+                                     NoiseConfig, RootConfig, TrainerConfig, VLLMTrainerConfig)
 from noisebench.schema.rules import ConfigError, check
 from noisebench.schema.testbed import HFTestbed, TestbedConfig, TinyTestbed
 
 __all__ = ["register", "check", "ConfigError", "RootConfig", "EvalOnlyConfig", "NoiseConfig", "TrainerConfig",
-           "EvalConfig", "LoggerConfig", "AQNConfig", "LeaderboardConfig", "TestbedConfig", "TinyTestbed", "HFTestbed"]
+           "VLLMTrainerConfig", "EvalConfig", "LoggerConfig", "AQNConfig", "LeaderboardConfig", "TestbedConfig",
+           "TinyTestbed", "HFTestbed"]
 
 
 def register() -> None:
@@ -20,3 +21,4 @@ def register() -> None:
     cs.store(group="schema", name="eval_only", node=EvalOnlyConfig)   # conf/eval_only.yaml
     cs.store(group="schema/testbed", name="tiny", node=TinyTestbed)   # conf/testbed/*: - /schema/testbed/tiny@...
     cs.store(group="schema/testbed", name="hf", node=HFTestbed)
+    cs.store(group="schema/trainer", name="vllm", node=VLLMTrainerConfig)  # conf/trainer/grpo_qwen.yaml

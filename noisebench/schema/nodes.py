@@ -61,8 +61,15 @@ class TrainerConfig:
     num_generations: int = bounded(MISSING, ge=2)  # GRPO normalises rewards within a group: needs two or more
     save_total_limit: int = bounded(MISSING, ge=1)  # resume needs a checkpoint left on disk
     unfused_lm_head: bool = False
-    vllm_enforce_eager: bool = True                # vLLM rollouts only (noisebench/train/vllm.py)
     args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VLLMTrainerConfig(TrainerConfig):
+    """A recipe that may roll out in vLLM (``trainer.args.use_vllm``); its file names this schema first, so the
+    recipes that never do carry no vLLM key (their setting fingerprint stays as it was)."""
+
+    vllm_enforce_eager: bool = MISSING             # noisebench/train/vllm.py says why it must be true under noise
 
 
 @dataclass

@@ -114,7 +114,7 @@ def _eval_limit(cfg: DictConfig) -> None:
 
 def _batch_split(t: DictConfig) -> None:
     """One optimizer step's completions split evenly over processes and accumulation steps (TRL's generation batch
-    is per-device x WORLD_SIZE x gradient_accumulation_steps). ``accelerate launch`` sets WORLD_SIZE before this runs."""
+    is per-device x WORLD_SIZE x gradient_accumulation_steps); ``accelerate launch`` sets WORLD_SIZE before this."""
     completions = t.prompts_per_step * t.num_generations
     ga = int(t.args.get("gradient_accumulation_steps") or 1)
     world = int(os.environ.get("WORLD_SIZE") or 1)
