@@ -3,6 +3,8 @@ code 2, before any import of torch, any model or data work, and before Hydra cre
 
 Composes exactly what Hydra will (same conf dir, overrides, and every job of a ``-m`` sweep), then applies the
 schemas' rules (``noisebench.schema.rules``). ``HYDRA_FULL_ERROR=1`` keeps the traceback for developers.
+The command line is read with Hydra's own parser and basic sweeper (``hydra._internal``, stable within the pinned
+hydra-core 1.3), so a sweep splits here as it will in the launch.
 """
 from __future__ import annotations
 
