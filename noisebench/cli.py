@@ -16,12 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from noisebench import __version__
 from noisebench.resources import resource_dir
+from noisebench.schema import register
+from noisebench.schema.preflight import preflight
 from noisebench.train.rundirs import register_resolvers
 
 CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR") or str(resource_dir("conf"))  # the package's, or the checkout's
 log = logging.getLogger("noisebench")
 
 register_resolvers()
+register()  # the schemas conf/ names in its defaults lists
 
 
 def threads_per_run(cfg: DictConfig) -> int | None:
@@ -60,10 +63,12 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench`` (and ``python -m noisebench``): exits non-zero when a dry run finds problems."""
+    """``noisebench`` (and ``python -m noisebench``): exits non-zero when a dry run finds problems, 2 on a bad
+    config value."""
     if sys.argv[1:] == ["--version"]:  # Hydra owns every other argument
         print(f"noisebench {__version__}")
         return
+    preflight(CONF_DIR, "config")
     _main()
 
 
@@ -76,6 +81,7 @@ def _eval_main(cfg: DictConfig) -> float | None:
 
 def eval_main() -> None:
     """``noisebench-eval``: evaluate any checkpoint or hub model under any noise spec, without training."""
+    preflight(CONF_DIR, "eval_only", prog="noisebench-eval")
     _eval_main()
 
 

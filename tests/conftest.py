@@ -28,9 +28,11 @@ def compose(overrides: list[str] | None = None, config_name: str = "config"):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from noisebench.schema import register
     from noisebench.train.rundirs import register_resolvers
 
     register_resolvers()
+    register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=overrides or [])

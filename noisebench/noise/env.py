@@ -38,6 +38,14 @@ def _flag(value: str, key: str) -> bool:
     raise ValueError(f"{key}={value!r} is not a boolean; valid choices: {sorted(_TRUE | _FALSE)}")
 
 
+def _number(kind: type, value: str, key: str):
+    """``kind(value)``, or a ValueError naming the variable (a bare ``float('abc')`` error names none)."""
+    try:
+        return kind(value.strip())
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def spec_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[NoiseSpec]:
     """The spec the environment asks for, or None when noise is not switched on there."""
     env = os.environ if environ is None else environ
@@ -51,11 +59,14 @@ def spec_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Noise
         if env.get("VERL_NOISY_OPS_TYPE"):
             d["type"] = env["VERL_NOISY_OPS_TYPE"].strip()
         if env.get("VERL_NOISY_OPS_SCALE"):
-            d["scale"] = float(env["VERL_NOISY_OPS_SCALE"])
+            d["scale"] = _number(float, env["VERL_NOISY_OPS_SCALE"], "VERL_NOISY_OPS_SCALE")
         if env.get("VERL_NOISY_OPS_ALL_OPS") and _flag(env["VERL_NOISY_OPS_ALL_OPS"], "VERL_NOISY_OPS_ALL_OPS"):
             d["ops"] = ["extended", "layer_norm"]
     if env.get(PREFIX + "SPEC"):
-        d.update(json.loads(env[PREFIX + "SPEC"]))
+        try:
+            d.update(json.loads(env[PREFIX + "SPEC"]))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{PREFIX}SPEC is not a JSON object of NoiseSpec fields: {err}") from None
     known = {PREFIX + "SPEC", PREFIX + "ENABLED"}
     for key, value in env.items():
         if not key.startswith(PREFIX) or key in known:
@@ -66,13 +77,13 @@ def spec_from_env(environ: Optional[Mapping[str, str]] = None) -> Optional[Noise
         if name in ("ops", "phases", "include", "exclude", "layers"):
             d[name] = [s.strip() for s in value.split(",") if s.strip()]
             if name == "layers":
-                d[name] = [int(s) for s in d[name]]
+                d[name] = [_number(int, s, key) for s in d[name]]
         elif name == "per_channel":
             d[name] = _flag(value, key)
         elif name == "seed":
-            d[name] = int(value)
+            d[name] = _number(int, value, key)
         elif name in ("scale", "telemetry_rate"):
-            d[name] = float(value)
+            d[name] = _number(float, value, key)
         else:
             d[name] = value.strip()
     if d.get("type", "none") == "none":

@@ -91,8 +91,25 @@ class NoiseSpec:
         """The phase names the spec enables, with ``all`` expanded."""
         return frozenset(PHASES) if "all" in self.phases else frozenset(self.phases)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def _fields(self) -> tuple:
+        return tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(self))
+
     def validate(self) -> "NoiseSpec":
-        """Check every field; raise ``ValueError`` naming the bad key and the valid choices. Returns self."""
+        """Check every field; raise ``ValueError`` naming the bad key and the valid choices. Returns self.
+
+        Construction validates; a later call re-checks only when a field changed since (the injector and the
+        runner call it again on the way to the kernel, and a test may change ``scale`` in place)."""
+        state = self._fields()
+        if self.__dict__.get("_valid") == state:
+            return self
+        self._check()
+        self.__dict__["_valid"] = state
+        return self
+
+    def _check(self) -> None:
         _choices("type", [self.type], NOISE_TYPES)
         if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) or self.scale < 0:
             raise ValueError(f"NoiseSpec.scale must be a finite number >= 0, got {self.scale!r}")
@@ -125,7 +142,6 @@ class NoiseSpec:
         _choices("bits", [self.bits], BIT_FIELDS)
         if not 0.0 <= float(self.telemetry_rate) <= 1.0:
             raise ValueError(f"NoiseSpec.telemetry_rate must be in [0, 1], got {self.telemetry_rate!r}")
-        return self
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain dict of the fields (lists copied), for records and loggers."""
@@ -133,7 +149,8 @@ class NoiseSpec:
 
     @classmethod
     def from_dict(cls, d: Any) -> "NoiseSpec":
-        """Build and validate a spec from a dict or an OmegaConf node; unknown keys raise naming the valid keys."""
+        """Build (and so validate) a spec from a dict or an OmegaConf node; unknown keys raise naming the valid
+        keys; a key set to None takes the spec's default (the Hydra schema leaves optional keys null)."""
         if d is None:
             return cls()
         if isinstance(d, cls):
@@ -145,14 +162,17 @@ class NoiseSpec:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"NoiseSpec: unknown key(s) {unknown}; valid keys: {names}")
-        kw = dict(d)
+        kw = {k: v for k, v in d.items() if v is not None}
         for key in ("ops", "phases", "include", "exclude"):  # accept "a,b" shorthand and tuples
             if isinstance(kw.get(key), str):
                 kw[key] = [s.strip() for s in kw[key].split(",") if s.strip()]
             elif kw.get(key) is not None:
-                kw[key] = list(kw[key])
+                kw[key] = [str(v) if isinstance(v, str) else v for v in kw[key]]  # str(): a schema's StrEnum
+        for key in ("type", "round_format", "rounding", "bits"):
+            if isinstance(kw.get(key), str):
+                kw[key] = str(kw[key])
         if kw.get("layers") is not None:
             kw["layers"] = [int(i) for i in kw["layers"]]
         if "scale" in kw:
             kw["scale"] = float(kw["scale"])
-        return cls(**kw).validate()
+        return cls(**kw)

@@ -1,8 +1,9 @@
-"""The Testbed record every consumer receives, the testbeds' error type, and config-node helpers."""
+"""The Testbed record every consumer receives, the testbeds' error type, and the config helpers (plain dict,
+schema check for use without Hydra)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 
 class TestbedError(RuntimeError):
@@ -44,20 +45,69 @@ class Testbed:
 
 
 def to_plain(cfg: Any) -> dict:
-    """An OmegaConf node or mapping as a plain, resolved dict."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    """A testbed config (OmegaConf node, mapping, or a testbed file read raw) as a plain, resolved dict.
+
+    A file read raw may carry its Hydra ``defaults`` list, and a global-package file nests its keys under
+    ``testbed:``; neither is a testbed key. A section the schema makes optional and the file leaves out composes as
+    null; the builders read null as absent, and so must the cache hash: such sections are dropped.
+    """
+    plain = _plain(cfg)
+    if "kind" not in plain and isinstance(plain.get("testbed"), dict):
+        plain = plain["testbed"]
+    plain.pop("defaults", None)
+    return plain
+
+
+def _plain(cfg: Any) -> dict:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        for *parents, last in _null_sections(cfg):
+            node = plain
+            for key in parents:
+                node = node[key]
+            node.pop(last, None)
+        return plain
     if not isinstance(cfg, Mapping):
         raise TypeError(f"testbed config must be a mapping or DictConfig, got {type(cfg).__name__}")
-    return {k: to_plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
+    return {k: _plain(v) if isinstance(v, Mapping) else v for k, v in cfg.items()}
 
 
-def require(cfg: Mapping, keys: Sequence[str], where: str = "testbed") -> None:
-    """Raise ValueError naming every missing key."""
-    missing = [k for k in keys if k not in cfg or cfg[k] is None]
-    if missing:
-        raise ValueError(f"{where} is missing keys {missing} (see conf/testbed/*.yaml for documented examples)")
+def _null_sections(node, path=()) -> list[tuple]:
+    """Paths of the structured sub-configs set to null under ``node``."""
+    from omegaconf import DictConfig
+
+    out = []
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig):
+            out += [path + (key,)] if child._is_none() else _null_sections(child, path + (key,))
+    return out
+
+
+def check_schema(cfg: Mapping) -> None:
+    """Check a plain testbed config against its kind's schema (``noisebench/schema/testbed.py``): missing, unknown
+    and mistyped keys, choices, ranges. The Hydra path checks this at composition; this is for use without Hydra.
+
+    Raises:
+        ValueError: naming the key (``testbed.<key>``) and what is valid.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    from noisebench.schema.rules import check_node, check_testbed, omegaconf_message
+    from noisebench.schema.testbed import KIND_SCHEMAS
+
+    if cfg.get("kind") not in KIND_SCHEMAS:
+        raise ValueError(f"testbed.kind={cfg.get('kind')!r}; valid choices: {list(KIND_SCHEMAS)}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(KIND_SCHEMAS[cfg["kind"]]), cfg)
+    except (ConfigAttributeError, ConfigKeyError) as err:  # an unknown key
+        where, _, key = f"testbed.{err.full_key}".rpartition(".")
+        valid = list(err.parent_node.keys()) if err.parent_node is not None else []
+        raise ValueError(f"{where} has unknown keys [{key!r}]; valid keys: {valid}") from None
+    except OmegaConfBaseException as err:
+        raise ValueError(omegaconf_message(err, "testbed.")) from None
+    check_node(node, "testbed.")
+    check_testbed(node)

@@ -9,24 +9,15 @@ import torch
 
 from noisebench.scoring import gold_answer, make_prompt
 from noisebench.testbeds import cache
-from noisebench.testbeds.base import Testbed, TestbedError, require
+from noisebench.testbeds.base import Testbed, TestbedError, check_schema
 from noisebench.testbeds.gsm8k import gsm8k_problems, load_gsm8k, write_records
-from noisebench.testbeds.warmstart import check_keys
 
-TOP_KEYS = ("name", "kind", "eval_task", "seed", "model_id", "model_path", "model_init", "tokenizer_path", "dtype",
-            "use_chat_template", "max_prompt_length", "max_completion_length", "data")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODEL_INITS = ("pretrained", "random")
 
 
 def validate(cfg: Mapping) -> None:
     """Refuse missing, unknown or out-of-range keys by name."""
-    require(cfg, ["name", "kind", "eval_task", "seed", "dtype", "max_prompt_length", "max_completion_length", "data"])
-    check_keys(cfg, TOP_KEYS, "testbed")
-    if cfg["dtype"] not in DTYPES:
-        raise ValueError(f"testbed.dtype={cfg['dtype']!r}; valid choices: {list(DTYPES)}")
-    if cfg.get("model_init", "pretrained") not in MODEL_INITS:
-        raise ValueError(f"testbed.model_init={cfg.get('model_init')!r}; valid choices: {list(MODEL_INITS)}")
+    check_schema(cfg)  # keys, types, choices (dtype, model_init), ranges
     if not (cfg.get("model_path") or cfg.get("model_id")) and cfg.get("model_init", "pretrained") == "pretrained":
         raise ValueError("testbed needs model_path (a local folder) or model_id (a hub id) when model_init=pretrained")
 

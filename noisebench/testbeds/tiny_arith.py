@@ -11,7 +11,7 @@ import torch
 from noisebench.scoring import gold_answer, make_prompt
 from noisebench.testbeds import cache
 from noisebench.testbeds.arith import ArithSpec, make_splits, write_jsonl
-from noisebench.testbeds.base import Testbed, require
+from noisebench.testbeds.base import Testbed, check_schema
 from noisebench.testbeds.tiny import random_model, tiny_config
 from noisebench.testbeds.tokenizer import build_tokenizer
 from noisebench.testbeds.warmstart import (FORMAT_KEYS, MISTAKE_KEYS, WARMSTART_KEYS, check_keys, greedy_accuracy,
@@ -25,11 +25,9 @@ BUILD_KEYS = ("kind", "seed", "max_completion_length", "data", "tokenizer", "mod
 
 def validate(cfg: Mapping) -> None:
     """Refuse missing or unknown keys by name before any work."""
-    require(cfg, ["name", "kind", "eval_task", "seed", "max_prompt_length", "max_completion_length", "data",
-                  "tokenizer", "model", "warmstart"])
+    check_schema(cfg)
     check_keys(cfg, TOP_KEYS, "testbed")
     check_keys(cfg["warmstart"], WARMSTART_KEYS, "testbed.warmstart")
-    require(cfg["warmstart"], ["steps"], "testbed.warmstart")
     if cfg["warmstart"].get("format") is not None:
         check_keys(cfg["warmstart"]["format"], FORMAT_KEYS, "testbed.warmstart.format")
         marked_topics(int(cfg["warmstart"]["format"]["marked_topics"]), int(cfg["seed"]))
