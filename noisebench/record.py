@@ -119,7 +119,14 @@ def setting(config: dict) -> dict:
             "eval": {k: ev.get(k) for k in SCORE_EVAL_KEYS}, "device": config.get("device")}
 
 
+def _drop_none(obj: Any) -> Any:
+    """Null keys mean "the builder's default": a section added to a schema as null must not change the setting."""
+    if isinstance(obj, dict):
+        return {k: _drop_none(v) for k, v in obj.items() if v is not None}
+    return obj
+
+
 def setting_fingerprint(config: dict) -> str:
     """Short stable hash of :func:`setting` (sorted JSON), stored in records and compared by the board and resume."""
-    blob = json.dumps(_jsonable(setting(config)), sort_keys=True, separators=(",", ":"))
+    blob = json.dumps(_drop_none(_jsonable(setting(config))), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -263,3 +263,10 @@ def test_engine_env_errors_name_the_variable(env, match):
 
     with pytest.raises(ValueError, match=match):
         spec_from_env(env)
+
+
+def test_mistake_rule_choices_are_the_testbeds():
+    from noisebench.schema.testbed import Mistake
+    from noisebench.testbeds.arith import MISTAKES
+
+    assert [m.value for m in Mistake] == list(MISTAKES)

@@ -124,6 +124,7 @@ class RootConfig:
     resume: bool = False
     dry_run: bool = False
     device: Device = Device.auto
+    threads: str = "auto"                       # torch threads per run: auto or a number >= 1 (rules.py)
     results_dir: str = MISSING
     cache_dir: str = MISSING
     leaderboard: LeaderboardConfig = field(default_factory=LeaderboardConfig)

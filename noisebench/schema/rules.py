@@ -49,6 +49,9 @@ def omegaconf_message(err: OmegaConfBaseException, prefix: str = "") -> str:
 def check(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` on the first unset key, broken range or cross-field rule of a composed config."""
     check_node(cfg)
+    threads = str(cfg.get("threads", "auto"))
+    if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+        raise ConfigError("threads", f"must be auto or a whole number >= 1, got {threads!r}")
     _noise(cfg)
     _eval_limit(cfg)
     check_testbed(cfg.testbed)

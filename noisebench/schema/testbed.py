@@ -18,6 +18,7 @@ Kind = choices("Kind", ["tiny", "hf"])
 ArithOp = choices("ArithOp", ["add", "sub", "mul", "div"])
 Dtype = choices("Dtype", ["bf16", "fp16", "fp32"])
 ModelInit = choices("ModelInit", ["pretrained", "random"])
+Mistake = choices("Mistake", ["sub_adds", "mul_swap", "triple_doubles"])  # noisebench.testbeds.arith.MISTAKES
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Mistakes:
     """``testbed.warmstart.mistakes``: share of SFT problems worked under consistent wrong rules."""
 
     share: float = bounded(MISSING, ge=0, le=1)
-    rules: List[str] = MISSING                      # names from noisebench.testbeds.arith.MISTAKES
+    rules: List[Mistake] = MISSING                  # wrong rules applied together on those problems
 
 
 @dataclass
