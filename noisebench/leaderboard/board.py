@@ -79,7 +79,7 @@ def _section(done: pd.DataFrame, fp: str, main: bool, diff: str, n_boot: int, se
         exps["note"] = [f"no baseline here: {why}"] * len(exps)
     else:
         for m in VERDICT_METRICS:
-            eligible = exps.n_diverged.eq(0) & exps.enough_seeds & ~exps.is_baseline
+            eligible = exps.n_diverged.eq(0) & exps[f"enough_{m}"] & ~exps.is_baseline
             exps[f"p_holm_{m}"] = stats.holm(exps[f"p_{m}"].where(eligible))
             exps[f"verdict_{m}"] = [_verdict(r, m, alpha) for r in exps.itertuples()]
         exps["note"] = [_note(r, sec, alpha) for r in exps.itertuples()]
@@ -99,7 +99,7 @@ def _arm_row(g: pd.DataFrame, group: str, is_base: bool, base: pd.DataFrame, sec
            "seeds": ",".join(str(s) for s in sorted(g.seed)), "n_diverged": int((g.status == "diverged").sum()),
            "noisy_flex": ok.final_flex.mean(), "reward_last": ok.reward_last.mean(), "k3": ok.k3.mean(),
            "steps_min": g.steps.min(), "steps_max": g.steps.max(), "wall_time_s": g.wall_time_s.mean(),
-           "enough_seeds": len(ok) >= 2 and len(base) >= 2}
+           "unshared_seeds": ",".join(str(s) for s in sorted(set(g.seed) - set(base.seed))) if not is_base else ""}
     for m, col in METRICS.items():
         vals = ok[col].to_numpy(float)
         row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
@@ -110,7 +110,8 @@ def _arm_row(g: pd.DataFrame, group: str, is_base: bool, base: pd.DataFrame, sec
         row.update({f"d_{m}": cmp.delta if cmp else math.nan, f"d_{m}_lo": cmp.lo if cmp else math.nan,
                     f"d_{m}_hi": cmp.hi if cmp else math.nan, f"p_{m}": cmp.p if cmp else math.nan,
                     f"p_tost_{m}": cmp.p_tost if cmp else math.nan, f"mde_{m}": cmp.mde if cmp else math.nan,
-                    f"method_{m}": cmp.method if cmp else "", f"df_{m}": cmp.df if cmp else math.nan})
+                    f"method_{m}": cmp.method if cmp else "", f"df_{m}": cmp.df if cmp else math.nan,
+                    f"enough_{m}": bool(cmp and cmp.enough_seeds)})
     if (sec.has_baseline and not is_base and len(ok) == 1 and len(base) == 1 and not sec.pools["noisy"].df > 0
             and ok.per_item.iloc[0] is not None and base.per_item.iloc[0] is not None
             and len(ok.per_item.iloc[0]) == len(base.per_item.iloc[0])):
@@ -127,7 +128,7 @@ def _verdict(r, m: str, alpha: float) -> str:
         return "diverged"
     if math.isnan(getattr(r, f"d_{m}")):
         return "n/a"
-    if not r.enough_seeds:
+    if not getattr(r, f"enough_{m}"):
         return "too few seeds"
     return str(stats.classify(getattr(r, f"d_{m}"), getattr(r, f"p_holm_{m}"), getattr(r, f"p_tost_{m}"), alpha))
 
@@ -143,6 +144,8 @@ def _note(r, sec: Section, alpha: float) -> str:
     for m in VERDICT_METRICS:
         if not r.is_baseline and getattr(r, f"p_{m}") < alpha <= getattr(r, f"p_holm_{m}"):
             notes.append(f"{m}: p {getattr(r, f'p_{m}'):.3f} alone, {getattr(r, f'p_holm_{m}'):.3f} after Holm")
+    if r.unshared_seeds and sec.has_baseline:
+        notes.append(f"seeds {r.unshared_seeds} not in the baseline")
     if getattr(r, "method_noisy", "") == "items only":
         notes.append("single-seed pair: CI over items only")
     return "; ".join(notes)

@@ -32,7 +32,6 @@ from scipy import stats
 
 ALPHA = 0.05
 POWER = 0.8
-VERDICTS = ("improved", "equivalent", "inconclusive", "degraded", "diverged", "too few seeds", "n/a")
 
 
 # ---- vectorised building blocks -------------------------------------------------------------------------------------
