@@ -126,7 +126,8 @@ def test_mismatched_setting_is_refused_with_its_reason(results):
     secs = tiny_sections(results[0])
     assert len(secs) == 2 and secs[0].main and not secs[1].main
     smoke = secs[1]
-    assert not smoke.has_baseline and "trainer.max_steps 100 vs 5" in smoke.diff and "eval.limit null vs 50" in smoke.diff
+    assert not smoke.has_baseline
+    assert "trainer.max_steps 100 vs 5" in smoke.diff and "eval.limit null vs 50" in smoke.diff
     r = smoke.exps.iloc[0]
     assert r.experiment == "smoke_e4c" and r.verdict_clean == "refused" and "trainer.max_steps 100 vs 5" in r.note
     assert math.isnan(r.d_clean)  # never compared with the sweep's baseline

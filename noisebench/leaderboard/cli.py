@@ -14,7 +14,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="leaderboards", help="output folder for the boards (default: leaderboards)")
     p.add_argument("--testbed", action="append", default=None,
                    help="only this testbed (repeatable; default: every testbed found)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for single-seed pairs' items-only CIs (default: 2000)")
+    p.add_argument("--bootstrap", type=int, default=2000, 
+                   help="bootstrap resamples for single-seed pairs' items-only CIs (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the bootstraps (default: 0)")
     p.add_argument("--reference", default=None, help="folder of external reference YAMLs (default: <out>/reference)")
     p.add_argument("--margin", type=float, default=None,

@@ -18,7 +18,8 @@ VERDICT_HELP = {
     "degraded / improved": "the Holm-adjusted two-sided test rejects delta = 0 (the 95% CI lies below / above 0)",
     "equivalent": "not degraded or improved, and both one-sided tests put delta inside ±margin (90% CI inside it)",
     "inconclusive": "neither: the seeds cannot tell (compare the row's MDE with the margin)",
-    "diverged": "a seed ended with NaN/inf", "too few seeds": "the row or the baseline has fewer than 2 runs: no verdict",
+    "diverged": "a seed ended with NaN/inf",
+    "too few seeds": "the row or the baseline has fewer than 2 runs: no verdict",
     "refused": "no baseline in this training setting; the row says which keys differ from the main setting",
     "n/a": "no score of that kind (records made without clean evaluation have no training-harm columns)"}
 
@@ -49,12 +50,13 @@ def _power(sec: Section, margin_pts: float, alpha: float) -> list[str]:
         return []
     rb = int(base.n_ok.iloc[0])
     ra = int(arms.n_ok.mode().max())
-    lines = [f"Statistics: one run = one score; seed variance pooled over the arms (balanced-design closed form, "
-             f"df = Σ(R−1)), 95% CIs on Student t; arms with outlying seed variance fall back to Welch (said on the row); "
-             f"Holm across the rows of each verdict column; equivalence margin ±{margin_pts:g} points (TOST at alpha "
-             f"{alpha:g}, i.e. the 90% CI inside the margin). Design: {ra} seeds per arm (typical), {rb} baseline runs. "
-             f"The board's minimum detectable effect (80% power, alpha {alpha:g} two-sided):", "",
-             "| metric | pooled seed SD (pts) | df | arms pooled | MDE (pts) | homogeneity |", "|:--|:--|:--|:--|:--|:--|"]
+    lines = ["Statistics: one run = one score; seed variance pooled over the arms (balanced-design closed form, "
+             "df = Σ(R−1)), 95% CIs on Student t; arms with outlying seed variance fall back to Welch (said on the "
+             f"row); Holm across the rows of each verdict column; equivalence margin ±{margin_pts:g} points (TOST at "
+             f"alpha {alpha:g}, i.e. the 90% CI inside the margin). Design: {ra} seeds per arm (typical), {rb} "
+             f"baseline runs. The board's minimum detectable effect (80% power, alpha {alpha:g} two-sided):", "",
+             "| metric | pooled seed SD (pts) | df | arms pooled | MDE (pts) | homogeneity |",
+             "|:--|:--|:--|:--|:--|:--|"]
     for m in METRICS:
         p = sec.pools[m]
         if not p.df > 0 or not arms[f"d_{m}"].notna().any():  # nothing compared on it (e.g. no clean evaluation)

@@ -55,7 +55,7 @@ def curve_auc(steps, values) -> float:
 
 
 def run_metrics(rec: dict) -> dict:
-    """Headline numbers of one run (fractions): clean/noisy final strict and flexible accuracy, clean AUC, reward, k3."""
+    """Headline numbers of one run (fractions): clean/noisy final strict and flex accuracy, clean AUC, reward, k3."""
     final = rec.get("final") or {}
     curve = sorted((c for c in rec.get("curve") or [] if c.get("step") is not None), key=lambda c: int(c["step"]))
     last = curve[-1] if curve else None

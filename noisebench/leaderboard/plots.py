@@ -94,7 +94,7 @@ def tolerance_plot(testbed: str, exps: pd.DataFrame, path: Path) -> Path | None:
                 ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                             va="top", ha="right", color="grey")
         ax.set_xscale("log")
-        ax.set(xlabel="noise scale", ylabel=f"Δ {'clean' if m == 'clean' else 'noisy'} accuracy vs baseline (pts, 95% CI)",
+        ax.set(xlabel="noise scale", ylabel=f"Δ {m} accuracy vs baseline (pts, 95% CI)",
                title=f"{testbed}: tolerance to noise scale")
         _finish(fig, ax, path)
     return path
