@@ -69,6 +69,16 @@ def test_equivalence_error_rates_at_the_design_power():
     assert np.array_equal(p_tost < 0.05, (lo90 > -MARGIN) & (hi90 < MARGIN))
 
 
+def test_holm_keeps_the_boards_familywise_error_at_alpha():
+    """15 arms with no effect (the size of the planned sweep): some row flagged on about 40% of boards without the
+    correction, on at most alpha + MC error with Holm."""
+    base, arms = board_scores(N_BOARDS, np.zeros(15), 6, 0.0124, 1000, np.random.default_rng(6))
+    d, se, dfp, lo, hi, p, p_tost = analyse(base, arms)
+    raw = (p < 0.05).any(axis=1).mean()
+    flagged = np.isin(stats.classify(d, holm_rows(p), p_tost), ["degraded", "improved"]).any(axis=1).mean()
+    assert raw >= 0.3 and flagged <= 0.05 + MC, (raw, flagged)
+
+
 def test_mde_is_the_effect_found_with_80_percent_power():
     rng = np.random.default_rng(2)
     probe_base, probe = board_scores(400, [0.0], 6, 0.012, 1000, rng)
