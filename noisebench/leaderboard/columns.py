@@ -101,8 +101,8 @@ class Column:
 
 
 COLUMNS = (
-    Column("rank", "#", lambda r: r["rank"], "rank by the training-harm delta; only the baseline and rows that differ "
-           "from it (degraded / improved) get a number"),
+    Column("rank", "#", lambda r: r["rank"], "rank by the training-harm delta (deployment harm where no clean scores); "
+           "only the baseline and rows that differ from it (degraded / improved) get a number"),
     Column("experiment", "experiment", lambda r: f"`{r.experiment}`", "experiment name (`+exp=NAME` preset); "
            "`baseline` pools every clean run of the setting"),
     Column("noise", "noise", lambda r: r.noise, "noise model (NoiseSpec.type, with its format/bits/variant) and AQN"),
