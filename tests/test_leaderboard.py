@@ -1,5 +1,6 @@
 """The leaderboard end to end on synthetic records written with the real record schema (noisebench.leaderboard)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 from noisebench.leaderboard import build_leaderboards
 from noisebench.leaderboard.cli import main as cli_main
 from noisebench.leaderboard.reference import REFERENCE_DIR
 from noisebench.leaderboard.synthetic import arm_matrix, item_difficulty, make_record, write_run
-from noisebench.leaderboard.table import experiments_frame, runs_frame
+from noisebench.leaderboard.board import sections
+from noisebench.leaderboard.table import runs_frame
 from noisebench.record import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,33 +27,56 @@ def rg(scale, **kw):
     return {"type": "relative_gaussian", "scale": scale, "ops": ["matmul_family"], "phases": ["all"], **kw}
 
 
+MAIN = {"testbed": {"name": "tiny_arith", "n_test": 1000}, "trainer": {"max_steps": 100}, "eval": {"limit": None}}
+SMOKE = {"testbed": {"name": "tiny_arith", "n_test": 1000}, "trainer": {"max_steps": 5}, "eval": {"limit": 50}}
+OFF = np.array([0.0, 0.01, -0.01, 0.0, 0.01, -0.01])  # the seeds' spread: pooled seed SD 0.9 points
+
+
+def vec(acc, n=1000):
+    """A 0/1 vector with exactly round(acc * n) ones: run accuracies chosen to the item."""
+    k = int(round(acc * n))
+    return np.r_[np.ones(k), np.zeros(n - k)]
+
+
+def arm(root, name, clean, noisy, noise=None, seeds=range(6), config=MAIN, **kw):
+    """Write one arm's runs: clean / noisy final accuracies (mean + the seeds' spread, or None: not scored)."""
+    for s in seeds:
+        c = None if clean is None else vec(clean + OFF[s % 6])
+        write_run(root, make_record("tiny_arith", name, s, vec(noisy + OFF[s % 6]), noise=noise, per_item_clean=c,
+                                    config=config, steps=config["trainer"]["max_steps"], eval_every=5,
+                                    wall_time_s=60.0 * (s + 1), **kw))
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """tiny_arith: baseline + a scale sweep with known effects, a diverged, a failed and a running run;
-    qwen2_5_1_5b_gsm8k: single-seed pair; nobase: no baseline; returns (root, per_item dict)."""
+    """tiny_arith: a 6-seed sweep with clean evaluation and known effects, a smoke run in another setting, diverged /
+    failed / running runs; qwen2_5_1_5b_gsm8k: a single-seed pair; nobase: no baseline."""
     root = tmp_path_factory.mktemp("results")
-    rng = np.random.default_rng(0)
-    p = item_difficulty(1000, rng)
-    vec = {}
-    arms = {"baseline": (None, 0.0), "e4b": (rg(1e-4), 0.0), "e4c": (rg(1e-3), 0.0), "e4d": (rg(1e-2), -0.1),
-            "harsh": (rg(1e-1), -0.3)}
-    for name, (noise, effect) in arms.items():
-        Y = arm_matrix(p, 3, effect, rng)
-        vec[name] = Y
-        for s in range(3):
-            write_run(root, make_record("tiny_arith", name, s, Y[s], noise=noise, wall_time_s=60.0 * (s + 1)))
-    write_run(root, make_record("tiny_arith", "bitflip_exponent", 0, None, status="diverged",
+    arm(root, "baseline", 0.50, 0.50)
+    arm(root, "baseline_repeat", 0.50, 0.50, seeds=(7, 8))  # clean, same setting: pooled into the baseline
+    arm(root, "e4b", 0.50, 0.50, rg(1e-4))  # no effect: equivalent
+    arm(root, "e4c", 0.487, 0.487, rg(1e-3))  # -1.3 points: clean p < 0.05 alone, not after Holm (noisy: 0.048)
+    arm(root, "deploy", 0.50, 0.40, rg(1e-2, phases=["eval"]))  # harms the noisy evaluation only
+    arm(root, "harsh", 0.40, 0.35, rg(1e-1))
+    for s in range(6):  # seed SD 10x the others': falls out of the pool
+        write_run(root, make_record("tiny_arith", "wild", s, vec(0.5 + 10 * OFF[s]), noise=rg(3e-2),
+                                    per_item_clean=vec(0.5 + 10 * OFF[s]), config=MAIN, steps=100))
+    arm(root, "one", 0.45, 0.45, rg(2e-2), seeds=(0,))
+    arm(root, "old", None, 0.49, rg(1e-3, ops=["linear"]))  # made without clean evaluation
+    write_run(root, make_record("tiny_arith", "bitflip_exponent", 0, None, status="diverged", config=MAIN,
                                 noise={"type": "bitflip", "scale": 1e-4, "ops": ["linear"], "phases": ["all"],
                                        "bits": "exponent"}))
-    write_run(root, make_record("tiny_arith", "e5", 0, None, status="failed", noise=rg(1e-3)))
-    write_run(root, make_record("tiny_arith", "e6", 1, None, status="running", noise=rg(1e-3)))
-    write_run(root, make_record("tiny_arith", "short_eval", 0, arm_matrix(p[:900], 1, 0.0, rng)[0], noise=rg(1e-3)))
+    write_run(root, make_record("tiny_arith", "e5", 0, None, status="failed", noise=rg(1e-3), config=MAIN))
+    write_run(root, make_record("tiny_arith", "e6", 1, None, status="running", noise=rg(1e-3), config=MAIN))
+    arm(root, "smoke_e4c", 0.2, 0.2, rg(1e-3), seeds=(0,), config=SMOKE)  # a short run: its own setting
+    rng = np.random.default_rng(0)
     q = item_difficulty(1319, rng)
-    for name, noise, eff in (("baseline", None, 0.0), ("e4c", rg(1e-3), 0.0)):
-        vec["q_" + name] = arm_matrix(q, 1, eff, rng)
-        write_run(root, make_record("qwen2_5_1_5b_gsm8k", name, 0, vec["q_" + name][0], noise=noise))
-    write_run(root, make_record("nobase", "e4c", 0, arm_matrix(p, 1, 0.0, rng)[0], noise=rg(1e-3)))
-    return root, vec
+    vecs = {}
+    for name, noise in (("baseline", None), ("e4c", rg(1e-3))):
+        vecs[name] = arm_matrix(q, 1, 0.0, rng)[0]
+        write_run(root, make_record("qwen2_5_1_5b_gsm8k", name, 0, vecs[name], noise=noise))
+    write_run(root, make_record("nobase", "e4c", 0, vec(0.5), noise=rg(1e-3)))
+    return root, vecs
 
 
 @pytest.fixture(scope="module")
@@ -61,58 +87,92 @@ def boards(results, tmp_path_factory):
     return out, paths
 
 
-def tiny_frame(root):
+def tiny_sections(root):
     runs = runs_frame(load_records(root))
-    return experiments_frame(runs[runs.testbed == "tiny_arith"].reset_index(drop=True), n_boot=1000)
+    return sections(runs[runs.testbed == "tiny_arith"].reset_index(drop=True), n_boot=1000)
 
 
-def test_deltas_verdicts_and_ranking(results):
-    root, vec = results
-    exps, notes = tiny_frame(root)
-    row = exps.set_index("experiment")
-    for name in ("e4b", "e4c", "e4d", "harsh"):
-        assert row.loc[name, "delta"] == pytest.approx(vec[name].mean() - vec["baseline"].mean(), abs=1e-12)
-        assert row.loc[name, "acc"] == pytest.approx(vec[name].mean(), abs=1e-12)
-        assert row.loc[name, "delta_method"] == "seeds x items (t)"
-    assert row.loc["harsh", "verdict"] == "degraded" and row.loc["e4d", "verdict"] == "degraded"
-    assert row.loc["e4b", "verdict"] == "no significant change" == row.loc["e4c", "verdict"]
-    assert row.loc["bitflip_exponent", "verdict"] == "diverged"
-    assert row.loc["baseline", "verdict"] == "baseline" and row.loc["baseline", "n_seeds"] == 3
-    deltas = exps.delta.where(~exps.is_baseline, 0.0).dropna().tolist()
-    assert deltas == sorted(deltas, reverse=True)  # ranked by delta, best first; NaN (diverged) last
-    assert set(exps.experiment.iloc[-2:]) == {"bitflip_exponent", "short_eval"}  # no delta: ranked last
-    assert row.loc["short_eval", "verdict"] == "n/a"
-    assert "e5" not in set(exps.experiment) and "e6" not in set(exps.experiment)  # failed/running not ranked
-    assert np.isnan(row.loc["short_eval", "delta"]) and any("900 items" in n for n in notes)
-    assert row.loc["baseline", "wall_time_s"] == pytest.approx(120.0)
+def test_two_harms_verdicts_and_holm(results):
+    secs = tiny_sections(results[0])
+    main = secs[0]
+    row = main.exps.set_index("experiment")
+    base = row.loc["baseline"]
+    assert base.n_seeds == 8 and "baseline_repeat" in base.note  # every clean run of the setting pooled
+    assert row.loc["harsh", "d_clean"] == pytest.approx(-0.10) and row.loc["harsh", "d_noisy"] == pytest.approx(-0.15)
+    assert row.loc["harsh", "verdict_clean"] == "degraded" == row.loc["harsh", "verdict_noisy"]
+    assert row.loc["deploy", "verdict_clean"] == "equivalent" and row.loc["deploy", "verdict_noisy"] == "degraded"
+    assert row.loc["e4b", "verdict_clean"] == "equivalent" == row.loc["e4b", "verdict_noisy"]
+    e4c = row.loc["e4c"]  # significant alone, not after Holm, and said so on the row
+    assert e4c.p_clean < 0.05 <= e4c.p_holm_clean and e4c.verdict_clean == "inconclusive"
+    assert "after Holm" in e4c.note and e4c.d_clean_hi < 0  # its own 95% CI excludes 0
+    assert row.loc["wild", "method_clean"] == "Welch" and "outlying" in row.loc["wild", "note"]
+    assert row.loc["one", "verdict_clean"] == "too few seeds" and row.loc["one", "rank"] == "—"
+    assert row.loc["old", "verdict_clean"] == "n/a" and math.isnan(row.loc["old", "d_clean"])
+    assert row.loc["old", "verdict_noisy"] in ("equivalent", "inconclusive")
+    assert row.loc["bitflip_exponent", "verdict_clean"] == "diverged"
+    # Pooled: the baseline's 8 runs (7 df) and four 6-seed arms; `wild` left out, `one` and `old` add nothing.
+    pool = main.pools["clean"]
+    assert pool.df == 7 + 4 * 5 and list(pool.outlying) == [row.loc["wild", "group"]]
+    s2 = (7 * np.var(np.r_[OFF, 0.01, -0.01], ddof=1) + 20 * np.var(OFF, ddof=1)) / 27
+    assert pool.s2 == pytest.approx(s2, rel=1e-6)
+    se = np.sqrt(s2 * (1 / 6 + 1 / 8))
+    assert row.loc["e4b", "mde_clean"] == pytest.approx((sps.t.ppf(0.975, 27) + sps.t.ppf(0.8, 27)) * se)
+    ranked = main.exps[main.exps["rank"] != "—"].experiment.tolist()
+    assert ranked == ["baseline", "harsh"]  # numbers only where a row differs from the baseline
+    assert {"e5", "e6"}.isdisjoint(main.exps.experiment)
+
+
+def test_mismatched_setting_is_refused_with_its_reason(results):
+    secs = tiny_sections(results[0])
+    assert len(secs) == 2 and secs[0].main and not secs[1].main
+    smoke = secs[1]
+    assert not smoke.has_baseline
+    assert "trainer.max_steps 100 vs 5" in smoke.diff and "eval.limit null vs 50" in smoke.diff
+    r = smoke.exps.iloc[0]
+    assert r.experiment == "smoke_e4c" and r.verdict_clean == "refused" and "trainer.max_steps 100 vs 5" in r.note
+    assert math.isnan(r.d_clean)  # never compared with the sweep's baseline
+    assert "smoke_e4c" not in set(secs[0].exps.experiment)  # nor pooled into the sweep
 
 
 def test_markdown_sections(boards):
     out, paths = boards
     md = (out / "tiny_arith.md").read_text()
     assert "noisebench-leaderboard --results" in md and "## Legend" in md
-    ranking = md.split("## Ranking")[1].split("## Degradation")[0]
+    ranking = md.split("## Ranking")[1].split("## Harm thresholds")[0]
+    assert "MDE (pts)" in ranking and "pooled seed SD" in ranking and "margin ±2 points" in ranking
     assert "**degraded**" in ranking and "**diverged**" in ranking and "`e5`" not in ranking
+    assert "too few seeds" in ranking and "equivalent" in ranking and "| n/a " in ranking
+    other = md.split("## Other training setting")[1].split("## ")[0]
+    assert "`smoke_e4c`" in other and "refused" in other and "trainer.max_steps 100 vs 5" in other
     unranked = md.split("## Not ranked")[1].split("## Reference")[0]
     assert "`e5`" in unranked and "failed" in unranked and "running" in unranked
-    thresholds = md.split("## Degradation thresholds")[1].split("## ")[0]
-    assert "| 1e-02 " in thresholds and "6×" in thresholds  # e4d: smallest degraded scale, 6x bf16 rounding
+    th = md.split("## Harm thresholds")[1].split("## ")[0]
+    assert "1e-01 (60× bf16, Δ -10.0" in th  # harsh: the smallest degraded scale, with its CI
     assert "| 0.6×" in ranking  # e4c's 1e-3 in bf16-rounding units
     assert "tiny_arith_curves.png" in md and "tiny_arith_tolerance.png" in md
     nobase = (out / "nobase.md").read_text()
-    assert "No baseline" in nobase and "**degraded**" not in nobase
+    assert "refused" in nobase and "**degraded**" not in nobase
     assert {p.name for p in paths} >= {"tiny_arith.md", "tiny_arith_curves.png", "tiny_arith_tolerance.png",
                                        "qwen2_5_1_5b_gsm8k.md", "nobase.md"}
 
 
-def test_single_seed_pair_gets_mcnemar(results, boards):
-    root, vec = results
+def test_single_seed_pair_gets_items_only_ci_and_no_verdict(results, boards):
+    root, vecs = results
     runs = runs_frame(load_records(root))
-    exps, _ = experiments_frame(runs[runs.testbed == "qwen2_5_1_5b_gsm8k"].reset_index(drop=True), n_boot=1000)
-    row = exps.set_index("experiment").loc["e4c"]
-    a, b = vec["q_e4c"][0], vec["q_baseline"][0]
-    assert row.delta_method == "paired bootstrap (items)" and 0 < row.mcnemar_p <= 1
-    assert row.delta_lo < a.mean() - b.mean() < row.delta_hi
+    secs = sections(runs[runs.testbed == "qwen2_5_1_5b_gsm8k"].reset_index(drop=True), n_boot=1000)
+    row = secs[0].exps.set_index("experiment").loc["e4c"]
+    d = vecs["e4c"].mean() - vecs["baseline"].mean()
+    assert row.method_noisy == "items only" and row.d_noisy_lo < d < row.d_noisy_hi
+    assert row.verdict_noisy == "too few seeds" and "items only" in row.note
+
+
+def test_committed_board_regenerates_from_its_records(tmp_path, monkeypatch):
+    """leaderboards/tiny_arith.md is exactly what the board makes of leaderboards/records."""
+    monkeypatch.chdir(ROOT)
+    build_leaderboards("leaderboards/records", str(tmp_path), n_boot=2000, log_wandb=False)
+    made = (tmp_path / "tiny_arith.md").read_text().replace(f"--out {tmp_path}`", "--out leaderboards`")
+    assert made == (ROOT / "leaderboards" / "tiny_arith.md").read_text()
+    assert "| n/a " in made  # old records: no clean evaluation, training-harm columns n/a
 
 
 def test_reference_rows_present_and_marked_external(boards, tmp_path, results):
@@ -219,7 +279,7 @@ def test_wandb_table_logged_to_an_offline_run(results, tmp_path):
     wandb = pytest.importorskip("wandb")
     from noisebench.leaderboard.wandb_table import log_leaderboard_table
 
-    exps, _ = tiny_frame(results[0])
+    exps = tiny_sections(results[0])[0].exps
     assert wandb.run is None and log_leaderboard_table(exps) is False  # no active run: no-op
     run = wandb.init(mode="offline", dir=str(tmp_path), project="noisebench-test", settings=wandb.Settings(
         silent=True, console="off"))
@@ -230,8 +290,11 @@ def test_wandb_table_logged_to_an_offline_run(results, tmp_path):
     tables = list(tmp_path.rglob("*.table.json"))
     assert len(tables) == 1
     data = json.loads(tables[0].read_text())
-    assert len(data["data"]) == len(exps) and "verdict" in data["columns"]
-    assert [r[data["columns"].index("verdict")] for r in data["data"]].count("**degraded**") == 2
+    assert len(data["data"]) == len(exps) and "training verdict" in data["columns"]
+    assert [r[data["columns"].index("training verdict")] for r in data["data"]].count("**degraded**") == 1
+    assert [r[data["columns"].index("deployment verdict")] for r in data["data"]].count("**degraded**") == 3
+    clean = [r[data["columns"].index("delta_clean_pts")] for r in data["data"]]
+    assert min(d for d in clean if isinstance(d, float) and math.isfinite(d)) == pytest.approx(-10.0)
 
 
 def test_minimal_and_unfinished_records_do_not_break_the_board(tmp_path):

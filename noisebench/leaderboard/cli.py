@@ -14,9 +14,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="leaderboards", help="output folder for the boards (default: leaderboards)")
     p.add_argument("--testbed", action="append", default=None,
                    help="only this testbed (repeatable; default: every testbed found)")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for delta CIs (default: 2000)")
+    p.add_argument("--bootstrap", type=int, default=2000, 
+                   help="bootstrap resamples for single-seed pairs' items-only CIs (default: 2000)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed of the bootstraps (default: 0)")
     p.add_argument("--reference", default=None, help="folder of external reference YAMLs (default: <out>/reference)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin in points (default: the records' leaderboard.margin_pts, else 2)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p.parse_args(argv)
 
@@ -26,7 +29,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         paths = build_leaderboards(args.results, args.out, n_boot=args.bootstrap, seed=args.seed,
-                                   testbeds=args.testbed, reference_dir=args.reference, plots=not args.no_plots)
+                                   testbeds=args.testbed, reference_dir=args.reference, plots=not args.no_plots,
+                                   margin_pts=args.margin)
     except ValueError as exc:
         print(f"noisebench-leaderboard: {exc}", file=sys.stderr)
         return 2

@@ -6,10 +6,22 @@ import math
 import pandas as pd
 
 from . import reference as refmod
+from . import stats
+from .board import METRICS, Section, thresholds
 from .columns import COLUMNS, legend, render_rows, sci, times
 from .table import sweep_commands
 
 REMAKE = "noisebench-leaderboard --results {results} --out {out}"
+METRIC_NAMES = {"clean": "Δ clean (training harm)", "auc": "Δ clean AUC", "noisy": "Δ noisy (deployment harm)",
+                "flex": "Δ clean flex"}
+VERDICT_HELP = {
+    "degraded / improved": "the Holm-adjusted two-sided test rejects delta = 0 (the 95% CI lies below / above 0)",
+    "equivalent": "not degraded or improved, and both one-sided tests put delta inside ±margin (90% CI inside it)",
+    "inconclusive": "neither: the seeds cannot tell (compare the row's MDE with the margin)",
+    "diverged": "a seed ended with NaN/inf",
+    "too few seeds": "the row or the baseline has fewer than 2 runs: no verdict",
+    "refused": "no baseline in this training setting; the row says which keys differ from the main setting",
+    "n/a": "no score of that kind (records made without clean evaluation have no training-harm columns)"}
 
 
 def _header(testbed: str, runs: pd.DataFrame, results: str, out: str, n_boot: int, seed: int) -> list[str]:
@@ -26,43 +38,74 @@ def _header(testbed: str, runs: pd.DataFrame, results: str, out: str, n_boot: in
         *([("Runs made with: " + "; ".join(f"`{c}`" for c in sweep_commands(runs)) + ".")]
           if sweep_commands(runs) else []),
         f"Remake: `{REMAKE.format(results=results, out=out)}` (also rebuilt after every `noisebench` run and at the "
-        "end of every multirun).",
-        f"Statistics: 95% CIs; single-seed pairs: paired bootstrap over test items ({n_boot} resamples, RNG seed "
-        f"{seed}) and exact McNemar; several seeds: seeds × items variance components with a Welch–Satterthwaite "
-        "t interval, so seed-to-seed training variance counts too (see `noisebench/leaderboard/stats.py`).", ""]
+        "end of every multirun).", ""]
 
 
-def _ranking(exps: pd.DataFrame, notes: list[str]) -> list[str]:
-    lines = ["## Ranking", ""]
-    if exps.empty:
+def _power(sec: Section, margin_pts: float, alpha: float) -> list[str]:
+    """The statistics paragraph: pooled SD, df, seeds and the board's MDE per compared metric, homogeneity, margin."""
+    exps = sec.exps
+    base = exps[exps.is_baseline]
+    arms = exps[~exps.is_baseline & (exps.n_ok >= 1)]
+    if base.empty or arms.empty:
+        return []
+    rb = int(base.n_ok.iloc[0])
+    ra = int(arms.n_ok.mode().max())
+    lines = ["Statistics: one run = one score; seed variance pooled over the arms (balanced-design closed form, "
+             "df = Σ(R−1)), 95% CIs on Student t; arms with outlying seed variance fall back to Welch (said on the "
+             f"row); Holm across the rows of each verdict column; equivalence margin ±{margin_pts:g} points (TOST at "
+             f"alpha {alpha:g}, i.e. the 90% CI inside the margin). Design: {ra} seeds per arm (typical), {rb} "
+             f"baseline runs. The board's minimum detectable effect (80% power, alpha {alpha:g} two-sided):", "",
+             "| metric | pooled seed SD (pts) | df | arms pooled | MDE (pts) | homogeneity |",
+             "|:--|:--|:--|:--|:--|:--|"]
+    for m in METRICS:
+        p = sec.pools[m]
+        if not p.df > 0 or not arms[f"d_{m}"].notna().any():  # nothing compared on it (e.g. no clean evaluation)
+            continue
+        md = 100 * float(stats.mde(p.sd * (1 / ra + 1 / rb) ** 0.5, p.df, alpha))
+        hom = (f"Levene p {p.levene_p:.2f}" if math.isfinite(p.levene_p) else "Levene —") + (
+            f", Cochran's C {p.cochran_c:.2f}" if math.isfinite(p.cochran_c) else "") + (
+            "; outlying: " + ", ".join(f"`{_arm_name(exps, g)}`" for g in sorted(p.outlying)) if p.outlying else "")
+        lines.append(f"| {METRIC_NAMES[m]} | {100 * p.sd:.2f} | {p.df:g} | {p.n_arms} | {md:.1f} | {hom} |")
+    return lines + [""]
+
+
+def _arm_name(exps: pd.DataFrame, group: str) -> str:
+    hit = exps[exps.group == group]
+    return str(hit.experiment.iloc[0]) if not hit.empty else group
+
+
+def _ranking(sec: Section, title: str, notes: list[str], margin_pts: float, alpha: float) -> list[str]:
+    lines = [title, ""]
+    if sec.diff:
+        lines += [f"Training setting `{sec.fingerprint}` differs from the main one in: {sec.diff}. Its rows are "
+                  "compared only within it" + ("" if sec.has_baseline else " (it has no baseline: no deltas)")
+                  + ", never pooled with the main setting's.", ""]
+    if sec.exps.empty:
         return lines + ["No finished runs yet.", ""]
-    lines += [render_rows(exps).to_markdown(index=False, disable_numparse=True), ""]
-    items_only = exps[exps.delta_method.str.startswith("paired bootstrap")]
-    borrowed = exps[(exps.n_seeds == 1) & exps.delta_method.str.startswith("seeds x items")]
-    if not items_only.empty:
-        notes = notes + [f"Single-seed pairs ({', '.join(f'`{e}`' for e in items_only.experiment)}): the delta CI "
-                         "covers test-item sampling only, not seed-to-seed training variance. Run more seeds."]
-    if not borrowed.empty:
-        notes = notes + [f"Single-seed rows ({', '.join(f'`{e}`' for e in borrowed.experiment)}): seed-to-seed "
-                         "variance borrowed from the baseline's seeds (assumes the noise does not change it)."]
-    if "acc_clean" in exps and exps.acc_clean.notna().any():
-        notes = notes + ["Clean-eval accuracy (same checkpoints, noise off at evaluation): " + "; ".join(
-            f"`{r.experiment}` {100 * r.acc_clean:.1f}%" for r in exps.itertuples() if not math.isnan(r.acc_clean))]
+    lines += _power(sec, margin_pts, alpha)
+    lines += [render_rows(sec.exps).to_markdown(index=False, disable_numparse=True), ""]
     if notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     return lines
 
 
 def _thresholds(th: pd.DataFrame) -> list[str]:
-    lines = ["## Degradation thresholds", ""]
+    lines = ["## Harm thresholds", ""]
     if th.empty:
-        return lines + ["No noise type was swept over two or more scales yet.", ""]
-    view = pd.DataFrame({
-        "noise": th.noise, "ops": th.ops, "phases": th.phases, "scales swept": th.scales,
-        "threshold scale": [("untested (no baseline)" if u else "none degraded") if math.isnan(t) else sci(t)
-                            for t, u in zip(th.threshold, th.untested)],
-        "× bf16": th.x_bf16.map(times)})
-    return lines + ["Smallest swept scale whose delta CI lies entirely below 0 (or that diverged).", "",
+        return lines + ["No noise type was swept over two or more scales in the main setting yet.", ""]
+
+    def cell(r, m):
+        if not r[f"th_{m}_tested"]:
+            return "n/a (no score)"
+        if math.isnan(r[f"th_{m}"]):
+            return f"none up to {r.scales.split(', ')[-1]} (MDE ≤ {100 * r[f'th_{m}_mde']:.1f} pts)"
+        d = "" if math.isnan(r[f"th_{m}_d"]) else (f", Δ {100 * r[f'th_{m}_d']:+.1f} [{100 * r[f'th_{m}_lo']:+.1f}, "
+                                                   f"{100 * r[f'th_{m}_hi']:+.1f}]")
+        return f"{sci(r[f'th_{m}'])} ({times(r[f'th_{m}_x_bf16'])} bf16{d})"
+    view = pd.DataFrame({"noise": th.noise, "ops": th.ops, "phases": th.phases, "scales swept": th.scales,
+                         "training harm from": [cell(r, "clean") for _, r in th.iterrows()],
+                         "deployment harm from": [cell(r, "noisy") for _, r in th.iterrows()]})
+    return lines + ["Smallest swept scale whose verdict is degraded (Holm) or diverged, with its delta [95% CI].", "",
                     view.to_markdown(index=False, disable_numparse=True), ""]
 
 
@@ -93,11 +136,19 @@ def _plots(plots: list[str]) -> list[str]:
     return ["## Plots", ""] + [f"![{p.rsplit('.', 1)[0]}]({p})" for p in plots] + [""]
 
 
-def render(testbed: str, runs: pd.DataFrame, exps: pd.DataFrame, notes: list[str], th: pd.DataFrame,
-           plots: list[str], references: list[dict], results: str, out: str, n_boot: int, seed: int) -> str:
+def render(testbed: str, runs: pd.DataFrame, secs: list[Section], notes: list[str], plots: list[str],
+           references: list[dict], results: str, out: str, n_boot: int, seed: int, margin_pts: float,
+           alpha: float = stats.ALPHA) -> str:
     """The whole board as one string; same inputs give the same bytes (no dates, sorted rows, fixed formats)."""
     lines = _header(testbed, runs, results, out, n_boot, seed)
-    lines += _ranking(exps, notes) + _thresholds(th) + _plots(plots) + _unranked(runs)
+    if not secs:
+        lines += ["## Ranking", "", "No finished runs yet.", ""]
+    for k, sec in enumerate(secs):
+        title = "## Ranking" if sec.main else f"## Other training setting {k}: `{sec.fingerprint}`"
+        lines += _ranking(sec, title, (notes + sec.notes) if sec.main else sec.notes, margin_pts, alpha)
+        if sec.main:
+            lines += _thresholds(thresholds(sec))
+    lines += _plots(plots) + _unranked(runs)
     for ref in references:
         if testbed in refmod.FULL_REFERENCE_TESTBEDS:
             lines += refmod.full_section(ref)
@@ -106,7 +157,9 @@ def render(testbed: str, runs: pd.DataFrame, exps: pd.DataFrame, notes: list[str
     if not references:
         lines += ["## Reference (external, not comparable)", "", "No reference figures found "
                   "(expected `leaderboards/reference/*.yaml`).", ""]
-    lines += ["## Legend", ""] + legend(COLUMNS) + [
-        "- A row is one experiment: every seed of the same experiment name and noise setting.",
-        "- Baseline: the `baseline` experiment of this testbed with noise off, all its seeds.", ""]
+    lines += ["## Legend", ""] + legend(COLUMNS) + [f"- **{k}**: {v}" for k, v in VERDICT_HELP.items()] + [
+        "- A row is one arm: every seed of the same experiment and noise setting in one training setting; the "
+        "baseline pools every clean run (noise off, no AQN) of that setting, whatever its experiment name.",
+        "- Rows are compared only with the baseline of the same training setting (`record.setting_fingerprint`: "
+        "testbed, trainer, scoring); other settings get their own section.", ""]
     return "\n".join(lines).rstrip("\n") + "\n"

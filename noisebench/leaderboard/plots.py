@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .board import primary_metric  # noqa: E402
 from .table import BF16_RMS, FP8_RMS, mean_curve  # noqa: E402
 
 STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "font.size": 9, "svg.hashsalt": "noisebench"}
@@ -29,16 +30,20 @@ def save_png(fig, path: Path) -> None:
 
 
 def curves_plot(testbed: str, runs: pd.DataFrame, exps: pd.DataFrame, path: Path) -> Path | None:
-    """Seed-mean accuracy vs step per experiment, min-max band over seeds; the baseline drawn black and thick."""
+    """Seed-mean accuracy vs step per row, min-max band over seeds; the baseline drawn black and thick.
+
+    The clean curves (training harm) when the rows were scored clean, else the noisy ones.
+    """
     ok = runs[runs.status.isin(["ok", "diverged"]) & ~runs.duplicate]
     if ok.empty or exps.empty:
         return None
+    clean = primary_metric(exps) == "clean"
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.5, 4.5))
         cmap = plt.get_cmap("tab10")
         for k, r in enumerate(exps.sort_values(["is_baseline", "experiment", "group"],
                                                ascending=[False, True, True]).itertuples()):
-            mc = mean_curve(list(ok[ok.group == r.group].curve))
+            mc = mean_curve(list(ok[ok.group == r.group]["curve_clean" if clean else "curve"]))
             if mc.empty:
                 continue
             color = "black" if r.is_baseline else cmap((k - 1) % 10)
@@ -47,7 +52,7 @@ def curves_plot(testbed: str, runs: pd.DataFrame, exps: pd.DataFrame, path: Path
                     marker="o", ms=3)
             if r.n_seeds > 1:
                 ax.fill_between(mc.step, 100 * mc.lo, 100 * mc.hi, color=color, alpha=0.15, lw=0)
-        ax.set(xlabel="training step", ylabel="strict accuracy (%)",
+        ax.set(xlabel="training step", ylabel=f"{'clean' if clean else 'noisy'}-evaluated strict accuracy (%)",
                title=f"{testbed}: accuracy vs step (band: min–max over seeds)")
         _finish(fig, ax, path)
     return path
@@ -62,7 +67,13 @@ def _finish(fig, ax, path: Path) -> None:
 
 
 def tolerance_plot(testbed: str, exps: pd.DataFrame, path: Path) -> Path | None:
-    """Delta vs scale (log x) with 95% CI bars, one line per noise setting swept over >= 2 scales; None if no sweep."""
+    """Delta vs scale (log x) with 95% CI bars, one line per noise setting swept over >= 2 scales; None if no sweep.
+
+    The training-harm delta (clean evaluation) when scored, else the deployment one.
+    """
+    m = primary_metric(exps)
+    d, lo, hi = exps[f"d_{m}"], exps[f"d_{m}_lo"], exps[f"d_{m}_hi"]
+    exps = exps.assign(delta=d, delta_lo=lo.fillna(d), delta_hi=hi.fillna(d))
     sw = exps[~exps.is_baseline & exps.scale.notna() & (exps.scale > 0) & exps.delta.notna()]
     groups = [(k, g.sort_values("scale")) for k, g in sw.groupby(["noise", "ops", "phases", "aqn"], sort=True)
               if g.scale.nunique() >= 2]
@@ -83,7 +94,7 @@ def tolerance_plot(testbed: str, exps: pd.DataFrame, path: Path) -> Path | None:
                 ax.annotate(name, (x, 1), xycoords=("data", "axes fraction"), rotation=90, fontsize=7,
                             va="top", ha="right", color="grey")
         ax.set_xscale("log")
-        ax.set(xlabel="noise scale", ylabel="Δ accuracy vs baseline (points, 95% CI)",
+        ax.set(xlabel="noise scale", ylabel=f"Δ {m} accuracy vs baseline (pts, 95% CI)",
                title=f"{testbed}: tolerance to noise scale")
         _finish(fig, ax, path)
     return path

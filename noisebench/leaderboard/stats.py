@@ -1,29 +1,26 @@
-"""Statistics of the leaderboard: CIs of accuracies and of paired deltas, McNemar tests, verdicts.
+"""Statistics of the leaderboard: pooled seed variance, difference and equivalence tests, MDE, Holm, verdicts.
 
-Data are 0/1 correctness matrices ``Y[seed, item]`` of one arm (one experiment), items in the same order for every arm
-of a testbed, so arms are compared item by item (paired). Two sources of chance make two arms look different:
+The unit of analysis is one run's score (its final clean accuracy, area under its clean curve, ...): seed-to-seed
+training variance and each run's own item-level (binomial) noise are both inside the run-to-run variance, so run-level
+means carry every source of chance that changes when a run is repeated. Inference is about these test items (all
+arms of a testbed score the same items). Arm ``a`` has ``R_a`` runs with mean ``m_a`` and seed variance ``s_a^2``.
 
-* test-item sampling (which problems happen to be in the test set), and
-* seed-to-seed training variance (a whole run lands a few points higher or lower; which items it gets right varies).
+Balanced-design closed form (one-way ANOVA): arms share one seed variance, estimated by pooling the arms' variances,
 
-With one seed per arm only the first can be measured: the delta CI is a paired bootstrap over items (percentile), and
-McNemar's test on the discordant items gives a p-value. With two or more seeds in an arm, the CI must also carry the
-seed variance, else two groups of identical baseline runs are called "different" far more often than 5% of the time.
-A percentile bootstrap over 2-3 seeds cannot do that (for 2 seeds it returns roughly [min, max], which covers the
-mean half of the time), so the seeds x items CI uses the variance components of the crossed design
+    s_p^2 = sum_a (R_a - 1) s_a^2 / sum_a (R_a - 1)          with  df = sum_a (R_a - 1),
 
-    y[s, i] = mu + item_i + seed_s + e[s, i]
+and delta = m_a - m_base has standard error s_p * sqrt(1/R_a + 1/R_base) on a Student t with that df. With 15 arms of
+6 seeds the pool has 75 degrees of freedom, where a per-row Welch interval on 2 seeds has about 1.
 
-estimated by moments: with S2_a the variance of arm a's per-seed accuracies (R_a seeds, df R_a - 1) and MSE_a its
-item x seed residual mean square,
+Pooling assumes the arms' seed variances are alike. Each arm is checked against the pool of the others (one-sided F
+test of its variance ratio, Bonferroni over the arms: Cochran's C in spirit); an outlying arm leaves the pool and is
+compared by Welch-Satterthwaite with its own variance. Levene's (Brown-Forsythe) test over all arms goes in the header.
 
-    Var(delta) = Var_i(per-item mean difference) / C - sum_a MSE_a / (R_a C)   (item part, df C - 1)
-               + sum_a S2_a / R_a                                              (seed part, df R_a - 1 each)
-
-(S2_a carries each run's own item noise MSE_a / C, so that share is taken out of the item part, not counted twice),
-and a Student t quantile with Welch-Satterthwaite degrees of freedom on these mean squares. With 2 seeds an arm's S2
-has 1 degree of freedom, so the t quantile is large: honest, since 2 seeds cannot bound seed-to-seed variance; the
-simulation in ``tests/test_leaderboard_stats.py`` checks coverage (and shows the power bought by a third seed).
+Verdicts: ``degraded`` / ``improved`` when the Holm-adjusted two-sided p of the difference is below alpha (the
+unadjusted CI then lies outside 0 too); else ``equivalent`` when both one-sided tests against the margin reject at
+alpha (TOST: the 1 - 2 alpha CI lies inside +-margin); else ``inconclusive``. ``diverged`` when a seed ended NaN/inf;
+``too few seeds`` when the arm or the baseline has fewer than 2 runs (items-only intervals are not enough).
+Every function taking arrays broadcasts, so the tests simulate thousands of boards at once.
 """
 from __future__ import annotations
 
@@ -33,162 +30,181 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-VERDICTS = ("degraded", "no significant change", "improved", "diverged")
+ALPHA = 0.05
+POWER = 0.8
 
+
+# ---- vectorised building blocks -------------------------------------------------------------------------------------
+
+def pooled_variance(s2, df, axis=-1):
+    """(s_p^2, df_p): df-weighted mean of the arms' variances along ``axis``, and the summed df."""
+    s2, df = np.asarray(s2, float), np.asarray(df, float)
+    dfp = df.sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(dfp > 0, (s2 * df).sum(axis=axis) / np.where(dfp > 0, dfp, 1), np.nan), dfp
+
+
+def t_interval(d, se, df, level: float):
+    """Two-sided ``level`` CI d +- t_{(1+level)/2, df} se."""
+    half = stats.t.ppf(0.5 + level / 2, df) * se
+    return d - half, d + half
+
+
+def diff_pvalue(d, se, df):
+    """Two-sided p of H0: delta = 0 (a zero se gives p 0 for a non-zero delta, 1 for a zero one)."""
+    d, se = np.asarray(d, float), np.asarray(se, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(se > 0, np.abs(d) / np.where(se > 0, se, 1), np.where(d == 0, 0.0, np.inf))
+    return 2 * stats.t.sf(z, df)
+
+
+def tost_pvalue(d, se, df, margin):
+    """p of the two one-sided tests (H0: delta <= -margin or delta >= margin): the larger of the two p-values."""
+    d, se = np.asarray(d, float), np.asarray(se, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        safe = np.where(se > 0, se, 1)
+        lo = np.where(se > 0, (d + margin) / safe, np.where(d > -margin, np.inf, -np.inf))
+        hi = np.where(se > 0, (margin - d) / safe, np.where(d < margin, np.inf, -np.inf))
+    return np.maximum(stats.t.sf(lo, df), stats.t.sf(hi, df))
+
+
+def mde(se, df, alpha: float = ALPHA, power: float = POWER):
+    """Minimum detectable effect of a two-sided test at ``alpha`` with ``power``: (t_{1-alpha/2} + t_power) se."""
+    return (stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * np.asarray(se, float)
+
+
+def satterthwaite(components):
+    """(se, df) of a sum of independent variance components given as (variance, df) pairs."""
+    var = sum(v for v, _ in components)
+    den = sum(v * v / d for v, d in components if v > 0 and d > 0)
+    return math.sqrt(var), (var * var / den if den > 0 else math.inf)
+
+
+def holm(pvalues, alpha: float = ALPHA) -> np.ndarray:
+    """Holm-adjusted p-values (statsmodels ``multipletests``); NaN entries stay NaN and are not counted."""
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.asarray(pvalues, float)
+    out = np.full(p.shape, np.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], alpha=alpha, method="holm")[1]
+    return out
+
+
+# ---- one board ------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Interval:
-    """A point estimate with its two-sided CI (fractions, not percent) and how it was made."""
+class Pool:
+    """Pooled seed variance of one metric over the arms of one setting (values in fractions)."""
 
-    estimate: float
-    lo: float
-    hi: float
-    method: str
-    df: float | None = None  # t degrees of freedom, for the seeds x items method
+    s2: float  # pooled variance (NaN when no arm has 2 runs)
+    df: float  # sum (R_a - 1) over the pooled arms
+    n_arms: int  # arms in the pool
+    outlying: dict  # arm -> F-test p (Bonferroni-adjusted) for arms left out of the pool
+    levene_p: float  # Brown-Forsythe test over all arms with >= 2 runs (NaN with < 2 such arms)
+    cochran_c: float  # largest arm variance / sum of the arms' variances
+
+    @property
+    def sd(self) -> float:
+        return math.sqrt(self.s2) if self.s2 == self.s2 else math.nan
+
+
+def pool_arms(values: dict, alpha: float = ALPHA) -> Pool:
+    """Pool the seed variances of ``values`` (arm -> run scores); arms with outlying variance are left out.
+
+    An arm is outlying when its variance is significantly larger than the pool of all the other arms (F test,
+    Bonferroni over the arms at ``alpha``); its comparisons then use Welch with its own variance.
+    """
+    arms = {k: np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for k, v in values.items()}
+    arms = {k: v for k, v in arms.items() if v.size >= 2}
+    if not arms:
+        return Pool(math.nan, 0.0, 0, {}, math.nan, math.nan)
+    names = sorted(arms)
+    s2 = np.array([arms[k].var(ddof=1) for k in names])
+    df = np.array([arms[k].size - 1 for k in names], float)
+    outlying = {}
+    if len(names) >= 3:
+        for i, k in enumerate(names):
+            rest = np.arange(len(names)) != i
+            s2r, dfr = pooled_variance(s2[rest], df[rest])
+            if s2r > 0:
+                p = min(1.0, len(names) * float(stats.f.sf(s2[i] / s2r, df[i], dfr)))
+                if p < alpha:
+                    outlying[k] = p
+    keep = np.array([k not in outlying for k in names])
+    s2p, dfp = pooled_variance(s2[keep], df[keep])
+    lev = math.nan
+    if len(names) >= 2 and any(np.ptp(arms[k]) > 0 for k in names):
+        lev = float(stats.levene(*[arms[k] for k in names], center="median").pvalue)
+    total = s2.sum()
+    return Pool(float(s2p), float(dfp), int(keep.sum()), outlying, lev, float(s2.max() / total) if total > 0 else
+                math.nan)
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """An experiment arm against the baseline arm: delta CI and, for single-seed pairs, McNemar p-values."""
+    """Arm minus baseline on one metric: estimate, CIs, tests and MDE (fractions, not points)."""
 
-    delta: Interval
-    mcnemar_p: float | None = None  # exact two-sided binomial test on the discordant items
-    mcnemar_midp: float | None = None  # mid-p variant (closer to nominal size, less conservative)
-
-
-def as_matrix(y, name: str = "per_item") -> np.ndarray:
-    """Return a float (seeds, items) matrix; a 1-D vector is one seed. Raise ValueError on empty or ragged input."""
-    try:
-        arr = np.asarray(y, dtype=float)
-    except ValueError as exc:  # ragged lists
-        raise ValueError(f"{name}: per-item vectors of one arm have different lengths") from exc
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ValueError(f"{name}: expected a non-empty (seeds, items) matrix, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: per-item values must be finite")
-    return arr
+    delta: float
+    se: float
+    df: float
+    lo: float  # (1 - alpha) CI
+    hi: float
+    p: float  # two-sided difference test, before Holm
+    p_tost: float  # equivalence against +-margin
+    mde: float  # at 80% power, alpha two-sided
+    method: str  # "pooled" | "Welch" (outlying variance)
+    enough_seeds: bool  # both sides have >= 2 runs
 
 
-def seed_mean_squares(Y: np.ndarray) -> tuple[float, float] | None:
-    """(S2, MSE) of one arm: variance of its per-seed accuracies, and its item x seed residual mean square.
+def compare(a, b, pool: Pool, arm: str, base: str, margin: float, alpha: float = ALPHA) -> Comparison | None:
+    """Arm scores ``a`` against baseline scores ``b`` with the board's pool; None when a side has no finite score.
 
-    S2 estimates sigma_seed^2 + MSE / C: the spread of whole runs plus each run's own item-level noise. None for one
-    seed (nothing to estimate from).
+    An arm (or baseline) the pool left out contributes its own variance (Welch-Satterthwaite); an arm with one run
+    has no variance of its own and uses the pool's, and is marked not ``enough_seeds``.
     """
-    R, C = Y.shape
-    if R < 2:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+    if a.size == 0 or b.size == 0:
         return None
-    acc = Y.mean(axis=1)
-    resid = Y - acc[:, None] - Y.mean(axis=0)[None, :] + Y.mean()
-    mse = float((resid**2).sum()) / ((R - 1) * (C - 1)) if C > 1 else 0.0
-    return float(acc.var(ddof=1)), mse
+    d = float(a.mean() - b.mean())
+    sides = [(a, arm in pool.outlying), (b, base in pool.outlying)]
+    if not any(out for _, out in sides):
+        if not pool.df > 0:
+            return Comparison(d, math.nan, 0.0, math.nan, math.nan, math.nan, math.nan, math.nan, "pooled", False)
+        se, df, method = math.sqrt(pool.s2 * (1 / a.size + 1 / b.size)), pool.df, "pooled"
+    else:
+        comps = [((x.var(ddof=1) if out else pool.s2) / x.size, (x.size - 1) if out else pool.df) for x, out in sides]
+        (se, df), method = satterthwaite(comps), "Welch"
+    lo, hi = t_interval(d, se, df, 1 - alpha)
+    return Comparison(d, se, float(df), float(lo), float(hi), float(diff_pvalue(d, se, df)),
+                      float(tost_pvalue(d, se, df, margin)), float(mde(se, df, alpha)), method,
+                      a.size >= 2 and b.size >= 2)
 
 
-def _t_interval(est: float, comps: list[tuple[float, float]], alpha: float, method: str) -> Interval:
-    """CI est +- t * sqrt(sum v) with Welch-Satterthwaite df from (variance, df) components."""
-    var = sum(v for v, _ in comps)
-    den = sum(v * v / d for v, d in comps if v > 0)
-    df = var * var / den if den > 0 else math.inf
-    half = float(stats.t.ppf(1 - alpha / 2, df)) * math.sqrt(var) if var > 0 else 0.0
-    return Interval(est, est - half, est + half, method, df if math.isfinite(df) else None)
+def classify(delta, p_holm, p_tost, alpha: float = ALPHA):
+    """Verdicts of rows with enough seeds (vectorised): degraded / improved, else equivalent, else inconclusive."""
+    delta, p_holm, p_tost = np.broadcast_arrays(np.asarray(delta, float), np.asarray(p_holm, float),
+                                                np.asarray(p_tost, float))
+    return np.where(p_holm < alpha, np.where(delta < 0, "degraded", "improved"),
+                    np.where(p_tost < alpha, "equivalent", "inconclusive"))
 
 
-def accuracy_ci(y, alpha: float = 0.05) -> Interval:
-    """CI of an arm's mean accuracy: Wilson score for one seed, seeds x items variance components for several."""
-    Y = as_matrix(y)
-    R, C = Y.shape
-    if R == 1:
-        k = Y[0].sum()
-        if np.all((Y == 0) | (Y == 1)):
-            ci = stats.binomtest(int(k), C).proportion_ci(1 - alpha, method="wilson")
-            return Interval(k / C, float(ci.low), float(ci.high), "wilson")
-        comps = [(Y[0].var(ddof=1) / C, C - 1)]
-        return _t_interval(float(Y.mean()), comps, alpha, "items (t)")
-    s2, mse = seed_mean_squares(Y)
-    item = max(Y.mean(axis=0).var(ddof=1) / C - mse / (R * C), 0.0)
-    return _t_interval(float(Y.mean()), [(item, C - 1), (s2 / R, R - 1)], alpha, "seeds x items (t)")
+# ---- single-seed pairs: items only ----------------------------------------------------------------------------------
 
+def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = ALPHA, rng=None) -> tuple[float, float, float]:
+    """(mean(a - b), lo, hi): percentile CI resampling items (a, b: one 0/1 value per item, same order).
 
-def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = 0.05, rng=None) -> Interval:
-    """Percentile CI of mean(a - b) resampling items with replacement (a, b: one value per item, same order).
-
-    Vectorised exactly: resampling n items is a multinomial draw of how often each distinct per-item difference
-    (-1, 0, +1 for 0/1 data) appears, so the cost is independent of the number of items.
+    Only shown for a single-seed pair, where no seed variance exists to pool: it covers item sampling, not
+    seed-to-seed variance, so such a row gets no verdict. Resampling n items is a multinomial draw of how often each
+    distinct per-item difference appears, so the cost does not grow with the number of items.
     """
     a, b = np.asarray(a, float), np.asarray(b, float)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise ValueError(f"paired_bootstrap: need two equal-length 1-D vectors, got {a.shape} and {b.shape}")
     rng = np.random.default_rng(0) if rng is None else rng
     vals, counts = np.unique(a - b, return_counts=True)
-    n = a.size
-    draws = rng.multinomial(n, counts / n, size=n_boot)
-    boot = draws @ vals / n
+    boot = rng.multinomial(a.size, counts / a.size, size=n_boot) @ vals / a.size
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
-    return Interval(float((a - b).mean()), float(lo), float(hi), "paired bootstrap (items)")
-
-
-def seeds_items_ci(ya, yb, alpha: float = 0.05) -> Interval:
-    """CI of mean accuracy(a) - mean accuracy(b) carrying both item sampling and seed-to-seed variance.
-
-    An arm with one seed borrows the other arm's seed variance (assumes the noise does not change the seed-to-seed
-    spread); when neither arm has two seeds this reduces to the items-only t interval.
-    """
-    A, B = as_matrix(ya, "arm a"), as_matrix(yb, "arm b")
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"per-item vectors differ in length: {A.shape[1]} vs {B.shape[1]} items")
-    C = A.shape[1]
-    d = A.mean(axis=0) - B.mean(axis=0)
-    item = d.var(ddof=1) / C
-    ra, rb = A.shape[0], B.shape[0]
-    seeds = []
-    if ra > 1 and rb > 1:
-        for Y, r in ((A, ra), (B, rb)):
-            s2, mse = seed_mean_squares(Y)
-            seeds.append((s2 / r, r - 1))
-            item -= mse / (r * C)
-    elif ra > 1 or rb > 1:
-        Y = A if ra > 1 else B
-        s2, mse = seed_mean_squares(Y)
-        seeds.append((s2 * (1 / ra + 1 / rb), Y.shape[0] - 1))
-        item -= mse * (1 / ra + 1 / rb) / C
-    return _t_interval(float(d.mean()), [(max(item, 0.0), C - 1)] + seeds, alpha, "seeds x items (t)")
-
-
-def mcnemar(a, b) -> tuple[float, float]:
-    """Exact McNemar test of paired 0/1 vectors: (two-sided p, mid-p) from the discordant counts."""
-    a, b = np.asarray(a), np.asarray(b)
-    n01 = int(((a == 1) & (b == 0)).sum())
-    n10 = int(((a == 0) & (b == 1)).sum())
-    n = n01 + n10
-    if n == 0:
-        return 1.0, 1.0
-    k = min(n01, n10)
-    exact = min(1.0, 2 * float(stats.binom.cdf(k, n, 0.5)))
-    mid = min(1.0, 2 * float(stats.binom.cdf(k, n, 0.5) - 0.5 * stats.binom.pmf(k, n, 0.5)))
-    return exact, mid
-
-
-def compare(ya, yb, n_boot: int = 2000, alpha: float = 0.05, rng=None) -> Comparison:
-    """Experiment arm ``ya`` against baseline arm ``yb``: the method follows the number of seeds (see module doc)."""
-    A, B = as_matrix(ya, "experiment"), as_matrix(yb, "baseline")
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"per-item vectors differ in length: {A.shape[1]} vs {B.shape[1]} items")
-    if A.shape[0] == 1 and B.shape[0] == 1:
-        p, mid = mcnemar(A[0], B[0])
-        return Comparison(paired_bootstrap(A[0], B[0], n_boot, alpha, rng), p, mid)
-    return Comparison(seeds_items_ci(A, B, alpha))
-
-
-def verdict(lo: float | None, hi: float | None, diverged: bool = False) -> str:
-    """``diverged`` wins; otherwise the delta CI decides: entirely below 0, entirely above 0, or straddling it."""
-    if diverged:
-        return "diverged"
-    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
-        return "n/a"
-    if hi < 0:
-        return "degraded"
-    if lo > 0:
-        return "improved"
-    return "no significant change"
+    return float((a - b).mean()), float(lo), float(hi)

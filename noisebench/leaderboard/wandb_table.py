@@ -22,6 +22,7 @@ def log_leaderboard_table(df: pd.DataFrame, key: str = "leaderboard") -> bool:
     if run is None or df is None or df.empty or getattr(run, "disabled", False):
         return False
     view = render_rows(df, COLUMNS)
-    view.insert(len(view.columns), "delta_pts", (100 * df["delta"]).round(3).tolist())
+    for m in ("clean", "noisy"):  # numeric deltas, so wandb can sort and plot them
+        view.insert(len(view.columns), f"delta_{m}_pts", (100 * df[f"d_{m}"]).round(3).tolist())
     run.log({key: wandb.Table(dataframe=view)})
     return True
