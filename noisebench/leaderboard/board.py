@@ -20,7 +20,7 @@ from .table import BASELINE, BF16_RMS, FP8_RMS
 
 #: Compared metrics: row key -> run column. clean/auc = training harm, noisy = deployment harm, flex = last number.
 METRICS = {"clean": "final_clean", "auc": "auc_clean", "noisy": "final_acc", "flex": "final_clean_flex"}
-VERDICT_METRICS = ("clean", "noisy")  # each gets its own Holm family and verdict column
+VERDICT_METRICS = ("clean", "auc", "noisy")  # each gets its own Holm family and verdict column
 DEFAULT_MARGIN_PTS = 2.0
 
 
@@ -75,7 +75,8 @@ def _section(done: pd.DataFrame, fp: str, main: bool, diff: str, n_boot: int, se
     exps = pd.DataFrame(rows)
     if not sec.has_baseline:
         why = f"differs from the main setting in {diff}" if diff else "no clean `baseline` run in this setting"
-        exps["verdict_clean"] = exps["verdict_noisy"] = "refused"
+        for m in VERDICT_METRICS:
+            exps[f"verdict_{m}"] = "refused"
         exps["note"] = [f"no baseline here: {why}"] * len(exps)
     else:
         for m in VERDICT_METRICS:

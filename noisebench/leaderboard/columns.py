@@ -109,7 +109,9 @@ COLUMNS = (
     Column("scale", "scale", lambda r: sci(r.scale), "NoiseSpec.scale (sigma, relative bias or flip probability)"),
     Column("x_bf16", "× bf16", lambda r: times(r.x_bf16),
            "relative error RMS in units of bf16 rounding (1.66e-3); only for relative noise and rounding"),
-    Column("ops", "ops", lambda r: r.ops or "—", "noisy operators (names or sets)"),
+    Column("ops", "ops", lambda r: r.ops or "—", "noisy operators (names or sets); \"(no attn products)\": the "
+           "records name a set that covers attention QK^T and PV, but their telemetry shows none noised (made "
+           "before the engine decomposed SDPA)"),
     Column("phases", "phases", lambda r: r.phases or "—", "phases where noise applies"),
     Column("seeds", "seeds", _seeds, "number of runs (their seeds); diverged runs are counted here"),
     Column("clean", "clean acc % strict / flex", lambda r: _pair(r.clean, r.flex),
@@ -127,6 +129,8 @@ COLUMNS = (
     Column("mde", "MDE (pts)", _mde, "smallest true training-harm delta these seeds detect with 80% power (alpha 0.05 "
            "two-sided), from the pooled seed SD and the row's and baseline's seed counts", False),
     Column("verdict_clean", "training verdict", _verdict("clean"), "verdict on Δ clean (see the verdicts below)"),
+    Column("verdict_auc", "learning verdict", _verdict("auc"), "verdict on Δ clean AUC: slowed learning, even "
+           "where the final score catches up"),
     Column("verdict_noisy", "deployment verdict", _verdict("noisy"), "verdict on Δ noisy"),
     Column("note", "note", lambda r: r.note or "", "what a row's statistics rest on when not the pooled default"),
     Column("reward_last", "reward (last 10)", lambda r: "—" if _nan(r.reward_last) else f"{r.reward_last:.3f}",

@@ -104,6 +104,7 @@ def _thresholds(th: pd.DataFrame) -> list[str]:
         return f"{sci(r[f'th_{m}'])} ({times(r[f'th_{m}_x_bf16'])} bf16{d})"
     view = pd.DataFrame({"noise": th.noise, "ops": th.ops, "phases": th.phases, "scales swept": th.scales,
                          "training harm from": [cell(r, "clean") for _, r in th.iterrows()],
+                         "slowed learning from": [cell(r, "auc") for _, r in th.iterrows()],
                          "deployment harm from": [cell(r, "noisy") for _, r in th.iterrows()]})
     return lines + ["Smallest swept scale whose verdict is degraded (Holm) or diverged, with its delta [95% CI].", "",
                     view.to_markdown(index=False, disable_numparse=True), ""]

@@ -76,9 +76,10 @@ def run_metrics(rec: dict) -> dict:
 
 
 def run_setting(rec: dict) -> tuple[str, dict]:
-    """(fingerprint, setting dict) of a record: the stored fingerprint, else computed from its config."""
+    """(fingerprint, setting dict) of a record, computed from its config (the stored fingerprint may predate a
+    change of the formula; the config is the record's own)."""
     cfg = rec.get("config") or {}
-    fp = rec.get("setting_fingerprint") or setting_fingerprint(cfg)
+    fp = setting_fingerprint(cfg)
     return str(fp), setting(cfg)
 
 

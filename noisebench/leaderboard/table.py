@@ -40,11 +40,24 @@ def noise_fields(rec: dict) -> dict:
     aqn = rec.get("aqn") or {}
     aqn_on = bool(aqn.get("enabled")) if isinstance(aqn, dict) else bool(aqn)
     ops = "" if clean else ",".join(str(o) for o in (noise.get("ops") or []))
+    if ops and set(map(str, noise.get("ops") or [])) & ATTN_SETS and not _attention_noised(rec):
+        ops += " (no attn products)"  # the engine that made the record did not reach inside SDPA
     phases = "" if clean else ",".join(str(p) for p in (noise.get("phases") or []))
     if aqn_on:
         label = ("" if clean else label + " + ") + f"aqn({aqn.get('sigma_start')}->{aqn.get('sigma_end')})"
     return {"noise": label, "noise_type": "none" if clean else str(ntype), "scale": scale, "rel_rms": rel_rms,
             "ops": ops, "phases": phases, "aqn": aqn_on, "clean": clean and not aqn_on}
+
+
+#: Op sets that cover attention's QK^T and PV (through SDPA's decomposition; eager attention calls matmul itself).
+ATTN_SETS = {"matmul", "matmul_family", "extended"}
+
+
+def _attention_noised(rec: dict) -> bool:
+    """Whether the run's telemetry shows attention products noised (records of engines before the decomposition
+    name ``matmul_family`` but show none)."""
+    tel = rec.get("telemetry") or {}
+    return any("/attn_qk/" in k or "/matmul/" in k for k in tel)
 
 
 def _treated(rec: dict) -> bool:
