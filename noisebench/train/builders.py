@@ -33,10 +33,16 @@ def noise_spec(cfg: DictConfig):
 
 
 def make_injector(cfg: DictConfig, spec):
-    """The run's noise injector, inert until entered; hooks and interception chosen for what the run executes."""
-    from noisebench.noise import NoiseInjector
+    """The run's noise injector, inert until entered; the engine switches (``engine`` group) applied first, hooks and
+    interception chosen for what the run executes (``engine.intercept`` null: the runner's choice)."""
+    from omegaconf import OmegaConf
 
-    return NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=injector_intercept(cfg))
+    from noisebench.noise import NoiseInjector, configure_engine
+
+    engine = OmegaConf.to_container(cfg.get("engine") or {}, resolve=True)
+    intercept = engine.pop("intercept", None)
+    configure_engine(**{k: v for k, v in engine.items() if v is not None})
+    return NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=intercept or injector_intercept(cfg))
 
 
 def make_aqn(cfg: DictConfig):

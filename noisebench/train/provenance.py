@@ -37,9 +37,9 @@ def git_commit() -> str | None:
 
 def noise_engine() -> dict:
     """Which noise paths drew this run's noise (same statistics, different draws): for reproducing it bitwise."""
-    from noisebench.noise.fast import dispatch, inline, table
+    from noisebench.noise import engine_config
 
-    return {"fast_mode": dispatch.MODE, "cpu_rng": table.name(), "compiled_noise": inline.MODE}
+    return engine_config()
 
 
 def hydra_overrides() -> list[str] | None:
