@@ -75,7 +75,7 @@ def kernel(x: torch.Tensor, inplace: bool = False, fast: bool = True, split: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--numel", default="2097152,12582912,16777216,67108864,73400320",
-                   help="sizes; the defaults include the issue workload's tensors (8192 x 256, x 1536, x 8960)")
+                   help="sizes; the defaults include the training-step workload's tensors (8192 x 256, x 1536, x 8960)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     a = p.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32

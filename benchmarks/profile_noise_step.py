@@ -12,9 +12,11 @@ time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's to
 
 Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
 the interception alone; ``off-attached`` the same with the module hooks on the attached model only); ``noisy``
-(relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
+(relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but
+the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
-graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
+graphs fuse every draw into Inductor's kernels, ``NOISEBENCH_FAST_INLINE=fused``; ``noisy`` has the default
+``auto``, which in training graphs on CUDA also fuses); ``attached`` (noisy, with the module hooks on the
 attached model only, not global: ``NoiseInjector(hooks="attached")``); ``patch`` and ``off-patch`` (as
 ``attached`` and ``off-attached``, with the covered spellings patched instead of the TorchFunctionMode:
 ``intercept="patch"``, what the trainer uses; eager paths only); ``no-tele`` (telemetry sampling off).
@@ -102,7 +104,7 @@ def configure(variant: str) -> dict:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":
         return {"type": "none"}
-    if variant in ("off", "off-attached", "off-patch"):   # installed, every op covered, but no phase of the step enabled
+    if variant in ("off", "off-attached", "off-patch"):   # installed, every op covered, no phase of the step enabled
         return {"type": "relative_gaussian", "ops": ["all"], "phases": ["eval"]}
     return {"type": "relative_gaussian", **({"telemetry_rate": 0.0} if variant == "no-tele" else {})}
 

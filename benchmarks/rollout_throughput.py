@@ -14,8 +14,8 @@ model is attached and the module hooks sit on it alone (``--hooks attached``, as
 attached,global`` adds a compiled noisy variant with global hooks, which every compiled frame guards on.
 ``--draws engine,inductor,none`` adds compiled noisy variants whose fused draw is Inductor's own ``randn`` (one
 Philox4x32-10 call and accurate math per element) or ones (a diagnostic: the noise's cost without the normals);
-``--no-eager`` times the compiled variants only. It also checks that the compiled noisy rollout really is noisy: realized noise on one
-linear inside a compiled, graph-replayed call, and that tokens differ from the clean rollout's.
+``--no-eager`` times the compiled variants only. It also checks that the compiled noisy rollout really is noisy:
+realized noise on one linear inside a compiled, graph-replayed call, and that tokens differ from the clean rollout's.
 """
 from __future__ import annotations
 
