@@ -7,11 +7,10 @@ Usage:
 
 For each noise model it times forward+backward (phases train_forward / train_backward) and forward-only
 (phase rollout, no_grad), clean and noisy in alternating blocks of steps, and prints median step times and their
-ratio. ``--paths`` repeats this for the reference path (``NOISEBENCH_FAST=off``), the fast path (fused Triton
+ratio. ``--paths`` repeats this for the reference path (engine switch ``fast=off``), the fast path (fused Triton
 kernel, CUDA) and the compiled stack (torch.compile fullgraph, fast path inside), each against its own clean twin;
-``--cpu-rng`` picks the CPU normal generator of the GRPO-like step (``noisebench.noise.fast.table``); ``--grpo`` times
-the embedded testbed's real GRPO step (TRL) with e4c against baseline, under the CPU generator in force
-(``NOISEBENCH_CPU_RNG``, default icdf16).
+``--grpo`` times the embedded testbed's real GRPO step (TRL) with e4c against baseline; ``--cpu-rng`` picks the CPU
+normal generator of both (``engine.cpu_rng``; the GRPO-like step can also run ``all`` in turn).
 """
 from __future__ import annotations
 
@@ -41,8 +40,9 @@ def _own_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hooks", default="attached", choices=["attached", "global"],
                    help="NoiseInjector(hooks=...) (attached: what the trainer uses)")
     p.add_argument("--cpu-rng", default="icdf16", choices=["icdf16", "randn", "table", "all"],
-                   help="CPU normal generator for the grpo-like step (icdf16: the default; randn: torch.randn; "
-                        "table: opt-in shared noise table)")
+                   help="CPU normal generator (engine.cpu_rng) for the grpo-like step and the --grpo runs (icdf16: "
+                        "the default; randn: torch.randn; table: opt-in shared noise table; all: each in turn, "
+                        "grpo-like step only)")
     p.add_argument("--grpo", action="store_true",
                    help="time the embedded testbed's real GRPO step (NoisyGRPOTrainer, conf/ defaults) with +exp=e4c "
                         "against +exp=baseline; see --grpo-steps, --grpo-pairs")
@@ -111,6 +111,8 @@ def grpo(a: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
     from transformers import TrainerCallback
 
+    from noisebench.resources import resource_dir
+    from noisebench.schema import register
     from noisebench.train.rundirs import register_resolvers
     from noisebench.train.runner import run
 
@@ -124,15 +126,18 @@ def grpo(a: argparse.Namespace) -> None:
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self._t)
 
+    if a.cpu_rng == "all":
+        raise SystemExit("--grpo: --cpu-rng all is for --grpo-like only; pick one of icdf16, randn, table")
     register_resolvers()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    register()   # the schemas conf/ names in its defaults lists
+    conf = resource_dir("conf")
     tmp = Path(tempfile.mkdtemp(prefix="nb_grpo_bench_"))
     times = {"baseline": [], a.grpo_exp: []}
     for pair in range(a.grpo_pairs):
         for exp in times:
             over = [f"+exp={exp}", f"trainer.max_steps={a.grpo_steps}", "logger=none", "device=cpu",
                     "eval.eval_every=100000", "eval.limit=8", f"results_dir={tmp}", f"seed={pair}",
-                    f"leaderboard.out_dir={tmp / 'boards'}"]
+                    f"leaderboard.out_dir={tmp / 'boards'}", f"engine.cpu_rng={a.cpu_rng}"]
             with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=over)
             timer = StepTimer()

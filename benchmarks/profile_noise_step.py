@@ -15,7 +15,7 @@ the interception alone; ``off-attached`` the same with the module hooks on the a
 (relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but
 the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
-graphs fuse every draw into Inductor's kernels, ``NOISEBENCH_FAST_INLINE=fused``; ``noisy`` has the default
+graphs fuse every draw into Inductor's kernels, engine switch ``compiled=fused``; ``noisy`` has the default
 ``auto``, which in training graphs on CUDA also fuses); ``attached`` (noisy, with the module hooks on the
 attached model only, not global: ``NoiseInjector(hooks="attached")``); ``patch`` and ``off-patch`` (as
 ``attached`` and ``off-attached``, with the covered spellings patched instead of the TorchFunctionMode:
@@ -99,7 +99,7 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 def configure(variant: str) -> dict:
     """Set the engine switches a variant names; returns its NoiseSpec keywords."""
     inline.ST_FUNCTION = variant != "st-add"
-    inline.MODE = "fused" if variant == "fused" else "auto"
+    inline.set_mode("fused" if variant == "fused" else "auto")
     if kernels() is not None:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":

@@ -3,10 +3,10 @@
     python benchmarks/profile_rollout.py --models testbed,qwen2.5-1.5b
     python benchmarks/profile_rollout.py --models testbed --device cpu --batch 4 --new 8 --mode default   # smoke
 
-For each model shape (random weights, ``common.decode_model``) and each variant -- clean, noisy with the
-engine's default (``NOISEBENCH_FAST_INLINE=auto``: graph kernel for large tensors, Inductor's randn for small), with
-the graph kernel for every tensor (``kernel``) and with Inductor's fused ``randn`` for every tensor (``fused``) -- the
-decode step is compiled afresh (``fullgraph``, ``--mode``), timed (tokens/s,
+For each model shape (random weights, ``common.decode_model``) and each variant -- clean; noisy with the engine's
+default (``auto``: the graph kernel for large tensors, draws fused into Inductor's kernels for small ones); the graph
+kernel for every tensor (``kernel``); fused draws for every tensor (``fused``); ``auto`` with the fused draws replaced
+by ones (``none``, a diagnostic) -- the decode step is compiled afresh (``fullgraph``, ``--mode``), timed (tokens/s,
 median of ``--repeats`` rollouts) and profiled over ``--steps`` decode steps with torch.profiler: device kernels per
 step, device busy time per step, wall time per step, and the top kernels. Kernels replayed from CUDA graphs are
 reported individually by CUPTI.
@@ -44,7 +44,7 @@ def parse() -> argparse.Namespace:
 
 def _set_variant(v: str) -> None:
     """``none``: the engine's default with the fused draws replaced by ones (diagnostic: the noise without normals)."""
-    inline.MODE = "auto" if v in ("clean", "none") else v
+    inline.set_mode("auto" if v in ("clean", "none") else v)
     inline.draw = DRAWS["none" if v == "none" else "engine"]
 
 
