@@ -1,11 +1,11 @@
-"""Where noise in the GEMM epilogue wins (issue 7 item 2): device time of a noisy linear output, per shape.
+"""Where noise in the GEMM epilogue wins: device time of a noisy linear output, per shape.
 
 Usage (GPU):  python benchmarks/epilogue_gemm.py [--shapes 8192x1536x8960,...] [--configs 8x3,4x4]
 
 For each M x K x N (x: M x K, W: N x K, bf16) prints the median device time (triton.testing.do_bench) of:
   cublas        F.linear (cuBLAS), clean
   cublas+pass   F.linear, then the engine's elementwise noise kernel in place (what eager linears do now)
-  triton        fast/gemm.py's Triton GEMM, clean (warps x stages per --configs)
+  triton        noisy_gemm.py's Triton GEMM, clean (warps x stages per --configs)
   triton+epi    the same GEMM with the noise in its epilogue (tile reloaded from L2, noised, written again)
 and the ratio of the best epilogue time to cublas+pass (< 1: the epilogue wins for that shape), plus a check that
 the epilogue's noise is there (realized relative std at scale 0.05).
@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from noisebench.noise.fast import gemm, kernels
+from noisebench.noise.fast import kernels
+
+from noisy_gemm import BK, BM, BN, linear_noise
 
 
 def main() -> None:
@@ -32,7 +34,7 @@ def main() -> None:
     ctr = torch.zeros(1, dtype=torch.int64, device="cuda")
     done = torch.zeros(1, dtype=torch.int32, device="cuda")
     configs = [tuple(int(v) for v in c.split("x")) for c in a.configs.split(",")]
-    print(f"{torch.cuda.get_device_name()} torch={torch.__version__} scale={a.scale} tile={gemm.BM}x{gemm.BN}x{gemm.BK}",
+    print(f"{torch.cuda.get_device_name()} torch={torch.__version__} scale={a.scale} tile={BM}x{BN}x{BK}",
           flush=True)
     print(f"{'M x K x N':<18} {'cublas':>8} {'+pass':>8} " + " ".join(
         f"{'tri ' + f'{w}x{s}':>9} {'epi ' + f'{w}x{s}':>9}" for w, s in configs) + f" {'best epi/+pass':>15} {'rel std':>8}",
@@ -50,13 +52,12 @@ def main() -> None:
         t_pass = do_bench(cublas_pass)
         row, best = [], float("inf")
         for warps, stages in configs:
-            t_tri = do_bench(lambda: gemm.linear_noise(x, w, 1, a.scale, noise=False, num_warps=warps,
-                                                         num_stages=stages))
-            t_epi = do_bench(lambda: gemm.linear_noise(x, w, 1, a.scale, num_warps=warps, num_stages=stages))
+            t_tri = do_bench(lambda: linear_noise(x, w, 1, a.scale, noise=False, num_warps=warps, num_stages=stages))
+            t_epi = do_bench(lambda: linear_noise(x, w, 1, a.scale, num_warps=warps, num_stages=stages))
             row += [t_tri, t_epi]
             best = min(best, t_epi)
-        ref = gemm.linear_noise(x, w, 7, 0.05, noise=False).float()
-        got = gemm.linear_noise(x, w, 7, 0.05).float()
+        ref = linear_noise(x, w, 7, 0.05, noise=False).float()
+        got = linear_noise(x, w, 7, 0.05).float()
         big = ref.abs() > ref.abs().median()
         rel = ((got - ref)[big] / ref[big]).std().item()
         print(f"{shape:<18} {t_cublas * 1e3:8.1f} {t_pass * 1e3:8.1f} " + " ".join(f"{t * 1e3:9.1f}" for t in row)

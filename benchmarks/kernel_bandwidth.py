@@ -4,10 +4,9 @@ Usage (GPU):  python benchmarks/kernel_bandwidth.py [--numel 16777216,67108864] 
 
 Prints, per size, the median device time (CUDA events, 50 calls) of:
   copy        ``torch.clone`` (one read + one write: the floor for any separate noise pass)
-  v1          the first kernel (issue 7 version 1): one Philox4x32-10 call per 4 elements (``tl.randn4x``)
-  kernel      the engine's kernel now: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math, the eight
-              slices of a program loaded before the draws (version 19; version 2 loaded slice by slice: its figures
-              are in benchmarks/logs and NOTES.md)
+  v1          the engine's first kernel, kept as a yardstick: one Philox4x32-10 call per 4 elements (``tl.randn4x``)
+  kernel      the engine's kernel: one Philox4x32-7 call per 8 elements, 16-bit Box-Muller, fast math, the eight
+              slices of a program loaded before the draws
   inplace     the same writing into its input (what eager linear outputs and gradients use)
   precise     the same with libdevice's accurate log/sin/cos (to see what the fast math buys)
   ip sS wW    in place with S programs sharing each block of elements (same draws) and W warps a program (the
@@ -18,7 +17,6 @@ against the engine's direct launch of the cached compiled kernel (``kernels.laun
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -26,6 +24,8 @@ import triton
 import triton.language as tl
 
 from noisebench.noise.fast import kernels as K
+
+from common import cuda_us
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -72,25 +72,10 @@ def kernel(x: torch.Tensor, inplace: bool = False, fast: bool = True, split: int
     return out
 
 
-def device_us(fn, reps: int = 50) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--numel", default="2097152,12582912,16777216,67108864,73400320",
-                   help="sizes; the defaults include the issue workload's tensors (8192 x 256, x 1536, x 8960)")
+                   help="sizes; the defaults include the training-step workload's tensors (8192 x 256, x 1536, x 8960)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     a = p.parse_args()
     dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
@@ -99,12 +84,12 @@ def main() -> None:
     for numel in (int(v) for v in a.numel.split(",")):
         x = torch.randn(numel, device="cuda", dtype=dtype)
         nbytes = 2 * numel * x.element_size()
-        base = device_us(lambda: x.clone())
+        base = cuda_us(lambda: x.clone())
         for name, fn in (("copy", lambda: x.clone()), ("v1", lambda: v1(x)), ("kernel", lambda: kernel(x)),
                          ("inplace", lambda: kernel(x, inplace=True)), ("precise", lambda: kernel(x, fast=False)),
                          *((f"ip s{sp} w{w}", lambda sp=sp, w=w: kernel(x, inplace=True, split=sp, warps=w))
                            for sp, w in ((2, 4), (4, 4), (8, 4), (1, 8), (2, 8)))):
-            us = device_us(fn)
+            us = cuda_us(fn)
             print(f"{numel:>10} {name:<12} {us:9.1f} {nbytes / us / 1e3:7.0f} {us / base:7.2f}")
     small = torch.randn(4096, device="cuda", dtype=dtype)
     ctr = torch.zeros(1, dtype=torch.int64, device="cuda")

@@ -3,74 +3,49 @@
 Usage:
     python benchmarks/noise_overhead.py --cpu-small                 # tiny shapes, a quick CPU figure
     python benchmarks/noise_overhead.py --layers 4 --tokens 8192    # on a GPU: bf16, sdpa, 1.5B widths
+    python benchmarks/noise_overhead.py --grpo --paths none         # CPU: the embedded testbed's real GRPO step
 
 For each noise model it times forward+backward (phases train_forward / train_backward) and forward-only
-(phase rollout, no_grad), clean and noisy interleaved step by step, and prints median step times and their ratio.
-``--paths`` (issue 7) repeats this for the reference path (``NOISEBENCH_FAST=off``), the fast path (fused Triton
+(phase rollout, no_grad), clean and noisy in alternating blocks of steps, and prints median step times and their
+ratio. ``--paths`` repeats this for the reference path (engine switch ``fast=off``), the fast path (fused Triton
 kernel, CUDA) and the compiled stack (torch.compile fullgraph, fast path inside), each against its own clean twin;
-``--cpu-rng`` picks the CPU normal generator of the GRPO-like step (``noisebench.noise.fast.table``); ``--grpo`` times
-the embedded testbed's real GRPO step (TRL) with e4c against baseline, under the CPU generator in force
-(``NOISEBENCH_CPU_RNG``, default icdf16).
+``--grpo`` times the embedded testbed's real GRPO step (TRL) with e4c against baseline; ``--cpu-rng`` picks the CPU
+normal generator of both (``engine.cpu_rng``; the GRPO-like step can also run ``all`` in turn).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import itertools
 import statistics
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+import torch
 
-import torch  # noqa: E402
-from transformers import Qwen2Config, Qwen2Model  # noqa: E402
+from noisebench.noise import NoiseInjector, NoiseSpec
+from noisebench.noise.fast import set_cpu_generator, set_mode
+from noisebench.noise.fast.table import name as table_name
 
-from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
-from noisebench.noise.fast import set_cpu_generator, set_mode  # noqa: E402
-from noisebench.noise.fast.table import name as table_name  # noqa: E402
+from common import causal_lm, decoder_stack, interleave, make_steps, step_args, timed_steps
 
 MODELS = ["relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip", "round"]
 
 
-PATHS = ("reference", "fast", "compiled", "none")
-
-
-def parse(extend=None, description: str = None, paths: tuple = PATHS) -> argparse.Namespace:
-    """The workload's flags; ``extend(parser)`` adds a calling script's own, ``paths`` are its valid ``--paths``."""
-    p = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
-    if extend is not None:
-        extend(p)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=None, help="tokens per step (batch x seq); default 8192 GPU, 1024 CPU")
-    p.add_argument("--seq", type=int, default=1024, help="sequence length (tokens are split into sequences of it)")
-    p.add_argument("--hidden", type=int, default=1536)
-    p.add_argument("--intermediate", type=int, default=8960)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="default bf16 on GPU, fp32 on CPU")
+def _own_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="comma list of noise types")
-    p.add_argument("--ops", default="matmul_family", help="comma list of ops / op sets")
-    p.add_argument("--scale", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the stack (fullgraph); same as --paths compiled")
-    p.add_argument("--paths", default=None, help="comma list of reference,fast,compiled (default: all three on CUDA, "
-                   "reference on CPU)")
     p.add_argument("--intercept", default="patch", choices=["patch", "mode"],
                    help="NoiseInjector(intercept=...) on the eager paths (patch: what the trainer uses; compiled paths "
                         "always use the mode)")
     p.add_argument("--hooks", default="attached", choices=["attached", "global"],
                    help="NoiseInjector(hooks=...) (attached: what the trainer uses)")
     p.add_argument("--cpu-rng", default="icdf16", choices=["icdf16", "randn", "table", "all"],
-                   help="CPU normal generator for the grpo-like step (icdf16: the default; randn: torch.randn; "
-                        "table: opt-in shared noise table)")
-    p.add_argument("--cpu-small", action="store_true", help="tiny CPU shapes: 2 layers, hidden 256, 512 tokens")
+                   help="CPU normal generator (engine.cpu_rng) for the grpo-like step and the --grpo runs (icdf16: "
+                        "the default; randn: torch.randn; table: opt-in shared noise table; all: each in turn, "
+                        "grpo-like step only)")
     p.add_argument("--grpo", action="store_true",
                    help="time the embedded testbed's real GRPO step (NoisyGRPOTrainer, conf/ defaults) with +exp=e4c "
-                        "against +exp=baseline (issue 7 item 4); see --grpo-steps, --grpo-pairs")
+                        "against +exp=baseline; see --grpo-steps, --grpo-pairs")
     p.add_argument("--grpo-steps", type=int, default=7,
                    help="trainer steps per run (the first and the last, which saves a checkpoint, are not timed)")
     p.add_argument("--grpo-pairs", type=int, default=2, help="baseline/e4c run pairs, alternated")
@@ -78,86 +53,27 @@ def parse(extend=None, description: str = None, paths: tuple = PATHS) -> argpars
     p.add_argument("--grpo-like", action="store_true",
                    help="also time a GRPO-shaped step on the tiny testbed's model (hidden 128, 4 layers, vocab 492): "
                         "rollout generate 128 x 48 tokens (phase rollout) + train fwd+bwd on 128 x 112 tokens")
-    a = p.parse_args()
-    if a.cpu_small:
-        a.device, a.layers, a.hidden, a.intermediate, a.heads, a.kv_heads = "cpu", 2, 256, 1024, 4, 2
-        a.tokens, a.seq = a.tokens or 512, 256
-    a.tokens = a.tokens or (8192 if a.device.startswith("cuda") else 1024)
-    a.dtype = a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")
-    if a.paths is None:
-        gpu = a.device.startswith("cuda")
-        a.paths = "compiled" if a.compile else ("reference,fast,compiled" if gpu else "reference")
-    bad = [x for x in a.paths.split(",") if x not in paths]
-    if bad:
-        p.error(f"--paths: unknown {bad}; valid choices: {list(paths)}")
-    return a
-
-
-def build(a: argparse.Namespace) -> Qwen2Model:
-    cfg = Qwen2Config(hidden_size=a.hidden, intermediate_size=a.intermediate, num_hidden_layers=a.layers,
-                      num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, vocab_size=1024,
-                      max_position_embeddings=max(a.seq, 2048))
-    cfg._attn_implementation = a.attn
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
-    return Qwen2Model(cfg).to(device=a.device, dtype=dtype)
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def make_steps(model, x, inj):
-    """Closures for one fwd+bwd step and one forward-only step, noisy when ``inj`` is installed. The fwd+bwd step
-    appends the host time at which its forward returned to ``marks`` when given (profile_noise_step.py)."""
-    def train(marks: list = None):
-        with inj.phase("train_forward"):
-            out = model(inputs_embeds=x).last_hidden_state
-        if marks is not None:
-            marks.append(time.perf_counter())
-        with inj.phase("train_backward"):
-            out.float().square().mean().backward()
-        model.zero_grad(set_to_none=True)
-
-    def forward():
-        with torch.no_grad(), inj.phase("rollout"):
-            model(inputs_embeds=x)
-    return {"fwd+bwd": train, "fwd": forward}
 
 
 def time_pair(fn, inj, a, blocks: int = 2) -> tuple:
     """Median seconds of ``fn`` clean and noisy: alternating blocks of steps (warm-ups untimed), the injector
     installed once per noisy block, so drift hits both alike and install costs stay outside the timed steps."""
-    clean, noisy = [], []
     per_block = max(1, -(-a.steps // blocks))
-    for _ in range(blocks):
-        for installed, store in ((False, clean), (True, noisy)):
-            if installed:
-                inj.install()
-            try:
-                for i in range(a.warmup + per_block):
-                    _sync(a.device)
-                    t0 = time.perf_counter()
-                    fn()
-                    _sync(a.device)
-                    if i >= a.warmup:
-                        store.append(time.perf_counter() - t0)
-            finally:
-                if installed:
-                    inj.uninstall()
-    return statistics.median(clean), statistics.median(noisy)
+
+    def noisy():
+        inj.install()
+        try:
+            return timed_steps(fn, per_block, a.warmup, a.device)
+        finally:
+            inj.uninstall()
+    res = interleave({"clean": lambda: timed_steps(fn, per_block, a.warmup, a.device), "noisy": noisy}, blocks)
+    return tuple(statistics.median(itertools.chain.from_iterable(res[k])) for k in ("clean", "noisy"))
 
 
 def grpo_like(a: argparse.Namespace) -> None:
     """A whole GRPO step without TRL's bookkeeping: rollout generation, then a policy-gradient fwd+bwd."""
-    from transformers import Qwen2ForCausalLM
-    cfg = Qwen2Config(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=492, tie_word_embeddings=True, max_position_embeddings=256)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg)
-    prompts = torch.randint(3, 492, (128, 64))
+    model = causal_lm("testbed", "cpu", torch.float32)
+    prompts = torch.randint(3, model.config.vocab_size, (128, 64))
     gen_kw = dict(max_new_tokens=48, min_new_tokens=48, do_sample=True, pad_token_id=0, eos_token_id=None)
 
     def step(inj):
@@ -195,6 +111,8 @@ def grpo(a: argparse.Namespace) -> None:
     from hydra import compose, initialize_config_dir
     from transformers import TrainerCallback
 
+    from noisebench.resources import resource_dir
+    from noisebench.schema import register
     from noisebench.train.rundirs import register_resolvers
     from noisebench.train.runner import run
 
@@ -208,15 +126,18 @@ def grpo(a: argparse.Namespace) -> None:
         def on_step_end(self, args, state, control, **kw):
             self.times.append(time.perf_counter() - self._t)
 
+    if a.cpu_rng == "all":
+        raise SystemExit("--grpo: --cpu-rng all is for --grpo-like only; pick one of icdf16, randn, table")
     register_resolvers()
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    register()   # the schemas conf/ names in its defaults lists
+    conf = resource_dir("conf")
     tmp = Path(tempfile.mkdtemp(prefix="nb_grpo_bench_"))
     times = {"baseline": [], a.grpo_exp: []}
     for pair in range(a.grpo_pairs):
         for exp in times:
             over = [f"+exp={exp}", f"trainer.max_steps={a.grpo_steps}", "logger=none", "device=cpu",
                     "eval.eval_every=100000", "eval.limit=8", f"results_dir={tmp}", f"seed={pair}",
-                    f"leaderboard.out_dir={tmp / 'boards'}"]
+                    f"leaderboard.out_dir={tmp / 'boards'}", f"engine.cpu_rng={a.cpu_rng}"]
             with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                 cfg = compose(config_name="config", overrides=over)
             timer = StepTimer()
@@ -268,9 +189,9 @@ def run_path(a: argparse.Namespace, model, path: str) -> None:
 
 
 def main() -> None:
-    a = parse()
+    a = step_args(__doc__.splitlines()[0], _own_flags)
     paths = [p for p in a.paths.split(",") if p != "none"]   # "none": only the --grpo / --grpo-like tables
-    model = build(a) if paths else None
+    model = decoder_stack(a) if paths else None
     for path in paths:
         run_path(a, model, path)
     if a.grpo_like:

@@ -1,9 +1,9 @@
-"""Where a noisy training step's extra time goes: host time, device time and kernels, clean against noisy (issue 7).
+"""Where a noisy training step's extra time goes: host time, device time and kernels, clean against noisy.
 
-Same workload and flags as ``noise_overhead.py`` (it reuses its model and step builders), with ``--paths``
+The same workload as ``noise_overhead.py`` (``common.step_args``, ``decoder_stack``, ``make_steps``), with ``--paths``
 (reference, fast: eager; compiled: torch.compile default mode; compiled-cg: reduce-overhead, CUDA graphs;
 compiled-at: max-autotune-no-cudagraphs, Inductor's Triton GEMM templates, which can take pointwise epilogues such as
-the ``fused`` variant's draws: the matmul-epilogue noise of issue 7 item 2) and
+the ``fused`` variant's draws: noise in the matmul epilogue) and
 ``--variants``, timed in ``--rounds`` interleaved rounds. One row per variant: the median wall time of a fwd+bwd step,
 the host time (until the step's last launch returns, before the synchronisation), the device time (the step's
 kernels summed, torch.profiler), kernels per step, the ratio against clean, and how much the forward output moved
@@ -12,9 +12,11 @@ time is host-bound: the GPU waits on Python. ``--tables`` adds the profiler's to
 
 Variants: ``clean`` (no injector); ``off`` (installed, every op covered, no phase of the step enabled: the cost of
 the interception alone; ``off-attached`` the same with the module hooks on the attached model only); ``noisy``
-(relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but the cached kernels are not launched: the engine's Python alone); ``st-add``
+(relative Gaussian on ``--ops`` in train_forward/train_backward, the engine's defaults); ``no-launch`` (noisy, but
+the cached kernels are not launched: the engine's Python alone); ``st-add``
 (compiled forward noise as ``y + (noisy - y).detach()`` instead of one straight-through op); ``fused`` (compiled
-graphs draw with Inductor's randn instead of the graph kernel); ``attached`` (noisy, with the module hooks on the
+graphs fuse every draw into Inductor's kernels, engine switch ``compiled=fused``; ``noisy`` has the default
+``auto``, which in training graphs on CUDA also fuses); ``attached`` (noisy, with the module hooks on the
 attached model only, not global: ``NoiseInjector(hooks="attached")``); ``patch`` and ``off-patch`` (as
 ``attached`` and ``off-attached``, with the covered spellings patched instead of the TorchFunctionMode:
 ``intercept="patch"``, what the trainer uses; eager paths only); ``no-tele`` (telemetry sampling off).
@@ -24,19 +26,16 @@ attached model only, not global: ``NoiseInjector(hooks="attached")``); ``patch``
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from noise_overhead import _sync, build, make_steps, parse  # noqa: E402
+from noisebench.noise import NoiseInjector, NoiseSpec
+from noisebench.noise.fast import inline, set_mode
+from noisebench.noise.fast.dispatch import kernels
 
-from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
-from noisebench.noise.fast import inline, set_mode  # noqa: E402
-from noisebench.noise.fast.dispatch import kernels  # noqa: E402
+from common import decoder_stack, device_name, interleave, make_steps, step_args, sync
 
 VARIANTS = ("clean", "off", "off-attached", "off-patch", "no-launch", "noisy", "st-add", "fused", "attached", "patch",
             "no-tele")
@@ -46,7 +45,7 @@ COMPILE_MODES = {"compiled": None, "compiled-cg": "reduce-overhead", "compiled-a
 
 
 def train_step(model, x, inj, marks: list = None) -> None:
-    """One fwd+bwd step of ``noise_overhead.make_steps``; ``marks`` gets the host time when the forward returned."""
+    """One fwd+bwd step of ``common.make_steps``; ``marks`` gets the host time when the forward returned."""
     make_steps(model, x, inj)["fwd+bwd"](marks)
 
 
@@ -56,11 +55,11 @@ def timings(model, x, inj, device: str, n: int = 10, warmup: int = 3) -> tuple:
     wall, host, fwd = [], [], []
     for i in range(n + warmup):
         marks = []
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         train_step(model, x, inj, marks)
         h = time.perf_counter()
-        _sync(device)
+        sync(device)
         if i >= warmup:
             wall.append(1000 * (time.perf_counter() - t))
             host.append(1000 * (h - t))
@@ -87,11 +86,11 @@ def cprofile(model, x, inj, steps: int = 5) -> None:
 def device_kernels(fn, device: str, steps: int = 3) -> tuple:
     """(device ms per step summed over kernels, kernels per step, the profiler's key averages)."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    _sync(device)
+    sync(device)
     with profile(activities=acts) as prof:
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync(device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     total_us = sum(e.device_time for e in kernels) if kernels else 0.0
     return total_us / 1000 / steps, len(kernels) / steps, prof.key_averages()
@@ -100,14 +99,26 @@ def device_kernels(fn, device: str, steps: int = 3) -> tuple:
 def configure(variant: str) -> dict:
     """Set the engine switches a variant names; returns its NoiseSpec keywords."""
     inline.ST_FUNCTION = variant != "st-add"
-    inline.MODE = "fused" if variant == "fused" else "auto"
+    inline.set_mode("fused" if variant == "fused" else "auto")
     if kernels() is not None:
         kernels()._direct = _no_launch if variant == "no-launch" else _DIRECT
     if variant == "clean":
         return {"type": "none"}
-    if variant in ("off", "off-attached", "off-patch"):   # installed, every op covered, but no phase of the step enabled
+    if variant in ("off", "off-attached", "off-patch"):   # installed, every op covered, no phase of the step enabled
         return {"type": "relative_gaussian", "ops": ["all"], "phases": ["eval"]}
     return {"type": "relative_gaussian", **({"telemetry_rate": 0.0} if variant == "no-tele" else {})}
+
+
+def under(model, variant: str, inj, fn):
+    """``fn()`` with ``variant``'s engine switches set and ``inj`` attached to ``model`` (as the trainer does: module
+    scopes by name) and installed."""
+    configure(variant)
+    inj.attach(model)
+    try:
+        with inj:
+            return fn()
+    finally:
+        inj.detach(model)
 
 
 def _no_launch(*args) -> None:
@@ -123,16 +134,12 @@ def main() -> None:
         p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median of their medians)")
         p.add_argument("--tables", action="store_true", help="profiler tables for the noisy variants")
         p.add_argument("--cprofile", action="store_true", help="cProfile of the eager noisy variant's host work")
-    a = parse(extend, __doc__.splitlines()[0], PATHS)
-    variants = a.variants.split(",")
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad:
-        raise SystemExit(f"--variants: unknown {bad}; valid choices: {list(VARIANTS)}")
-    variants = ["clean"] + [v for v in variants if v != "clean"]   # the ratio's base first
+    a = step_args(__doc__.splitlines()[0], extend, PATHS, {"variants": VARIANTS})
+    variants = ["clean"] + [v for v in a.variants.split(",") if v != "clean"]   # the ratio's base first
     torch._dynamo.config.recompile_limit = 64   # variants flip engine switches that compiled graphs guard on
-    model = build(a)
+    model = decoder_stack(a)
     x = torch.randn(a.tokens // a.seq, a.seq, a.hidden, device=a.device, dtype=next(model.parameters()).dtype)
-    print(f"device={a.device} ({torch.cuda.get_device_name() if a.device.startswith('cuda') else 'cpu'}) "
+    print(f"device={a.device} ({device_name(a.device)}) "
           f"torch={torch.__version__} layers={a.layers} tokens={a.tokens} ops={a.ops} scale={a.scale}")
     for path in a.paths.split(","):
         set_mode("off" if path == "reference" else "auto")
@@ -140,33 +147,26 @@ def main() -> None:
         runner = model if path in ("reference", "fast") else \
             torch.compile(model, fullgraph=True, mode=COMPILE_MODES[path])
         here = [v for v in variants if path in ("reference", "fast") or v not in EAGER_ONLY]
-        injs, res = {}, {v: [] for v in here}
+        injs = {}
         for variant in here:
             kw = configure(variant)
             injs[variant] = NoiseInjector(NoiseSpec(**{"scale": a.scale, "ops": a.ops.split(","),
                                                        "phases": ["train_forward", "train_backward"], **kw}),
                                            hooks="attached" if variant.endswith(("attached", "patch")) else "global",
                                            intercept="patch" if variant in EAGER_ONLY else "mode")
-        for _ in range(a.rounds):   # interleaved: a drift of the host hits every variant alike
-            for variant, inj in injs.items():
-                configure(variant)
-                inj.attach(model)   # as the trainer does (module scopes by name)
-                with inj:
-                    res[variant].append(timings(runner, x, inj, a.device))
-                inj.detach(model)
+        res = interleave({v: lambda v=v, inj=inj: under(model, v, inj, lambda: timings(runner, x, inj, a.device))
+                          for v, inj in injs.items()}, a.rounds)
         print(f"\n[{path}] {'variant':<10} {'wall ms':>8} {'host ms':>8} {'host fwd':>8} {'device ms':>9} "
               f"{'kernels':>8} {'ratio':>6} {'out rel':>8}", flush=True)
         ref = None
         for variant, inj in injs.items():
-            configure(variant)
-            inj.attach(model)
-            with inj:
+            def profiled(variant=variant, inj=inj):
                 dev, nk, avg = device_kernels(lambda: train_step(runner, x, inj), a.device)
                 if a.cprofile and variant == "noisy" and path in ("reference", "fast"):
                     cprofile(runner, x, inj)
                 with inj.phase("train_forward"):
-                    out = runner(inputs_embeds=x).last_hidden_state.detach().float()
-            inj.detach(model)
+                    return dev, nk, avg, runner(inputs_embeds=x).last_hidden_state.detach().float()
+            dev, nk, avg, out = under(model, variant, inj, profiled)
             ref = out if ref is None else ref
             rel = ((out - ref).std() / ref.std()).item()   # the forward output's change against clean
             wall, host, fwd = (statistics.median(r[i] for r in res[variant]) for i in range(3))

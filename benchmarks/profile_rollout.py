@@ -3,10 +3,10 @@
     python benchmarks/profile_rollout.py --models testbed,qwen2.5-1.5b
     python benchmarks/profile_rollout.py --models testbed --device cpu --batch 4 --new 8 --mode default   # smoke
 
-For each model shape (random weights, ``rollout_throughput.py``'s builder) and each variant -- clean, noisy with the
-engine's default (``NOISEBENCH_FAST_INLINE=auto``: graph kernel for large tensors, Inductor's randn for small), with
-the graph kernel for every tensor (``kernel``) and with Inductor's fused ``randn`` for every tensor (``fused``) -- the
-decode step is compiled afresh (``fullgraph``, ``--mode``), timed (tokens/s,
+For each model shape (random weights, ``common.decode_model``) and each variant -- clean; noisy with the engine's
+default (``auto``: the graph kernel for large tensors, draws fused into Inductor's kernels for small ones); the graph
+kernel for every tensor (``kernel``); fused draws for every tensor (``fused``); ``auto`` with the fused draws replaced
+by ones (``none``, a diagnostic) -- the decode step is compiled afresh (``fullgraph``, ``--mode``), timed (tokens/s,
 median of ``--repeats`` rollouts) and profiled over ``--steps`` decode steps with torch.profiler: device kernels per
 step, device busy time per step, wall time per step, and the top kernels. Kernels replayed from CUDA graphs are
 reported individually by CUPTI.
@@ -14,48 +14,37 @@ reported individually by CUPTI.
 from __future__ import annotations
 
 import argparse
-import sys
+import statistics
 from collections import Counter
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout_throughput import DRAWS, SHAPES, _sync, build, decode_step, one_rollout  # noqa: E402
+from noisebench.noise import NoiseInjector, NoiseSpec
+from noisebench.noise.fast import inline
 
-from noisebench.noise import NoiseInjector, NoiseSpec  # noqa: E402
-from noisebench.noise.fast import inline  # noqa: E402
+from common import DRAWS, SHAPES, check_lists, decode_model, decode_step, one_rollout, rollout_args, sync
 
 VARIANTS = ("clean", "auto", "kernel", "fused", "none")
 
 
 def parse() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="testbed,qwen2.5-1.5b")
+    p = rollout_args(__doc__.splitlines()[0], new=64, repeats=2, repeats_help="timed rollouts per variant (median)")
+    p.add_argument("--models", default="testbed,qwen2.5-1.5b", help=f"comma list of {list(SHAPES)}")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--prompt", type=int, default=64)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--scale", type=float, default=1e-3)
-    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="profiled decode steps (at most --new - 1)")
-    p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--out", default="", help="folder for each variant's full kernel table (device us/step, name)")
     a = p.parse_args()
     if a.steps > a.new - 1:
         p.error(f"--steps {a.steps}: at most --new - 1 = {a.new - 1} (the profiled steps reuse the rollout's cache)")
-    for key, val, valid in (("--models", a.models, SHAPES), ("--variants", a.variants, VARIANTS)):
-        bad = [v for v in val.split(",") if v not in valid]
-        if bad:
-            p.error(f"{key}: unknown {bad}; valid choices: {list(valid)}")
+    check_lists(p, a, {"models": SHAPES, "variants": VARIANTS})
     return a
 
 
 def _set_variant(v: str) -> None:
     """``none``: the engine's default with the fused draws replaced by ones (diagnostic: the noise without normals)."""
-    inline.MODE = "auto" if v in ("clean", "none") else v
+    inline.set_mode("auto" if v in ("clean", "none") else v)
     inline.draw = DRAWS["none" if v == "none" else "engine"]
 
 
@@ -101,7 +90,7 @@ def profile_steps(model, prompts, a, step, inj, label: str = "") -> tuple:
     for e in prof.key_averages():
         if e.self_cpu_time_total > 0:
             host[e.key] = e.self_cpu_time_total
-    return (sorted(tps)[len(tps) // 2], len(kern) / n, sum(e.device_time for e in kern) / n, 1e6 * wall / n,
+    return (statistics.median_high(tps), len(kern) / n, sum(e.device_time for e in kern) / n, 1e6 * wall / n,
             per.most_common(6), host.most_common(5), {k: (ncat[k] / n, cat[k] / n) for k in cat})
 
 
@@ -110,9 +99,7 @@ def main() -> None:
     print(f"device={a.device} torch={torch.__version__} batch={a.batch} prompt={a.prompt} new={a.new} "
           f"mode={a.mode}; profile over {a.steps} decode steps (wall includes profiler overhead)")
     for name in a.models.split(","):
-        model = build(name, a)
-        prompts = torch.randint(3, model.config.vocab_size, (a.batch, a.prompt), device=a.device,
-                                generator=torch.Generator(a.device).manual_seed(1))
+        model, prompts = decode_model(name, a)
         inj = NoiseInjector(NoiseSpec(type="relative_gaussian", scale=a.scale, ops=["matmul_family"],
                                       phases=["rollout"]))
         inj.attach(model)
@@ -146,7 +133,7 @@ def main() -> None:
             print(f"  top host (self CPU), {v}: " + "; ".join(f"{k[:50]} {t / a.steps:.1f}us" for k, t in host))
         inj.detach(model)
         del model
-        _sync(a.device)
+        sync(a.device)
     _set_variant("auto")
 
 

@@ -1,14 +1,17 @@
-"""A linear with its output noise in the GEMM epilogue (issue 7 item 2: "noise applied in the matmul epilogue ...
-where it wins"). Experimental: not wired into the engine; ``benchmarks/epilogue_gemm.py`` measures where it wins.
+"""A linear with its output noise in the GEMM epilogue: the kernel ``epilogue_gemm.py`` times.
 
-Why: a separate noise pass reads and writes every output once more (x1.10 of a compiled training step's device time
-on an H200); here each program writes its output tile, then reloads it while it is still in L2 (a barrier between),
-noises it and writes it again, so DRAM sees about one write. Inductor's own route (max-autotune templates with its
-``randn`` in the epilogue) spends a Philox4x32-10 call per element; this keeps the engine's 8 normals a call.
+Kept here, outside the package, because it loses: on every Qwen2.5-1.5B shape it is slower than cuBLAS plus the
+engine's separate noise pass (docs/performance.md). It stays for a GEMM that could carry it (a persistent,
+warp-specialised one whose epilogue overlaps the next tile's main loop).
 
-The draws are tile-local, so they are not the elementwise kernel's (``definition.py``); written in NumPy in
-``reference_normals``: tile t (row-major over BM x BN output tiles) draws Philox4x32-ROUNDS blocks with key k and
-counter t * (BM/8 * BN) + r * BN + c for r < BM/8, c < BN; word j's 16-bit halves give, as in the elementwise
+Why it was tried: a separate noise pass reads and writes every output once more (x1.10 of a compiled training step's
+device time on an H200); here each program writes its output tile, then reloads it while it is still in L2 (a barrier
+between), noises it and writes it again, so DRAM sees about one write. Inductor's own route (max-autotune templates
+with its ``randn`` in the epilogue) spends a Philox4x32-10 call per element; this keeps the engine's 8 normals a call.
+
+The draws are tile-local, so they are not the elementwise kernel's (``noisebench/noise/fast/definition.py``); written
+in NumPy in ``reference_normals``: tile t (row-major over BM x BN output tiles) draws Philox4x32-ROUNDS blocks with key
+k and counter t * (BM/8 * BN) + r * BN + c for r < BM/8, c < BN; word j's 16-bit halves give, as in the elementwise
 kernel, the cosine and sine of one Box-Muller pair, which noise rows r + (2j) BM/8 and r + (2j + 1) BM/8 of the tile.
 """
 from __future__ import annotations
@@ -19,8 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .definition import ROUNDS, kernel_key, philox_normals
-from .kernels import _fast_math, _pair
+from noisebench.noise.fast.definition import ROUNDS, kernel_key, philox_normals
+from noisebench.noise.fast.kernels import _fast_math, _pair   # the engine's Box-Muller and fast-math switch
 
 BM, BN, BK, GROUP_M = 128, 128, 64, 8   # BM and BN fix the draws (see the module docstring); BK and GROUP_M do not
 
