@@ -41,7 +41,8 @@ def test_preset_composes_and_validates(name):
 
 def test_default_is_embedded_baseline():
     cfg = compose()
-    assert cfg.testbed.name == "tiny_arith" and cfg.noise.type == "none" and cfg.experiment == "baseline"
+    assert cfg.testbed.name == "tiny_sharpen" and cfg.noise.type == "none" and cfg.experiment == "baseline"
+    assert cfg.trainer.max_steps == 40 and cfg.eval.eval_every == 10 and cfg.eval.clean_too is True
     assert cfg.trainer.args.bf16 is False and cfg.trainer.args.gradient_checkpointing is False
 
 

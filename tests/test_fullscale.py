@@ -48,7 +48,7 @@ def test_qwen_testbed_composes_with_the_study_recipe():
     assert t.vllm_enforce_eager is True and t.args.vllm_mode == "colocate"
     # the tiny default keeps its own trainer
     tiny = compose([])
-    assert tiny.testbed.name == "tiny_arith" and tiny.trainer.args.learning_rate != t.args.learning_rate
+    assert tiny.testbed.name == "tiny_sharpen" and tiny.trainer.args.learning_rate != t.args.learning_rate
 
 
 def test_per_device_batch_splits_the_step_over_ranks_and_accumulation(monkeypatch, tmp_path):

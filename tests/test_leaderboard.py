@@ -166,13 +166,14 @@ def test_single_seed_pair_gets_items_only_ci_and_no_verdict(results, boards):
     assert row.verdict_noisy == "too few seeds" and "items only" in row.note
 
 
-def test_committed_board_regenerates_from_its_records(tmp_path, monkeypatch):
-    """leaderboards/tiny_arith.md is exactly what the board makes of leaderboards/records."""
+def test_committed_boards_regenerate_from_their_records(tmp_path, monkeypatch):
+    """leaderboards/<testbed>.md is exactly what the board makes of leaderboards/records."""
     monkeypatch.chdir(ROOT)
     build_leaderboards("leaderboards/records", str(tmp_path), n_boot=2000, log_wandb=False)
-    made = (tmp_path / "tiny_arith.md").read_text().replace(f"--out {tmp_path}`", "--out leaderboards`")
-    assert made == (ROOT / "leaderboards" / "tiny_arith.md").read_text()
-    assert "| n/a " in made  # old records: no clean evaluation, training-harm columns n/a
+    for name in ("tiny_arith", "tiny_sharpen"):
+        made = (tmp_path / f"{name}.md").read_text().replace(f"--out {tmp_path}`", "--out leaderboards`")
+        assert made == (ROOT / "leaderboards" / f"{name}.md").read_text()
+    assert "| n/a " in (tmp_path / "tiny_arith.md").read_text()  # old records: no clean evaluation
 
 
 def test_reference_rows_present_and_marked_external(boards, tmp_path, results):

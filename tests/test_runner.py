@@ -110,6 +110,20 @@ def test_cli_multirun_writes_records_and_leaderboard(tmp_path, cache_dir):
     assert len(recs) == 2
     exps = {json.loads(p.read_text())["experiment"] for p in recs}
     assert exps == {"baseline", "e4d"}
-    board = (tmp_path / "boards" / "tiny_arith.md").read_text()
+    board = (tmp_path / "boards" / "tiny_sharpen.md").read_text()
     assert "e4d" in board and "baseline" in board
     assert "Runs made with: `noisebench -m +exp=baseline,e4d " in board  # the sweep command, rebuilt from records
+
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_seeds_side_by_side_with_cores_split(tmp_path, cache_dir):
+    """A sweep through Hydra's joblib launcher: each seed a process of its own, the machine's cores split among them."""
+    import os
+
+    over = small_run_overrides(tmp_path, cache_dir, steps=1, warm=False) + FAST
+    out = subprocess.run([sys.executable, "-m", "noisebench.cli", "-m", "seed=0,1", "hydra/launcher=joblib",
+                          "hydra.launcher.n_jobs=2"] + over, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("record.json")]
+    assert sorted(r["seed"] for r in recs) == [0, 1] and {r["status"] for r in recs} == {"ok"}
+    assert {r["torch_threads"] for r in recs} == {max(1, (os.cpu_count() or 1) // 2)}

@@ -80,3 +80,53 @@ def test_bad_spec_names_the_key(bad, match):
 def test_too_small_problem_space_is_a_clear_error():
     with pytest.raises(ValueError, match="too few distinct problems"):
         make_splits(ArithSpec(n_train=100000, n_test=1000, max_ops=1, max_start=2, max_operand=2, ops=("add",)))
+
+
+def test_solve_without_mistakes_is_the_gold_solution(default_splits):
+    from noisebench.testbeds.arith import solve
+
+    for p in default_splits["test"]:
+        assert solve(p) == (p.steps, p.result)
+
+
+@pytest.mark.parametrize("rule", ["sub_adds", "mul_swap", "triple_doubles"])
+def test_wrong_rules_change_exactly_their_steps_and_later_lines_follow(default_splits, rule):
+    from noisebench.testbeds.arith import solve
+
+    changed = 0
+    for p in default_splits["test"]:
+        lines, result = solve(p, [rule])
+        hit = any((op == "sub" and rule == "sub_adds") or (op == "mul" and rule == "mul_swap")
+                  or (op == "mul" and b == 3 and rule == "triple_doubles") for op, b in p.moves)
+        assert (lines != p.steps) == hit and (result != p.result) <= hit
+        value = p.start
+        for line, (op, b) in zip(lines, p.moves):  # every line is right arithmetic on the (wrong) running value
+            a, sym, c, out = re.match(r"^(-?\d+) ([-+*/]) (\d+) = (-?\d+)$", line).groups()  # wrong values may go < 0
+            assert int(a) == value and int(out) == eval(f"{a} {sym.replace('/', '//')} {c}")
+            value = int(out)
+        assert value == result
+        changed += hit
+    assert changed > 100  # the rule matters on many test problems
+
+
+def test_unknown_rule_names_the_key_and_choices(default_splits):
+    from noisebench.testbeds.arith import solve
+
+    with pytest.raises(ValueError, match="mistakes.rules.*sub_adds"):
+        solve(default_splits["test"][0], ["adds_subs"])
+
+
+def test_mistake_share_is_drawn_apart_from_the_format(default_splits):
+    """The share of warm-start solutions worked under wrong rules is the configured one, and turning mistakes on
+    leaves every answer-format draw as it was."""
+    from noisebench.testbeds.warmstart import sft_pairs
+
+    train = default_splits["train"][:4000]
+    fmt = {"marked_topics": 3, "marked_share": 1.0, "unmarked_share": 0.1}
+    plain = sft_pairs(train, fmt, 0)
+    wrong = sft_pairs(train, fmt, 0, {"share": 0.6, "rules": ["sub_adds"]})
+    ends = lambda pairs: [c.splitlines()[-1].startswith("####") for _, c in pairs]  # noqa: E731
+    assert ends(plain) == ends(wrong)
+    subs = [i for i, p in enumerate(train) if any(op == "sub" for op, _ in p.moves)]
+    share = sum(plain[i] != wrong[i] for i in subs) / len(subs)
+    assert abs(share - 0.6) < 0.03 and len(subs) > 1000

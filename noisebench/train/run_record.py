@@ -51,6 +51,7 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         "steps": steps,
         "max_steps": int(cfg.trainer.max_steps),
         "wall_time_s": history.wall_time_s,
+        "torch_threads": _torch_threads(),
         "started_at": started,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "diverged_at": history.diverged_at,
@@ -58,3 +59,10 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
         "run_dir": str(run_dir),
         "overrides": hydra_overrides(),
     }
+
+
+def _torch_threads() -> int:
+    """Threads the run computed with (wall times compare only at equal threads; a parallel launcher splits cores)."""
+    import torch
+
+    return torch.get_num_threads()
