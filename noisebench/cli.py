@@ -13,6 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from noisebench import console
+from noisebench.train.outcome import TALLY, interrupt_code, interrupts_raise, signal_name
 from noisebench.train.rundirs import register_resolvers
 
 CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
@@ -32,7 +34,16 @@ def _main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     single = HydraConfig.get().mode != RunMode.MULTIRUN  # a multirun rebuilds once, at its end (Hydra callback)
-    record = run(cfg, HydraConfig.get().runtime.output_dir, leaderboard=single)
+    name = f"{cfg.experiment} seed {cfg.seed}"
+    try:
+        record = run(cfg, HydraConfig.get().runtime.output_dir, leaderboard=single)
+    except Exception:  # noqa: BLE001 -- failed before training: a multirun goes on to its next run
+        if single:
+            raise
+        log.exception("%s failed before training", name)
+        TALLY.add(name, "failed")
+        return None
+    TALLY.add(name, record["status"])
     final = (record.get("final") or {}).get("acc")
     log.info("%s/%s seed %s: status %s, final accuracy %s, record %s", record["testbed"], record["experiment"],
              record["seed"], record["status"], final, Path(record["run_dir"]) / "record.json")
@@ -40,8 +51,17 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench``: exits non-zero when a dry run finds problems."""
-    _main()
+    """``noisebench``: exit codes in ``noisebench.train.outcome`` (0 ok, 3 diverged, 4 failed, 130/143 interrupted)."""
+    console.setup()
+    try:
+        with interrupts_raise():
+            _main()
+    except KeyboardInterrupt as exc:  # the run's record is written (status interrupted) before this propagates
+        log.warning("interrupted by %s; continue with resume=true", signal_name(exc))
+        sys.exit(interrupt_code(exc))
+    if len(TALLY.runs) > 1:
+        log.info("multirun: %s", TALLY.summary())
+    sys.exit(TALLY.exit_code())
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_only")
@@ -53,6 +73,7 @@ def _eval_main(cfg: DictConfig) -> float | None:
 
 def eval_main() -> None:
     """``noisebench-eval``: evaluate any checkpoint or hub model under any noise spec, without training."""
+    console.setup()
     _eval_main()
 
 

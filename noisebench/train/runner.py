@@ -16,7 +16,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, setting_fingerprint, write_record
-from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
+from noisebench.train.callbacks import NoisebenchCallback, RunHistory
+from noisebench.train.outcome import signal_name
+from noisebench.train.rescore import lm_eval_command
+from noisebench.train.rundirs import begin_run, resume_point
 from noisebench.train.mismatch import aggregate
 
 log = logging.getLogger("noisebench")
@@ -256,7 +259,6 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from noisebench.noise import NoiseInjector
     from noisebench.scoring import gsm8k_reward
@@ -268,6 +270,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     from noisebench.train.vllm import vllm_rollouts
 
     spec = noise_spec(cfg)
+    begin_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.resume), main=is_main_process())
     if sharded() and world_size() > 1:
         raise ValueError(f"{strategy()} shards the weights, but checkpoint evaluation runs lm-eval on rank 0 alone: "
                          f"use conf/accelerate/ddp.yaml or deepspeed_zero2.yaml")
@@ -279,15 +282,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     injector = NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=injector_intercept(cfg))
     aqn = AQN(aqn_cfg) if aqn_cfg.enabled else None
 
-    ckpt = None
-    history = RunHistory()
-    if cfg.resume and (run_dir / "checkpoints").is_dir():
-        ckpt = get_last_checkpoint(str(run_dir / "checkpoints"))
-    if ckpt is not None and (run_dir / PROGRESS_FILE).exists():
-        history = RunHistory.load(run_dir / PROGRESS_FILE)
-        history.truncate(int(Path(ckpt).name.split("-")[-1]))
-        history.diverged_at = None
-        log.info("resuming from %s", ckpt)
+    ckpt, history = resume_point(run_dir, bool(cfg.resume), main=is_main_process())
 
     if not tb.model.config._name_or_path:  # built in memory (model_init=random): TRL loads the reference model
         tb.model.config._name_or_path = tb.model.name_or_path = str(tb.model_path)  # (and vLLM its config) from here
@@ -309,7 +304,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
 
     trainer.remove_callback(PrinterCallback)  # it prints every step's full log dict; the progress bar and wandb carry it
 
-    status, error = "ok", None
+    status, error, interrupt = "ok", None, None
     try:
         with injector:
             trainer.train(resume_from_checkpoint=ckpt)
@@ -327,19 +322,27 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     except Exception as exc:  # anything else still leaves a record and keeps the partial curve
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("run failed at step %d:\n%s", trainer.state.global_step, traceback.format_exc())
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (outcome.interrupts_raise): record, then re-raise
+        status, error, interrupt = "interrupted", f"interrupted by {signal_name(exc)}", exc
+        log.warning("run interrupted by %s at step %d; writing the record", signal_name(exc), trainer.state.global_step)
 
     telemetry = injector.telemetry()
     if aqn is not None:
         telemetry["aqn/last_sigma"] = aqn.last_sigma
     record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,
                           int(trainer.state.global_step), started, error)
+    record["lm_eval_command"] = lm_eval_command(cfg, tb, run_dir, record["final"].get("step"))
     if not main:
+        if interrupt is not None:
+            raise interrupt
         return record
     write_record(run_dir / RECORD_NAME, record)
-    if leaderboard and cfg.leaderboard.enabled:
+    if leaderboard and cfg.leaderboard.enabled and interrupt is None:  # a SIGTERM's grace period is short
         try:
             rebuild_leaderboard(cfg)
         except Exception:  # noqa: BLE001 -- a board that fails to render must not lose the finished run
             log.error("leaderboard rebuild failed:\n%s", traceback.format_exc())
     tracker.finish(record)
+    if interrupt is not None:
+        raise interrupt
     return record
