@@ -66,7 +66,7 @@ def test_two_cpu_processes_through_accelerate(tmp_path, cache_dir):
     rec = json.loads(records[0].read_text())
     assert rec["status"] == "ok" and rec["steps"] == 2 and [c["step"] for c in rec["curve"]] == [0, 2]
     board = (tmp_path / "boards" / "tiny_arith.md").read_text()
-    assert sum(1 for line in board.splitlines() if line.startswith("|") and "e4c" in line) == 1
+    assert sum(1 for line in board.splitlines() if line.startswith("|") and "`e4c`" in line) == 1
 
     ranks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
     assert all(ranks[r]["world_size"] == 2 and ranks[r]["backend"] == "gloo" for r in ranks)

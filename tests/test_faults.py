@@ -138,6 +138,19 @@ def test_sigterm_during_warm_start_leaves_no_temp_folder(tmp_path, cache_dir):
     assert not list((tmp_path / "results").rglob("record.json"))  # died before training: nothing to record
 
 
+@pytest.mark.slow
+def test_multirun_goes_on_past_a_diverged_run_and_counts_it(tmp_path, cache_dir):
+    """A sweep over the flip rate: exponent flips at 5% diverge, at 1e-9 nothing flips; the sweep finishes both,
+    says how they ended and exits with the diverged code (3), in a folder of its own for each job."""
+    args = [a for a in _args(tmp_path / "results", cache_dir, "trainer.max_steps=4") if a != "+exp=e4c"]
+    rc, out = _finish(_cli(["-m", "+exp=bitflip_exponent", "noise.scale=1e-9,0.05",
+                            "noise.phases=[rollout,train_forward,train_backward]", *args]))
+    statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "results").rglob("record.json"))
+    assert statuses == ["diverged", "ok"], out[-3000:]
+    assert rc == 3, out[-3000:]
+    assert "2 runs: 1 diverged, 1 ok" in out
+
+
 # ---- driver: run the CLI and SIGKILL this process at one point ------------------------------------------------------
 def _die():
     os.kill(os.getpid(), signal.SIGKILL)

@@ -121,3 +121,21 @@ def test_hydra_run_dir_resolves_to_the_matching_run(tmp_path):
     rundirs._subdir.cache_clear()
     other = _compose_with_hydra(over[:-1] + ["trainer.max_steps=5"])
     assert Path(other.hydra.run.dir) == match  # the only candidate: the runner refuses it, naming max_steps
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path):
+    from conftest import compose
+    from omegaconf import OmegaConf
+
+    from noisebench.train.tracking import Tracker
+
+    cfg = compose(["logger=wandb", f"results_dir={tmp_path}"])
+    rundirs.begin_run(tmp_path, OmegaConf.to_container(cfg, resolve=True), resume=False)
+    wandb_id = rundirs.read_run_file(tmp_path)["wandb_id"]
+    for step in (1, 2):  # a launch, then its resume
+        tracker = Tracker(cfg, tmp_path, tags=["test"])
+        assert tracker.run.id == wandb_id
+        tracker.log({"train/reward": 0.5}, step=step)
+        tracker.finish({"status": "ok"})
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all(p.name.endswith(f"-{wandb_id}") for p in runs)

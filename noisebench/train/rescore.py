@@ -24,6 +24,8 @@ def lm_eval_command(cfg, tb, run_dir: str | Path, step: int | None) -> str | Non
 
     e = cfg.eval
     ckpt = Path(run_dir) / "checkpoints" / f"checkpoint-{step}"
+    if not ckpt.is_dir():  # e.g. interrupted between the evaluation and the checkpoint of that step
+        return None
     cmd = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={ckpt}", "--include_path", str(tasks_dir()),
            "--tasks", str(tb.eval_task), "--batch_size", str(int(e.batch_size)),
            "--gen_kwargs", f"max_gen_toks={int(e.max_gen_toks or tb.max_completion_length)}",

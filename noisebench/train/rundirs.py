@@ -132,8 +132,8 @@ def resume_point(run_dir: str | os.PathLike, resume: bool, main: bool = True):
     run_dir = Path(run_dir)
     ckpt = last_good_checkpoint(run_dir, quarantine=main) if resume else None
     if ckpt is None or not (run_dir / PROGRESS_FILE).exists():
-        if resume:
-            log.info("resume=true: no complete checkpoint in %s; training from step 0", run_dir)
+        if resume and (run_dir / CHECKPOINTS).is_dir():
+            log.warning("resume=true: no complete checkpoint in %s; training from step 0", run_dir)
         return None, RunHistory()
     history = RunHistory.load(run_dir / PROGRESS_FILE)
     history.truncate(_step(ckpt))
@@ -177,20 +177,30 @@ def _fingerprint_of(root) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _subdir(results_dir: str, testbed: str, experiment: str, seed, resume, fingerprint) -> str:
+def _subdir(results_dir: str, testbed: str, experiment: str, seed, resume, fingerprint, job: int | None) -> str:
     if _is_true(resume):
         found = find_resumable(results_dir, testbed, experiment, seed, fingerprint)
         if found is not None:
             return str(found.relative_to(results_dir))
     # Several processes of one run (accelerate launch) must agree on the folder: share a stamp through the env.
     stamp = os.environ.get("NOISEBENCH_RUN_STAMP") or time.strftime("%Y%m%d-%H%M%S")
-    return f"{testbed}/{experiment}/{stamp}-s{seed}"
+    # Jobs of one sweep that share experiment and seed (a noise.scale sweep) start within a second: number them.
+    return f"{testbed}/{experiment}/{stamp}{f'.{job}' if job else ''}-s{seed}"
+
+
+def _sweep_job(root) -> int | None:
+    """Hydra's job number within a multirun (None for a single run)."""
+    try:
+        return int(root.hydra.job.num) if str(root.hydra.mode) == "RunMode.MULTIRUN" else None
+    except Exception:  # noqa: BLE001 -- compose API, or no hydra node: a single run
+        return None
 
 
 def run_subdir(results_dir: str, testbed: str, experiment: str, seed, resume, *, _root_=None) -> str:
     """Folder of this run relative to results_dir (cached: Hydra may resolve the dir more than once)."""
     fp = _fingerprint_of(_root_) if _root_ is not None and _is_true(resume) else None
-    return _subdir(str(results_dir), str(testbed), str(experiment), seed, resume, fp)
+    job = _sweep_job(_root_) if _root_ is not None else None
+    return _subdir(str(results_dir), str(testbed), str(experiment), seed, resume, fp, job)
 
 
 def run_dir(results_dir: str, testbed: str, experiment: str, seed, resume, *, _root_=None) -> str:
