@@ -31,6 +31,8 @@ def _main(cfg: DictConfig) -> float | None:
         return dry_run(cfg)
     from noisebench.train.runner import run
 
+    console.setup_libraries()
+
     from hydra.types import RunMode
 
     single = HydraConfig.get().mode != RunMode.MULTIRUN  # a multirun rebuilds once, at its end (Hydra callback)

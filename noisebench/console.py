@@ -31,7 +31,7 @@ def is_main_process() -> bool:
 
 
 def setup(verbose_libraries: bool | None = None) -> None:
-    """Quiet the libraries' warnings and logs (idempotent) and hook the warm-start progress bar."""
+    """Quiet the libraries' warnings and logs (idempotent; imports none of them)."""
     if verbose_libraries is None:
         verbose_libraries = verbose()
     if not verbose_libraries:
@@ -42,12 +42,19 @@ def setup(verbose_libraries: bool | None = None) -> None:
             logging.getLogger(lib).setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-        try:
-            import datasets
 
-            datasets.disable_progress_bars()  # one bar per phase: lm-eval's request bar stays, dataset maps go
-        except ImportError:
-            pass
+
+def setup_libraries(verbose_libraries: bool | None = None) -> None:
+    """The part of :func:`setup` that imports the heavy libraries (call once the config is known to be good, so a
+    typo is reported in a second): their own bars off (weights loading, dataset maps), the warm-start bar on."""
+    if verbose_libraries is None:
+        verbose_libraries = verbose()
+    if not verbose_libraries:
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()  # "Loading weights" for each model the trainer builds
     from noisebench.testbeds import warmstart
 
     warmstart.progress_hook = WarmStartBar() if is_main_process() else None

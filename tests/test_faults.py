@@ -20,15 +20,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import REPO  # noqa: E402
 
 POINTS = ("train", "save", "eval")  # "record" always comes last: it is the one point after all training
-STEPS = 3
+STEPS = 2
 
 
 def _args(results: Path, cache: Path, *extra: str) -> list[str]:
-    """The smallest run that has an evaluation and a checkpoint at every step (two to fall back on)."""
+    """The smallest run that has an evaluation and a checkpoint at every step (two to fall back on); ``extra``
+    overrides replace the defaults of the same key."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [a for a in _defaults(results, cache) if a.split("=", 1)[0] not in keys] + list(extra)
+
+
+def _defaults(results: Path, cache: Path) -> list[str]:
     return [f"results_dir={results}", f"cache_dir={cache}", f"leaderboard.out_dir={results.parent / 'boards'}",
             f"trainer.max_steps={STEPS}", "trainer.prompts_per_step=2", "trainer.num_generations=4",
-            "eval.eval_every=1", "eval.limit=8", "eval.batch_size=4", "logger=none", "device=cpu",
-            "testbed.warmstart.steps=0", "testbed.max_completion_length=12", "+exp=e4c", *extra]
+            "eval.eval_every=1", "eval.limit=4", "eval.batch_size=2", "logger=none", "device=cpu",
+            "testbed.warmstart.steps=0", "testbed.max_completion_length=12", "+exp=e4c"]
 
 
 def _env() -> dict:
@@ -121,7 +127,7 @@ def test_sigint_mid_run_records_interrupted_with_step0_eval(tmp_path, cache_dir)
     (rec,) = [json.loads(p.read_text()) for p in results.rglob("record.json")]
     assert rec["status"] == "interrupted" and rec["error"] == "interrupted by SIGINT"
     assert rec["curve"][0]["step"] == 0 and 1 <= rec["steps"] < 200
-    assert len(rec["final"]["per_item"]) == 8
+    assert len(rec["final"]["per_item"]) == 4
 
 
 @pytest.mark.slow
@@ -142,7 +148,8 @@ def test_sigterm_during_warm_start_leaves_no_temp_folder(tmp_path, cache_dir):
 def test_multirun_goes_on_past_a_diverged_run_and_counts_it(tmp_path, cache_dir):
     """A sweep over the flip rate: exponent flips at 5% diverge, at 1e-9 nothing flips; the sweep finishes both,
     says how they ended and exits with the diverged code (3), in a folder of its own for each job."""
-    args = [a for a in _args(tmp_path / "results", cache_dir, "trainer.max_steps=4") if a != "+exp=e4c"]
+    args = [a for a in _args(tmp_path / "results", cache_dir, "trainer.max_steps=4", "eval.eval_every=4")
+            if a != "+exp=e4c"]
     rc, out = _finish(_cli(["-m", "+exp=bitflip_exponent", "noise.scale=1e-9,0.05",
                             "noise.phases=[rollout,train_forward,train_backward]", *args]))
     statuses = sorted(json.loads(p.read_text())["status"] for p in (tmp_path / "results").rglob("record.json"))
