@@ -72,6 +72,9 @@ def begin_run(run_dir: str | os.PathLike, config: dict, resume: bool, main: bool
                              + "; ".join(diff[:12]) + ". Launch without resume=true to start a new run, or with "
                              "the run's own values to continue it.")
         return have
+    if resume and have is None and (run_dir / CHECKPOINTS).is_dir():
+        log.warning("resume=true: %s has no %s (a run from before fingerprints); its config is not checked",
+                    run_dir, RUN_FILE)
     info = {**want, "wandb_id": (have or {}).get("wandb_id") or uuid.uuid4().hex[:12],
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if main:
