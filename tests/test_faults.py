@@ -158,6 +158,22 @@ def test_multirun_goes_on_past_a_diverged_run_and_counts_it(tmp_path, cache_dir)
     assert "2 runs: 1 diverged, 1 ok" in out
 
 
+def test_the_next_build_removes_temp_folders_of_killed_builds(tmp_path):
+    """kill -9 runs no cleanup: the next build of the same cache entry deletes temp folders of dead processes."""
+    from noisebench.testbeds import cache
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    orphan = tmp_path / f"tb-abc.tmp-{gone.pid}"
+    orphan.mkdir()
+    (orphan / "weights").write_text("half")
+    live = tmp_path / f"tb-abc.tmp-{os.getppid()}"  # a build still running elsewhere is left alone
+    live.mkdir()
+    folder = cache.cached_build(tmp_path / "tb-abc", lambda d: (d / "weights").write_text("whole"))
+    assert not orphan.exists() and live.exists()
+    assert not cache.problems(folder) and (folder / "weights").read_text() == "whole"
+
+
 # ---- driver: run the CLI and SIGKILL this process at one point ------------------------------------------------------
 def _die():
     os.kill(os.getpid(), signal.SIGKILL)
