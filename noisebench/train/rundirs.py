@@ -146,7 +146,8 @@ def resume_point(run_dir: str | os.PathLike, resume: bool, main: bool = True):
 
 
 # ---- which folder -------------------------------------------------------------------------------------------------
-def find_resumable(results_dir: str, testbed: str, experiment: str, seed, fingerprint: str | None = None) -> Path | None:
+def find_resumable(results_dir: str, testbed: str, experiment: str, seed,
+                   fingerprint: str | None = None) -> Path | None:
     """Latest run folder of (testbed, experiment, seed) that is not final (``ok``/``diverged``), has a complete
     checkpoint and, given a ``fingerprint``, the same one; when no folder matches, the latest one with a checkpoint
     (so that the runner refuses it naming the differences rather than silently starting over)."""
