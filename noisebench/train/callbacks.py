@@ -159,8 +159,12 @@ class NoisebenchCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kw):
         """Seal the checkpoint just written (the trainer has rotated old ones already): resume trusts only sealed
-        checkpoints whose files still match, so a kill mid-save or a damaged file falls back to the one before."""
+        checkpoints whose files still match, so a kill mid-save or a damaged file falls back to the one before.
+        progress.json is written first: the step's loss arrives (on_log) after on_step_end saved it, and a resume
+        from this checkpoint must find the history complete up to its step."""
         import torch.distributed as dist
+
+        self._save()
 
         if args.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its RNG state into the folder before it is sealed
