@@ -14,10 +14,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from noisebench import __version__
+from noisebench import __version__, console
 from noisebench.resources import resource_dir
 from noisebench.schema import register
 from noisebench.schema.preflight import preflight
+from noisebench.train.outcome import TALLY, interrupt_code, interrupts_raise, signal_name
 from noisebench.train.rundirs import register_resolvers
 
 CONF_DIR = os.environ.get("NOISEBENCH_CONF_DIR") or str(resource_dir("conf"))  # the package's, or the checkout's
@@ -54,8 +55,18 @@ def _main(cfg: DictConfig) -> float | None:
         return dry_run(cfg)
     from noisebench.train.runner import run
 
+    console.setup_libraries()  # in every process a launcher starts, too
     single = HydraConfig.get().mode != RunMode.MULTIRUN  # a multirun rebuilds once, at its end (Hydra callback)
-    record = run(cfg, HydraConfig.get().runtime.output_dir, leaderboard=single)
+    name = f"{cfg.experiment} seed {cfg.seed}"
+    try:
+        record = run(cfg, HydraConfig.get().runtime.output_dir, leaderboard=single)
+    except Exception:  # noqa: BLE001 -- failed before training: a multirun goes on to its next run
+        if single:
+            raise
+        log.exception("%s failed before training", name)
+        TALLY.add(name, "failed")
+        return None
+    TALLY.add(name, record["status"])
     final = (record.get("final") or {}).get("acc")
     log.info("%s/%s seed %s: status %s, final accuracy %s, record %s", record["testbed"], record["experiment"],
              record["seed"], record["status"], final, Path(record["run_dir"]) / "record.json")
@@ -63,13 +74,22 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """``noisebench`` (and ``python -m noisebench``): exits non-zero when a dry run finds problems, 2 on a bad
-    config value."""
+    """``noisebench`` (and ``python -m noisebench``): exit codes in ``noisebench.train.outcome`` (0 ok, 2 a bad config
+    value, 3 diverged, 4 failed, 130/143 interrupted)."""
     if sys.argv[1:] == ["--version"]:  # Hydra owns every other argument
         print(f"noisebench {__version__}")
         return
     preflight(CONF_DIR, "config")
-    _main()
+    console.setup()
+    try:
+        with interrupts_raise():
+            _main()
+    except KeyboardInterrupt as exc:  # the run's record is written (status interrupted) before this propagates
+        log.warning("interrupted by %s; continue with resume=true", signal_name(exc))
+        sys.exit(interrupt_code(exc))
+    if len(TALLY.runs) > 1:
+        log.info("multirun: %s", TALLY.summary())
+    sys.exit(TALLY.exit_code())
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval_only")
@@ -82,6 +102,7 @@ def _eval_main(cfg: DictConfig) -> float | None:
 def eval_main() -> None:
     """``noisebench-eval``: evaluate any checkpoint or hub model under any noise spec, without training."""
     preflight(CONF_DIR, "eval_only", prog="noisebench-eval")
+    console.setup()
     _eval_main()
 
 

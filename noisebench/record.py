@@ -5,7 +5,8 @@ Imports nothing of noisebench, so the leaderboard can load records without torch
 Schema (``schema: 1``); every key lives inside the record, never in the file name:
 
 - ``run_id`` (str), ``testbed`` (str), ``experiment`` (str), ``seed`` (int)
-- ``status``: ``running`` | ``ok`` | ``diverged`` (loss/reward NaN or inf) | ``failed`` (exception)
+- ``status``: ``running`` | ``ok`` | ``diverged`` (loss/reward NaN or inf) | ``failed`` (exception) |
+  ``interrupted`` (SIGINT/SIGTERM: the partial curve is kept and ``resume=true`` continues it)
 - ``noise``: the NoiseSpec as a dict (``type``, ``scale``, ``ops``, ``phases``, ...); ``aqn``: AQN settings dict
 - ``config``: the composed, resolved Hydra config; ``versions``: package versions; ``git_commit``
 - ``eval_task`` (str), ``n_test`` (int): the lm-eval task and number of test items scored per checkpoint
@@ -18,6 +19,8 @@ Schema (``schema: 1``); every key lives inside the record, never in the file nam
 - ``telemetry``: flat dict from the noise injector (``noise/<phase>/<op>/<dir>/<stat>``)
 - ``steps`` (int, steps done), ``max_steps`` (int), ``wall_time_s`` (float), ``started_at``, ``finished_at`` (ISO)
 - ``error`` (str or None)
+- ``lm_eval_command`` (str or None): the stock ``lm_eval`` command that scores the final checkpoint clean
+  (``noisebench.train.rescore``)
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
-STATUSES = ("running", "ok", "diverged", "failed")
+STATUSES = ("running", "ok", "diverged", "failed", "interrupted")
 RECORD_NAME = "record.json"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -129,4 +132,17 @@ def _drop_none(obj: Any) -> Any:
 def setting_fingerprint(config: dict) -> str:
     """Short stable hash of :func:`setting` (sorted JSON), stored in records and compared by the board and resume."""
     blob = json.dumps(_drop_none(_jsonable(setting(config))), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_setting(config: dict) -> dict:
+    """What must match for ``resume=true`` to continue a run: its :func:`setting` plus everything else that changes
+    the trained weights or the scores (noise, AQN, seed, the whole eval block: its schedule sets the checkpoints)."""
+    return {**setting(config), "noise": config.get("noise"), "aqn": config.get("aqn"), "seed": config.get("seed"),
+            "eval": config.get("eval")}
+
+
+def run_fingerprint(config: dict) -> str:
+    """Short stable hash of :func:`run_setting`, stored in the run folder at start and checked on resume."""
+    blob = json.dumps(_jsonable(run_setting(config)), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

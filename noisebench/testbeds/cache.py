@@ -11,6 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -38,23 +41,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER)
+def _files(folder: Path, name: str = MARKER) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in (name, name + ".tmp"))
 
 
-def write_marker(folder: Path) -> None:
-    """Write the manifest marker (call once every other file is in place)."""
-    manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(folder)}
-    tmp = folder / (MARKER + ".tmp")
+def write_marker(folder: Path, name: str = MARKER) -> None:
+    """Write the manifest marker ``name`` (call once every other file is in place)."""
+    manifest = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+                for p in _files(folder, name)}
+    tmp = folder / (name + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, folder / MARKER)
+    os.replace(tmp, folder / name)
 
 
-def problems(folder: Path) -> list[str]:
-    """Why ``folder`` is not a complete build (empty list when it is)."""
-    marker = Path(folder) / MARKER
+def problems(folder: Path, name: str = MARKER) -> list[str]:
+    """Why ``folder`` is not a complete build (empty list when it is); ``name``: the marker file to check."""
+    marker = Path(folder) / name
     if not marker.is_file():
-        return [f"{folder}: no {MARKER} marker (build never finished)"]
+        return [f"{folder}: no {name} marker (never finished)"]
     try:
         manifest = json.loads(marker.read_text())
     except (OSError, ValueError) as e:
@@ -83,11 +87,13 @@ def cached_build(folder: Path, build: Callable[[Path], None], log: Callable[[str
         if not bad:
             return folder
         log(f"noisebench: rebuilding cache {folder}: " + "; ".join(bad[:3]))
+    _remove_orphans(folder)
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        build(tmp)
+        with _removed_on_signal(tmp):
+            build(tmp)
         write_marker(tmp)
         if folder.exists():
             if not problems(folder):  # another process finished the same build first: keep theirs
@@ -98,3 +104,49 @@ def cached_build(folder: Path, build: Callable[[Path], None], log: Callable[[str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete ``<name>.tmp-PID`` folders left by builds whose process is gone (a kill -9 runs no cleanup)."""
+    for tmp in folder.parent.glob(f"{folder.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _removed_on_signal(tmp: Path):
+    """While building: SIGTERM/SIGHUP first delete ``tmp``, then act as they would have (default: end the process;
+    a Python handler of the caller's: called). Python's own SIGINT (KeyboardInterrupt) unwinds through ``finally``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.getsignal(s) for s in sigs}
+
+    def handler(signum, frame):
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = previous[signum]
+        if callable(prev):
+            prev(signum, frame)
+        elif prev != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for s in sigs:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, prev in previous.items():
+            signal.signal(s, prev if prev is not None else signal.SIG_DFL)

@@ -25,6 +25,8 @@ FORMAT_KEYS = ("marked_topics", "marked_share", "unmarked_share")
 MISTAKE_KEYS = ("share", "rules")
 ALL_HASH = {"marked_topics": 0, "marked_share": 1.0, "unmarked_share": 1.0}  # every solution ends "#### N"
 NO_MISTAKES = {"share": 0.0, "rules": []}
+#: ``progress_hook(step, steps)`` after every SFT step when set: the console's warm-start bar (noisebench.console).
+progress_hook = None
 
 
 def check_keys(section: Mapping, valid: Sequence[str], where: str) -> None:
@@ -123,6 +125,8 @@ def train_sft(model, tokenizer, pairs: Sequence[tuple[str, str]], wcfg: Mapping,
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if progress_hook is not None:
+            progress_hook(len(losses), steps)
         if log is not None and len(losses) % 100 == 0:
             log(f"warm start step {len(losses)}/{steps}: loss {sum(losses[-100:]) / 100:.4f}, "
                 f"{time.perf_counter() - t0:.0f} s")

@@ -15,6 +15,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from noisebench.console import eval_summary
 from noisebench.record import write_atomic
 
 PROGRESS_FILE = "progress.json"
@@ -87,6 +88,7 @@ class NoisebenchCallback(TrainerCallback):
         self._t_start = None
         self._wall_before = history.wall_time_s
         self._bar = None
+        self._max_steps = None
 
     # -- helpers --
     def _save(self):
@@ -103,13 +105,13 @@ class NoisebenchCallback(TrainerCallback):
         self.history.final_items = {"step": step, "per_item": per_item, "per_item_clean": per_item_clean}
         if self.on_step:
             self.on_step({f"eval/{k}": v for k, v in point.items() if isinstance(v, (int, float))}, step)
-        if self._bar is not None:
-            self._bar.write(f"[noisebench] step {step}: accuracy {point.get('acc', float('nan')):.3f} "
-                            f"(flexible {point.get('acc_flexible', float('nan')):.3f})")
+        if self.show_progress:
+            tqdm.write(eval_summary(step, self._max_steps, point))
 
     # -- trainer events --
     def on_train_begin(self, args, state, control, model=None, **kw):
         self._t_start = self._t_step = time.perf_counter()
+        self._max_steps = state.max_steps
         if self.show_progress:
             self._bar = tqdm(total=state.max_steps, initial=state.global_step, desc="GRPO", dynamic_ncols=True)
         if state.global_step == 0:
@@ -154,6 +156,22 @@ class NoisebenchCallback(TrainerCallback):
             self._eval(model, step)
             control.should_save = True
         self._save()
+
+    def on_save(self, args, state, control, **kw):
+        """Seal the checkpoint just written (the trainer has rotated old ones already): resume trusts only sealed
+        checkpoints whose files still match, so a kill mid-save or a damaged file falls back to the one before.
+        progress.json is written first: the step's loss arrives (on_log) after on_step_end saved it, and a resume
+        from this checkpoint must find the history complete up to its step."""
+        import torch.distributed as dist
+
+        self._save()
+
+        if args.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its RNG state into the folder before it is sealed
+        if state.is_world_process_zero:
+            from noisebench.train.rundirs import mark_checkpoint
+
+            mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
     def on_train_end(self, args, state, control, **kw):
         if self._bar is not None:

@@ -11,14 +11,17 @@ import time
 import traceback
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, write_record
 from noisebench.train.builders import (make_aqn, make_evaluator, make_injector, make_trainer, noise_spec, pick_device,
                                        skip_evaluation)
-from noisebench.train.callbacks import PROGRESS_FILE, NoisebenchCallback, RunHistory
+from noisebench.train.callbacks import NoisebenchCallback
 from noisebench.train.distributed import is_main_process, rank, sharding_problem
+from noisebench.train.outcome import signal_name
+from noisebench.train.rescore import lm_eval_command
 from noisebench.train.run_record import build_record
+from noisebench.train.rundirs import begin_run, resume_point
 
 log = logging.getLogger("noisebench")
 
@@ -52,13 +55,13 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from noisebench.testbeds import load_testbed
     from noisebench.train.tracking import Tracker
 
     # setup: everything the config can get wrong is refused here, before the testbed is built
     spec = noise_spec(cfg)
+    begin_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.resume), main=is_main_process())
     problem = sharding_problem()
     if problem:
         raise ValueError(problem)
@@ -70,15 +73,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device=device)
     injector = make_injector(cfg, spec)
 
-    ckpt = None
-    history = RunHistory()
-    if cfg.resume and (run_dir / "checkpoints").is_dir():
-        ckpt = get_last_checkpoint(str(run_dir / "checkpoints"))
-    if ckpt is not None and (run_dir / PROGRESS_FILE).exists():
-        history = RunHistory.load(run_dir / PROGRESS_FILE)
-        history.truncate(int(Path(ckpt).name.split("-")[-1]))
-        history.diverged_at = None
-        log.info("resuming from %s", ckpt)
+    ckpt, history = resume_point(run_dir, bool(cfg.resume), main=is_main_process())
 
     main = is_main_process()  # other ranks train but neither evaluate nor write the record (same run_dir)
     tracker = Tracker(cfg, run_dir, tags=[tb.name, spec.type]) if main else None
@@ -90,7 +85,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     trainer = make_trainer(cfg, tb, spec, injector, aqn, [callback, *(callbacks or [])], run_dir, device)
     callback.trainer = trainer
 
-    status, error = "ok", None
+    status, error, interrupt = "ok", None, None
     try:
         with injector:
             trainer.train(resume_from_checkpoint=ckpt)
@@ -108,6 +103,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
     except Exception as exc:  # anything else still leaves a record and keeps the partial curve
         status, error = "failed", f"{type(exc).__name__}: {exc}"
         log.error("run failed at step %d:\n%s", trainer.state.global_step, traceback.format_exc())
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (outcome.interrupts_raise): record, then re-raise
+        status, error, interrupt = "interrupted", f"interrupted by {signal_name(exc)}", exc
+        log.warning("run interrupted by %s at step %d; writing the record", signal_name(exc), trainer.state.global_step)
 
     # record: written by rank 0 alone, whatever the status, with the partial curve
     telemetry = injector.telemetry()
@@ -115,13 +113,18 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         telemetry["aqn/last_sigma"] = aqn.last_sigma
     record = build_record(cfg, spec, history, status, run_dir, telemetry, tb.name, tb.eval_task,
                           int(trainer.state.global_step), started, error)
+    record["lm_eval_command"] = lm_eval_command(cfg, tb, run_dir, record["final"].get("step"))
     if not main:
+        if interrupt is not None:
+            raise interrupt
         return record
     write_record(run_dir / RECORD_NAME, record)
-    if leaderboard and cfg.leaderboard.enabled:
+    if leaderboard and cfg.leaderboard.enabled and interrupt is None:  # a SIGTERM's grace period is short
         try:
             rebuild_leaderboard(cfg)
         except Exception:  # noqa: BLE001 -- a board that fails to render must not lose the finished run
             log.error("leaderboard rebuild failed:\n%s", traceback.format_exc())
     tracker.finish(record)
+    if interrupt is not None:
+        raise interrupt
     return record

@@ -1,6 +1,8 @@
 """wandb tracking, offline by default: files in the run folder, ``wandb sync`` uploads them later.
 
-One wandb run per experiment run: project ``noisebench``, group = experiment, tags = testbed and noise type.
+One wandb run per experiment run: project ``noisebench``, group = experiment, tags = testbed and noise type. A
+resumed run continues the same wandb run (its id is kept in the run folder's ``run.json``; ``resume="allow"``), so a
+sync uploads one run, not one per launch.
 ``logger=none`` (or ``logger.enabled=false``) makes every call a no-op.
 """
 from __future__ import annotations
@@ -19,8 +21,12 @@ class Tracker:
             return
         import wandb
 
+        from noisebench.train.rundirs import read_run_file
+
         os.environ.setdefault("WANDB_SILENT", "true")
+        run_id = (read_run_file(run_dir) or {}).get("wandb_id")
         self.run = wandb.init(
+            id=run_id, resume="allow" if run_id else None,
             project=lg.project, entity=lg.entity, group=str(cfg.experiment), name=Path(run_dir).name,
             job_type="grpo", tags=[str(t) for t in tags], mode=lg.mode, dir=str(run_dir),
             config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",

@@ -143,6 +143,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
         state = {}
         if self.injector is not None:
             state["injector"] = self.injector.state_dict()
+            state["telemetry"] = telemetry_state(self.injector)
         if self.aqn is not None:
             state["aqn"] = self.aqn.state_dict()
         torch.save(state, os.path.join(output_dir, NOISE_STATE_FILE))
@@ -157,5 +158,33 @@ class NoisyGRPOTrainer(GRPOTrainer):
         state = torch.load(path, weights_only=False)
         if "injector" in state and self.injector is not None:
             self.injector.load_state_dict(state["injector"])
+            load_telemetry_state(self.injector, state.get("telemetry"), self.args.device)
         if "aqn" in state and self.aqn is not None:
             self.aqn.load_state_dict(state["aqn"])
+
+
+# The injector's telemetry counters are not part of its stream state (a resume must draw identically whether or not
+# it counts), so they travel beside it: a resumed run reports the calls of the whole run, as a straight one does.
+_TELEMETRY = ("_calls", "_elements", "_err_sums")
+
+
+def telemetry_state(injector) -> dict | None:
+    """Copy of the injector's telemetry counters (None for an injector without them)."""
+    if not all(hasattr(injector, k) for k in _TELEMETRY):
+        return None
+    out = {k: dict(getattr(injector, k)) for k in _TELEMETRY}
+    out["_err_sums"] = {key: t.detach().cpu().clone() for key, t in out["_err_sums"].items()}
+    return out
+
+
+def load_telemetry_state(injector, state: dict | None, device=None) -> None:
+    """Put saved counters back in place: the same dict objects are updated, since an installed injector shares
+    them with the noise runtime; error sums go to ``device`` (the runtime starts a new sum on any other)."""
+    if not state or not all(hasattr(injector, k) for k in _TELEMETRY):
+        return
+    for k in _TELEMETRY:
+        live = getattr(injector, k)
+        live.clear()
+        live.update(state[k])
+    if device is not None:
+        injector._err_sums.update({key: t.to(device) for key, t in injector._err_sums.items()})
