@@ -56,6 +56,10 @@ def _main(cfg: DictConfig) -> float | None:
     from noisebench.train.runner import run
 
     console.setup_libraries()  # in every process a launcher starts, too
+    from noisebench.testbeds import warmstart
+    from noisebench.train.distributed import is_main_process
+
+    warmstart.progress_hook = console.WarmStartBar() if is_main_process() else None  # the warm start's bar, with ETA
     single = HydraConfig.get().mode != RunMode.MULTIRUN  # a multirun rebuilds once, at its end (Hydra callback)
     name = f"{cfg.experiment} seed {cfg.seed}"
     try:

@@ -46,7 +46,7 @@ def setup(verbose_libraries: bool | None = None) -> None:
 
 def setup_libraries(verbose_libraries: bool | None = None) -> None:
     """The part of :func:`setup` that imports the heavy libraries (call once the config is known to be good, so a
-    typo is reported in a second): their own bars off (weights loading, dataset maps), the warm-start bar on."""
+    typo is reported in a second): their own bars off (weights loading, dataset maps)."""
     if verbose_libraries is None:
         verbose_libraries = verbose()
     if not verbose_libraries:
@@ -55,9 +55,6 @@ def setup_libraries(verbose_libraries: bool | None = None) -> None:
 
         datasets.disable_progress_bars()
         hf_logging.disable_progress_bar()  # "Loading weights" for each model the trainer builds
-    from noisebench.testbeds import warmstart
-
-    warmstart.progress_hook = WarmStartBar() if is_main_process() else None
 
 
 class WarmStartBar:

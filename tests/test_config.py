@@ -223,15 +223,17 @@ def test_eval_only_config_is_typed():
         compose(["eval.batch_size=many"], config_name="eval_only")
 
 
-def test_testbed_cache_hash_is_the_same_composed_or_read_raw():
+@pytest.mark.parametrize("name", ["tiny_arith", "tiny_sharpen"])
+def test_testbed_cache_hash_is_the_same_composed_or_read_raw(name):
     """The schema adds null optional sections and a defaults list to the file; the builder's view (to_plain) and so
     the warm-start cache folder stay those of the file read raw."""
     from noisebench.testbeds.base import check_schema, to_plain
     from noisebench.testbeds.tiny_arith import cache_folder
 
-    raw = to_plain(OmegaConf.load(REPO / "conf" / "testbed" / "tiny_arith.yaml"))
-    composed = to_plain(compose().testbed)
-    assert "defaults" not in raw and "mistakes" not in composed["warmstart"]
+    raw = to_plain(OmegaConf.load(REPO / "conf" / "testbed" / f"{name}.yaml"))
+    composed = to_plain(compose([f"testbed={name}"]).testbed)
+    null_section = {"tiny_arith": "mistakes", "tiny_sharpen": "format"}[name]  # unset in the file: null in the schema
+    assert "defaults" not in raw and null_section not in composed["warmstart"]
     assert composed == raw and cache_folder(composed, "/c") == cache_folder(raw, "/c")
     check_schema(raw)
 

@@ -169,7 +169,7 @@ class NoisebenchCallback(TrainerCallback):
         if args.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.barrier()  # every rank has written its RNG state into the folder before it is sealed
         if state.is_world_process_zero:
-            from noisebench.train.rundirs import mark_checkpoint
+            from noisebench.train.checkpoints import mark_checkpoint
 
             mark_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 

@@ -24,14 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, run_fingerprint, run_setting, write_atomic
 from noisebench.testbeds import cache
+from noisebench.train.checkpoints import CHECKPOINT_MARKER, checkpoint_problems, mark_checkpoint  # noqa: F401
 
 log = logging.getLogger("noisebench")
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
-#: Written last into each checkpoint (file sizes and sha256): a checkpoint without it, or whose files differ from
-#: it, was cut short or damaged and is never resumed from.
-CHECKPOINT_MARKER = "noisebench_complete.json"
 #: Statuses that end a run for good: resuming would only repeat them.
 FINAL = ("ok", "diverged")
 
@@ -80,26 +78,6 @@ def begin_run(run_dir: str | os.PathLike, config: dict, resume: bool, main: bool
     if main:
         write_atomic(run_dir / RUN_FILE, json.dumps(info, indent=1, sort_keys=True) + "\n")
     return info
-
-
-# ---- checkpoints ---------------------------------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def mark_checkpoint(folder: str | os.PathLike) -> None:
-    """Seal a finished checkpoint (call after every file of it is written), its files made readable as the
-    records are (safetensors writes the weights 0600, so a colleague's ``lm_eval`` could not read them)."""
-    folder = Path(folder)
-    for p in folder.rglob("*"):
-        if p.is_file():
-            p.chmod(0o666 & ~_UMASK)
-    cache.write_marker(folder, name=CHECKPOINT_MARKER)
-
-
-def checkpoint_problems(folder: str | os.PathLike) -> list[str]:
-    """Why a checkpoint cannot be resumed from (empty when it can)."""
-    return cache.problems(Path(folder), name=CHECKPOINT_MARKER)
 
 
 def _step(p: Path) -> int:
