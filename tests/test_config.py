@@ -273,3 +273,13 @@ def test_mistake_rule_choices_are_the_testbeds():
     from noisebench.testbeds.arith import MISTAKES
 
     assert [m.value for m in Mistake] == list(MISTAKES)
+
+
+def test_engine_schema_choices_are_the_engines():
+    from noisebench.noise.engine import SWITCHES
+    from noisebench.schema import nodes
+
+    typed = {"fast": nodes.FastMode, "compiled": nodes.CompiledDraw, "cpu_rng": nodes.CpuRng,
+             "intercept": nodes.Intercept}
+    for key, enum in typed.items():
+        assert [m.value for m in enum] == list(SWITCHES[key][0]), key

@@ -27,6 +27,11 @@ BitField = choices("BitField", ["mantissa", "exponent", "sign", "all"])
 Device = choices("Device", ["auto", "cpu", "cuda"])
 EvalBackend = choices("EvalBackend", ["hf", "vllm"])
 WandbMode = choices("WandbMode", ["online", "offline", "disabled"])
+# noise-engine switches: the same choices as noisebench.noise.engine.SWITCHES (a test keeps them equal)
+FastMode = choices("FastMode", ["auto", "off", "force"])
+CompiledDraw = choices("CompiledDraw", ["auto", "kernel", "fused", "off"])
+CpuRng = choices("CpuRng", ["randn", "icdf16", "table"])
+Intercept = choices("Intercept", ["mode", "patch"])
 
 
 @dataclass
@@ -116,6 +121,17 @@ class LeaderboardConfig:
 
 
 @dataclass
+class EngineConfig:
+    """``engine``: noise-engine switches (speed, which random numbers are drawn; never the statistics)."""
+
+    fast: FastMode = FastMode.auto
+    compiled: CompiledDraw = CompiledDraw.auto
+    cpu_rng: CpuRng = CpuRng.icdf16
+    cpu_table_log2: int = bounded(24, ge=10, le=30)
+    intercept: Optional[Intercept] = None           # null: the runner picks
+
+
+@dataclass
 class RootConfig:
     """``conf/config.yaml``: one training run (``noisebench``)."""
 
@@ -134,7 +150,7 @@ class RootConfig:
     noise: NoiseConfig = MISSING
     aqn: AQNConfig = MISSING
     logger: LoggerConfig = MISSING
-    engine: Dict[str, Any] = field(default_factory=dict)  # noise-engine switches (a config group may fill it)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
 
 @dataclass
@@ -151,4 +167,4 @@ class EvalOnlyConfig:
     eval: EvalConfig = MISSING
     testbed: TestbedConfig = MISSING
     noise: NoiseConfig = MISSING
-    engine: Dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig = field(default_factory=EngineConfig)

@@ -39,7 +39,7 @@ def make_injector(cfg: DictConfig, spec):
 
     from noisebench.noise import NoiseInjector, configure_engine
 
-    engine = OmegaConf.to_container(cfg.get("engine") or {}, resolve=True)
+    engine = OmegaConf.to_container(cfg.get("engine") or {}, resolve=True, enum_to_str=True)
     intercept = engine.pop("intercept", None)
     configure_engine(**{k: v for k, v in engine.items() if v is not None})
     return NoiseInjector(spec, hooks=injector_hooks(cfg), intercept=intercept or injector_intercept(cfg))
