@@ -93,7 +93,10 @@ def _compose_with_hydra(overrides):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from noisebench.schema import register
+
     rundirs.register_resolvers()
+    register()  # the schemas conf/ names in its defaults lists
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose(config_name="config", overrides=overrides, return_hydra_config=True)
