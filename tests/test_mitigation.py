@@ -58,8 +58,27 @@ def test_bad_values_are_refused_with_the_key():
 
     with pytest.raises(ConfigError, match="mitigation.clip_min"):
         check(compose(["mitigation=mis_seq", "mitigation.clip_min=3"]))
+    with pytest.raises(ConfigError, match="mitigation.enabled"):
+        check(compose(["mitigation=none", "mitigation.importance_sampling=token"]))
     with pytest.raises(ConfigError, match="trainer.args.vllm_importance_sampling_correction"):
         check(compose(["+trainer.args.vllm_importance_sampling_correction=true"]))
+
+
+def test_mitigation_is_a_treatment_not_the_setting():
+    from omegaconf import OmegaConf
+
+    from noisebench.leaderboard.table import _treated
+    from noisebench.record import run_fingerprint, setting_fingerprint
+
+    none, tis = (OmegaConf.to_container(compose(["+exp=e4d", f"mitigation={m}"]), resolve=True)
+                 for m in ("none", "tis_token"))
+    assert setting_fingerprint(none) == setting_fingerprint(tis)        # same setting: comparable on one board
+    assert run_fingerprint(none) != run_fingerprint(tis)                # resume never crosses arms
+    old = {k: v for k, v in none.items() if k != "mitigation"}          # a config from before the group
+    assert run_fingerprint(old) == run_fingerprint(none)                # unmitigated runs keep their fingerprint
+    clean = OmegaConf.to_container(compose([]), resolve=True)
+    assert not _treated({"config": clean})                              # the default still pools into the baseline
+    assert _treated({"config": OmegaConf.to_container(compose(["mitigation=fp32_lm_head"]), resolve=True)})
 
 
 # ---- fp32 lm_head with tied embeddings -------------------------------------------------------------------------
@@ -197,3 +216,19 @@ def test_trl_truncates_and_masks_on_the_transformers_path_under_rollout_noise(tm
     h = logs[0]
     assert h["sampling/importance_sampling_ratio/min"] == 0.0          # masked sequences carry weight 0
     assert 0 < h["rollout_corr/rollout_rs_seq_masked_fraction"] <= 1
+
+
+@pytest.mark.slow
+def test_record_carries_the_arm_and_rollout_corr(tmp_path, cache_dir):
+    from noisebench.train.runner import run
+
+    cfg = compose(small_run_overrides(tmp_path, cache_dir, steps=1, warm=False) + FAST
+                  + ["+exp=e4d", "mitigation=tis_seq", "eval.limit=8", "eval.batch_size=8"])
+    rec = run(cfg, tmp_path / "run")
+    assert rec["status"] == "ok" and rec["experiment"] == "e4d+tis_seq"
+    assert rec["mitigation"]["name"] == "tis_seq" and rec["mitigation"]["importance_sampling"] == "sequence"
+    mm = rec["mismatch"]
+    for k in ("kl", "k3_kl", "chi2_token", "chi2_seq", "log_ppl_abs_diff", "rollout_is_eff_sample_size",
+              "rollout_is_truncated_fraction", "rollout_rs_masked_fraction"):
+        assert f"rollout_corr/{k}" in mm and f"rollout_corr/{k}" in mm["per_step"][0], k
+    assert mm["rollout_corr/k3_kl"] > 0 and 0 < mm["rollout_corr/rollout_is_eff_sample_size"] <= 1

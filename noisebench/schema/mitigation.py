@@ -28,6 +28,7 @@ TRL_KEYS = ("vllm_importance_sampling_correction", "vllm_importance_sampling_mod
 class MitigationConfig:
     """``mitigation`` (conf/mitigation)."""
 
+    enabled: bool = False                         # true in every file but none.yaml: the board's clean-run test reads it
     importance_sampling: ISLevel = ISLevel.none   # none | token | sequence (a sequence's weight: product over tokens)
     is_mode: ISMode = ISMode.truncate             # truncate: clip the weight to the bounds; mask: weight 0 outside them
     clip_max: Optional[float] = bounded(2.0, gt=0)   # upper bound C (TIS cap); null: none (mask with a lower bound)
@@ -40,6 +41,11 @@ def mitigation_problem(cfg: Any) -> Optional[tuple[str, str]]:
     m = cfg.get("mitigation")
     if m is None:
         return None
+    on = m.importance_sampling != "none" or bool(m.fp32_lm_head)
+    if bool(m.enabled) != on:
+        return "mitigation.enabled", (f"is {m.enabled} while importance_sampling={m.importance_sampling} and "
+                                      f"fp32_lm_head={m.fp32_lm_head}: choose a mitigation file (none, tis_token, "
+                                      "tis_seq, mis_seq, fp32_lm_head) rather than switching parts by hand")
     if m.importance_sampling != "none":
         if m.clip_max is None and m.clip_min is None:
             return "mitigation.clip_max", "and mitigation.clip_min are both null: importance sampling needs a bound"

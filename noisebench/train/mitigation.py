@@ -11,7 +11,7 @@ from typing import Any
 
 from noisebench.schema.mitigation import DEFAULT_BOUNDS, mitigation_name
 
-OFF = {"importance_sampling": "none", "is_mode": "truncate", "clip_max": DEFAULT_BOUNDS["truncate"][1],
+OFF = {"enabled": False, "importance_sampling": "none", "is_mode": "truncate", "clip_max": DEFAULT_BOUNDS["truncate"][1],
        "clip_min": None, "fp32_lm_head": False}
 # What the rollout_corr/* shares are computed for when no correction is on: verl's default (token TIS, C = 2), so an
 # unmitigated arm shows how much that fix would touch.
@@ -61,3 +61,10 @@ def record_block(m: dict | None) -> dict[str, Any]:
     """The record's ``mitigation`` block: every key and the arm's label (``name``)."""
     m = resolve(m)
     return {**m, "name": mitigation_name(m)}
+
+
+def experiment_name(experiment: str, m: dict | None) -> str:
+    """The record's experiment: ``e4d`` unmitigated, ``e4d+tis_token`` with a fix, so the board never pools a
+    mitigated arm with its unmitigated twin (it groups non-baseline runs by experiment and noise)."""
+    m = resolve(m)
+    return f"{experiment}+{mitigation_name(m)}" if m["enabled"] else experiment

@@ -32,7 +32,7 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
     return {
         "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",
         "testbed": tb_name,
-        "experiment": str(cfg.experiment),
+        "experiment": mitigation.experiment_name(str(cfg.experiment), mitigation.of_config(cfg)),
         "seed": int(cfg.seed),
         "status": status,
         "noise": spec.to_dict() if spec is not None else OmegaConf.to_container(cfg.noise, resolve=True),
