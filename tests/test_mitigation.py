@@ -154,8 +154,12 @@ def test_fp32_head_is_exempt_from_the_chip_noise():
 
 # ---- real GRPO steps -------------------------------------------------------------------------------------------
 
-def _train(tmp_path, cache, extra, steps=2):
-    """A few real GRPO steps of the tiny testbed (untrained weights): per-step TRL metrics, final weights, trainer."""
+def _train(tmp_path, cache, extra, steps=2, advantages=False):
+    """A few real GRPO steps of the tiny testbed (untrained weights): per-step TRL metrics, final weights, trainer.
+
+    ``advantages``: replace the batch's advantages by fixed nonzero values before the loss. The untrained model earns
+    no reward, so its advantages are all 0 and the policy term (where the importance weight acts) vanishes; fixed
+    advantages make every weight reach the loss and the gradient."""
     from transformers import set_seed
 
     from noisebench.testbeds import load_testbed
@@ -167,9 +171,22 @@ def _train(tmp_path, cache, extra, steps=2):
     tb = load_testbed(cfg.testbed, cache_dir=cfg.cache_dir, device="cpu")
     injector = make_injector(cfg, spec)
     trainer = make_trainer(cfg, tb, spec, injector, None, [], tmp_path / "run", "cpu")
+    losses, compute = [], trainer._compute_loss
+
+    def keep_loss(model, inputs):  # the loss at full precision (Trainer logs it rounded to 4 digits)
+        if advantages:
+            n = inputs["advantages"].shape[0]
+            inputs = {**inputs, "advantages": torch.linspace(-1.0, 1.5, n, device=inputs["advantages"].device)}
+        loss = compute(model, inputs)
+        losses.append(float(loss.detach()))
+        return loss
+
+    trainer._compute_loss = keep_loss
     with injector:
         trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    for h, loss in zip(logs, losses):
+        h["loss"] = loss
     weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return logs, weights, trainer
 
@@ -177,21 +194,27 @@ def _train(tmp_path, cache, extra, steps=2):
 @pytest.mark.slow
 def test_every_mitigation_is_a_noop_without_noise(tmp_path, cache_dir):
     """Noise off: the sampler and trainer log-probs agree to float rounding, so every importance weight is 1 within
-    ~1e-6 and nothing is truncated or masked; the fp32 head on an fp32 model computes the same products. Losses and
-    weights after 2 steps agree with mitigation=none to float tolerance (IS arms: TRL's extra recompute and the ratio
-    ~1 +- 1e-6) and bitwise for fp32_lm_head."""
-    base_logs, base_w, _ = _train(tmp_path / "none", cache_dir, ["+exp=baseline"])
+    ~1e-6 and nothing is truncated or masked; the fp32 head on an fp32 model computes the same products. The loss
+    agrees with mitigation=none to float tolerance for the IS arms (measured |dloss| <= 1.2e-7 on 0.27, the ratio
+    ~1 +- 1.4e-6) and bitwise for fp32_lm_head (weights too)."""
+    base_logs, base_w, _ = _train(tmp_path / "none", cache_dir, ["+exp=baseline"], advantages=True)
+    assert all(abs(h["loss"]) > 1e-3 for h in base_logs)   # the policy term is live
     for choice in ("tis_token", "tis_seq", "mis_seq", "fp32_lm_head"):
-        logs, w, trainer = _train(tmp_path / choice, cache_dir, ["+exp=baseline", f"mitigation={choice}"])
+        logs, w, trainer = _train(tmp_path / choice, cache_dir, ["+exp=baseline", f"mitigation={choice}"],
+                                  advantages=True)
         assert len(logs) == len(base_logs) == 2
         for a, b in zip(logs, base_logs):
-            assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), choice
+            if choice == "fp32_lm_head":
+                assert a["loss"] == b["loss"]
+            else:
+                assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), choice
         diff = max(float((w[n] - base_w[n]).abs().max()) for n in w)
         if choice == "fp32_lm_head":
             assert diff == 0.0
             assert trainer.model.lm_head.weight is trainer.model.model.embed_tokens.weight
-        else:
-            assert diff < 1e-7, (choice, diff)
+        else:  # Adam normalises each component: where its gradient is a near-cancelling sum, a 1e-6 change of
+            # the summands moves the update by a share of the learning rate (measured: 1.6e-6 at lr 3e-5)
+            assert diff < 0.2 * trainer.args.learning_rate, (choice, diff)
             # TRL's correction ran on the transformers path, with ratios of 1 to float rounding
             for h in logs:
                 assert abs(h["sampling/importance_sampling_ratio/min"] - 1) < 1e-5, choice
