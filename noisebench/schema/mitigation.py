@@ -28,7 +28,7 @@ TRL_KEYS = ("vllm_importance_sampling_correction", "vllm_importance_sampling_mod
 class MitigationConfig:
     """``mitigation`` (conf/mitigation)."""
 
-    enabled: bool = False                         # true in every file but none.yaml: the board's clean-run test reads it
+    enabled: bool = False                         # true in every file but none.yaml (the board's clean-run test)
     importance_sampling: ISLevel = ISLevel.none   # none | token | sequence (a sequence's weight: product over tokens)
     is_mode: ISMode = ISMode.truncate             # truncate: clip the weight to the bounds; mask: weight 0 outside them
     clip_max: Optional[float] = bounded(2.0, gt=0)   # upper bound C (TIS cap); null: none (mask with a lower bound)

@@ -11,8 +11,8 @@ from typing import Any
 
 from noisebench.schema.mitigation import DEFAULT_BOUNDS, mitigation_name
 
-OFF = {"enabled": False, "importance_sampling": "none", "is_mode": "truncate", "clip_max": DEFAULT_BOUNDS["truncate"][1],
-       "clip_min": None, "fp32_lm_head": False}
+OFF = {"enabled": False, "importance_sampling": "none", "is_mode": "truncate",
+       "clip_max": DEFAULT_BOUNDS["truncate"][1], "clip_min": None, "fp32_lm_head": False}
 # What the rollout_corr/* shares are computed for when no correction is on: verl's default (token TIS, C = 2), so an
 # unmitigated arm shows how much that fix would touch.
 METRIC_DEFAULT = {"level": "token", "mode": "truncate", "upper": 2.0, "lower": None}

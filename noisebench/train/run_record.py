@@ -27,7 +27,8 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
     mismatch = {}
     for k in sorted({k for m in history.mismatch for k in m if k != "step"}):
         vals = [m[k] for m in history.mismatch if m.get(k) is not None and math.isfinite(m[k])]
-        mismatch[k if k.startswith(("abs", "is_", "rollout_corr/")) else f"mean_{k}"] = aggregate(k, vals) if vals else None
+        name = k if k.startswith(("abs", "is_", "rollout_corr/")) else f"mean_{k}"  # verl's names kept as they are
+        mismatch[name] = aggregate(k, vals) if vals else None
     mismatch["per_step"] = history.mismatch
     return {
         "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",
