@@ -76,6 +76,12 @@ def test_mitigation_is_a_treatment_not_the_setting():
     assert run_fingerprint(none) != run_fingerprint(tis)                # resume never crosses arms
     old = {k: v for k, v in none.items() if k != "mitigation"}          # a config from before the group
     assert run_fingerprint(old) == run_fingerprint(none)                # unmitigated runs keep their fingerprint
+    from noisebench.train.rundirs import _fingerprint_of
+    # resume finds a run by the fingerprint of its composed config: arms apart, unmitigated runs as before
+    fp_none, fp_tis = (_fingerprint_of(compose(["+exp=e4d", f"mitigation={m}"])) for m in ("none", "tis_token"))
+    before = OmegaConf.create({k: v for k, v in OmegaConf.to_container(compose(["+exp=e4d"]), resolve=True).items()
+                               if k not in ("mitigation", "hydra")})
+    assert fp_none != fp_tis and fp_none == _fingerprint_of(before)
     clean = OmegaConf.to_container(compose([]), resolve=True)
     assert not _treated({"config": clean})                              # the default still pools into the baseline
     assert _treated({"config": OmegaConf.to_container(compose(["mitigation=fp32_lm_head"]), resolve=True)})
