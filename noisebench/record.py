@@ -138,8 +138,11 @@ def setting_fingerprint(config: dict) -> str:
 def run_setting(config: dict) -> dict:
     """What must match for ``resume=true`` to continue a run: its :func:`setting` plus everything else that changes
     the trained weights or the scores (noise, AQN, seed, the whole eval block: its schedule sets the checkpoints)."""
-    return {**setting(config), "noise": config.get("noise"), "aqn": config.get("aqn"), "seed": config.get("seed"),
-            "eval": config.get("eval")}
+    out = {**setting(config), "noise": config.get("noise"), "aqn": config.get("aqn"), "seed": config.get("seed"),
+           "eval": config.get("eval")}
+    if (config.get("mitigation") or {}).get("enabled"):  # only when on: unmitigated runs keep their fingerprint
+        out["mitigation"] = config["mitigation"]
+    return out
 
 
 def run_fingerprint(config: dict) -> str:

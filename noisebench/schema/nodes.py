@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from noisebench.schema.fields import bounded, choices
+from noisebench.schema.mitigation import MitigationConfig
 from noisebench.schema.testbed import TestbedConfig
 
 NoiseType = choices("NoiseType", ["none", "relative_gaussian", "absolute_gaussian", "systematic_bias", "bitflip",
@@ -149,6 +150,7 @@ class RootConfig:
     testbed: TestbedConfig = MISSING
     noise: NoiseConfig = MISSING
     aqn: AQNConfig = MISSING
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     logger: LoggerConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
 

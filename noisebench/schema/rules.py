@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from noisebench.schema.fields import describe, out_of_range
+from noisebench.schema.mitigation import mitigation_problem
 from noisebench.schema.testbed import KIND_SCHEMAS, TestbedConfig
 
 
@@ -53,6 +54,8 @@ def check(cfg: DictConfig) -> None:
     if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
         raise ConfigError("threads", f"must be auto or a whole number >= 1, got {threads!r}")
     _noise(cfg)
+    if mitigation_problem(cfg):
+        raise ConfigError(*mitigation_problem(cfg))
     _eval_limit(cfg)
     check_testbed(cfg.testbed)
     if cfg.get("trainer") is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from noisebench.train import mitigation
 from noisebench.train.distributed import world_size
 
 
@@ -100,6 +101,7 @@ def grpo_config(cfg: DictConfig, tb, run_dir: Path, device: str):
     args = OmegaConf.to_container(t.args, resolve=True)
     if device == "cpu":
         args["use_cpu"] = True
+    args.update(mitigation.grpo_args(mitigation.of_config(cfg), bool(args.get("use_vllm"))))  # the group decides
     return GRPOConfig(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=int(t.max_steps),
@@ -130,6 +132,7 @@ def make_trainer(cfg: DictConfig, tb, spec, injector, aqn, callbacks: list, run_
             model=tb.model, reward_funcs=gsm8k_reward, args=grpo_config(cfg, tb, run_dir, device),
             train_dataset=tb.train_dataset, processing_class=tb.tokenizer, callbacks=callbacks,
             injector=injector, aqn=aqn, unfused_lm_head=bool(cfg.trainer.get("unfused_lm_head", False)),
+            mitigation=mitigation.of_config(cfg),
         )
     trainer.remove_callback(PrinterCallback)  # it prints every step's full log dict; the progress bar and wandb carry it
     return trainer

@@ -144,7 +144,7 @@ class NoisebenchCallback(TrainerCallback):
             control.should_training_stop = True
         if self.on_step:
             m = {"train/reward": reward, "train/step_time_s": dt}
-            m.update({f"mismatch/{k}": v for k, v in mismatch.items()})
+            m.update({(k if k.startswith("rollout_corr/") else f"mismatch/{k}"): v for k, v in mismatch.items()})
             injector = getattr(self.trainer, "injector", None)
             if injector is not None:
                 m.update(phase_telemetry(injector.telemetry()))

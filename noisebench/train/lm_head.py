@@ -1,4 +1,5 @@
-"""An unfused LM head for training, so the noise engine sees the lm_head projection there as it does in rollout.
+"""The LM head variants the trainer swaps in: unfused (so the noise engine sees the projection in training as it does
+in rollout) and float32 (the ``fp32_lm_head`` mitigation, tied embeddings included; see the section below).
 
 TRL's GRPOTrainer always patches the model with a fused log-prob head (``trl.kernels.ChunkedLogProbFunction``)
 that computes the projection with ``torch.mm(..., out=tile)`` inside a custom autograd Function: the engine skips
@@ -51,3 +52,79 @@ def unfused_lm_head(enabled: bool = True):
         yield
     finally:
         tu._ChunkedLogProbFunction = prev
+
+
+# ---- fp32 lm_head (mitigation fp32_lm_head) ------------------------------------------------------------------------
+# TRL's ``cast_lm_head_to_fp32`` casts the head *module* to float32; with tied embeddings that casts the shared
+# Parameter, so the embedding table trains in float32 too (and TRL documents the option for untied heads only).
+# Here nothing is cast in place: each call computes the logits from ``weight.float()`` and ``hidden.float()`` with
+# autocast off. The Parameter keeps its dtype and stays the one object the embedding and the head share; its
+# gradient flows back through the cast. Cost: a float32 copy of the head weight per call.
+# The chip's noise models its arithmetic at working precision; an fp32 projection's error (~1e-7 relative) is far
+# below any modelled noise, so the head runs exempt from it (the counter an excluded module raises, noise/norms.py),
+# forward and backward. Evaluation is not changed: every arm is scored the same way.
+
+@contextlib.contextmanager
+def noise_exempt():
+    """Ops in the block are neither noised forward nor marked for backward noise (as inside an excluded module)."""
+    from noisebench.noise.runtime import STATE
+
+    STATE.excl_depth += 1
+    try:
+        yield
+    finally:
+        STATE.excl_depth -= 1
+
+
+class FP32LogProbs:
+    """Wraps a log-prob head (``ChunkedLogProbFunction`` or :class:`UnfusedLogProbs`): same ``.apply``, computed in
+    float32 from the shared weight, autocast off, noise-exempt."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def apply(self, hidden, weight, bias, *args, **kwargs):
+        with torch.autocast(hidden.device.type, enabled=False), noise_exempt():
+            return self.inner.apply(hidden.float(), weight.float(), None if bias is None else bias.float(),
+                                    *args, **kwargs)
+
+
+@contextlib.contextmanager
+def fp32_log_probs(enabled: bool = True):
+    """Training / reference log-probs through :class:`FP32LogProbs` around whichever head is in force."""
+    if not enabled:
+        yield
+        return
+    import trl.trainer.utils as tu
+
+    prev = tu._ChunkedLogProbFunction
+    tu._ChunkedLogProbFunction = FP32LogProbs(prev)
+    try:
+        yield
+    finally:
+        tu._ChunkedLogProbFunction = prev
+
+
+@contextlib.contextmanager
+def fp32_output_head(model, enabled: bool = True):
+    """``model``'s output projection (``get_output_embeddings()``, e.g. in ``generate``) returns float32 logits
+    computed from its own (possibly tied) weight for the duration."""
+    head = model.get_output_embeddings() if enabled else None
+    if head is None:
+        yield
+        return
+    had = "forward" in head.__dict__
+    prev = head.__dict__.get("forward")
+
+    def forward(hidden):
+        with torch.autocast(hidden.device.type, enabled=False), noise_exempt():
+            return F.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        if had:
+            head.forward = prev
+        else:
+            del head.forward

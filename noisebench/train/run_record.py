@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from noisebench.record import setting_fingerprint
 from noisebench.train.callbacks import RunHistory
+from noisebench.train import mitigation
 from noisebench.train.mismatch import aggregate
 from noisebench.train.provenance import git_commit, hydra_overrides, noise_engine, versions
 
@@ -26,17 +27,19 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
     mismatch = {}
     for k in sorted({k for m in history.mismatch for k in m if k != "step"}):
         vals = [m[k] for m in history.mismatch if m.get(k) is not None and math.isfinite(m[k])]
-        mismatch[k if k.startswith(("abs", "is_")) else f"mean_{k}"] = aggregate(k, vals) if vals else None
+        name = k if k.startswith(("abs", "is_", "rollout_corr/")) else f"mean_{k}"  # verl's names kept as they are
+        mismatch[name] = aggregate(k, vals) if vals else None
     mismatch["per_step"] = history.mismatch
     return {
         "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",
         "testbed": tb_name,
-        "experiment": str(cfg.experiment),
+        "experiment": mitigation.experiment_name(str(cfg.experiment), mitigation.of_config(cfg)),
         "seed": int(cfg.seed),
         "status": status,
         "noise": spec.to_dict() if spec is not None else OmegaConf.to_container(cfg.noise, resolve=True),
         "noise_engine": noise_engine(),
         "aqn": OmegaConf.to_container(cfg.aqn, resolve=True),
+        "mitigation": mitigation.record_block(mitigation.of_config(cfg)),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "setting_fingerprint": setting_fingerprint(OmegaConf.to_container(cfg, resolve=True)),
         "versions": versions(),

@@ -152,7 +152,7 @@ def _fingerprint_of(root) -> str | None:
     """The run fingerprint of a composed Hydra config (its task part), None when it cannot be resolved yet."""
     try:
         cfg = {k: OmegaConf.to_container(root[k], resolve=True) if isinstance(root[k], DictConfig) else root[k]
-               for k in ("testbed", "trainer", "eval", "noise", "aqn", "seed") if k in root}
+               for k in ("testbed", "trainer", "eval", "noise", "aqn", "mitigation", "seed") if k in root}
         return run_fingerprint(cfg)
     except Exception:  # noqa: BLE001 -- a config that does not resolve fails later with its own clear error
         return None

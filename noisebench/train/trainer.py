@@ -5,7 +5,15 @@ Where the phases sit in TRL 1.16 (shared/notes/trl-grpo.md):
 - ``_get_per_token_logps_and_entropies`` with no phase active -> ``reference`` (ref / old-policy log-probs)
 - ``_compute_loss``                                 -> ``train_forward``
 - ``accelerator.backward``                          -> ``train_backward``
-No GRPO logic lives here: only phase boundaries and measurement.
+No GRPO logic lives here: only phase boundaries, measurement and the glue of the ``mitigation`` group.
+
+Importance sampling on the transformers path: TRL 1.16 computes its correction (old log-probs recomputed by the
+trainer, ratio against ``sampling_per_token_logps``, truncated or masked per ``vllm_importance_sampling_mode``) and
+applies it in ``_compute_loss``, but only ``if self.use_vllm and self.vllm_importance_sampling_correction``. Here the
+sampler log-probs are the ones recorded during ``generate``, and ``use_vllm`` reads True only inside that code: from
+the end of generation to the end of ``_generate_and_score_completions``, and inside ``_compute_loss`` (every other
+``use_vllm`` read sits in generation or ``__init__``). TRL's own correction then runs unchanged, as on its vLLM path,
+including its recomputed old log-probs (PPO's ratio then sees the recompute, as on TRL's vLLM path).
 """
 from __future__ import annotations
 
@@ -20,8 +28,10 @@ from transformers import LogitsProcessorList
 from trl import GRPOTrainer
 
 from noisebench.train.aqn import AQN
-from noisebench.train.lm_head import unfused_lm_head
+from noisebench.train import mitigation as mit
+from noisebench.train.lm_head import fp32_log_probs, fp32_output_head, unfused_lm_head
 from noisebench.train.mismatch import SampledLogprobRecorder, aggregate, mismatch_stats
+from noisebench.train.rollout_corr import rollout_corr_metrics
 from noisebench.train.vllm import check_rollout_noise
 
 NOISE_STATE_FILE = "noisebench_noise_state.pt"
@@ -36,11 +46,14 @@ class NoisyGRPOTrainer(GRPOTrainer):
         record_sampling_logps (bool): keep the rollout's log-probs to measure the rollout/training mismatch.
         unfused_lm_head (bool): compute training/reference log-probs through ``F.linear`` so the lm_head is noisy
             there too (see ``noisebench.train.lm_head``); False keeps TRL's fused head (clean lm_head in training).
+        mitigation (dict | None): the ``mitigation`` group (importance sampling, fp32 lm_head); None: none. On the
+            vLLM path TRL applies it from its GRPOConfig keys (``noisebench.train.mitigation.grpo_args``).
         Other arguments go to ``trl.GRPOTrainer``.
     """
 
     def __init__(self, *args, injector=None, aqn: AQN | None = None, record_sampling_logps: bool = True,
-                 unfused_lm_head: bool = True, **kwargs):
+                 unfused_lm_head: bool = True, mitigation: dict | None = None, **kwargs):
+        self.mitigation = mit.resolve(mitigation)
         self.injector = injector
         self.unfused_lm_head = unfused_lm_head
         self.aqn = aqn
@@ -49,6 +62,7 @@ class NoisyGRPOTrainer(GRPOTrainer):
         self.mismatch_history: list[dict[str, float]] = []
         self._step_mismatch: dict[str, list[float]] = defaultdict(list)
         super().__init__(*args, **kwargs)
+        self._init_mitigation()
         if injector is not None:
             injector.attach(self.model)
             if getattr(self, "ref_model", None) is not None:
@@ -62,17 +76,55 @@ class NoisyGRPOTrainer(GRPOTrainer):
 
         self.accelerator.backward = noisy_backward
 
+    # ---- mitigation (module docstring) --------------------------------------------------------------------------
+    _use_vllm = False
+    hf_importance_sampling = fp32_head = False
+    _is_window = False   # True where TRL's vLLM-gated importance-sampling code should run on the transformers path
+
+    @property
+    def use_vllm(self) -> bool:
+        return self._use_vllm or self._is_window
+
+    @use_vllm.setter
+    def use_vllm(self, value: bool) -> None:
+        self._use_vllm = bool(value)
+
+    def _init_mitigation(self) -> None:
+        mode = mit.trl_mode(self.mitigation)
+        self.hf_importance_sampling = mode is not None and not self._use_vllm
+        self.fp32_head = bool(self.mitigation["fp32_lm_head"]) and not self._use_vllm  # vLLM path: TRL's cast
+        if self.hf_importance_sampling:
+            if not self.record_sampling_logps:
+                raise ValueError("mitigation importance sampling needs the sampler log-probs: record_sampling_logps")
+            # the mitigation alone decides TRL's correction (its GRPOConfig default is on, for vLLM)
+            self.vllm_importance_sampling_correction = True
+            self.vllm_importance_sampling_mode = mode
+            self.vllm_importance_sampling_clip_max = self.mitigation["clip_max"]
+            self.vllm_importance_sampling_clip_min = self.mitigation["clip_min"]
+
+    def _generate(self, prompts):
+        out = super()._generate(prompts)
+        self._is_window = self.hf_importance_sampling and self.model.training
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        try:
+            return super()._generate_and_score_completions(inputs)
+        finally:
+            self._is_window = False
+
     # ---- phases -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _phase(self, name: str):
         prev, self.nb_phase = self.nb_phase, name
         head = unfused_lm_head(self.unfused_lm_head and name in ("train_forward", "reference"))
+        fp32 = self.fp32_head and name in ("rollout", "reference", "train_forward")
+        fp32_train = fp32_log_probs(fp32 and name != "rollout")  # wraps whichever head is in force: enter after it
+        fp32_roll = (fp32_output_head(self.accelerator.unwrap_model(self.model)) if fp32 and name == "rollout"
+                     else contextlib.nullcontext())
         try:
-            if self.injector is None:
-                with head:
-                    yield
-            else:
-                with self.injector.phase(name), head:
+            with (self.injector.phase(name) if self.injector is not None else contextlib.nullcontext()):
+                with head, fp32_train, fp32_roll:
                     yield
         finally:
             self.nb_phase = prev
@@ -112,11 +164,13 @@ class NoisyGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         self._loss_inputs = inputs
+        self._is_window = self.hf_importance_sampling and "importance_sampling_ratio" in inputs
         try:
             with self._phase("train_forward"):
                 return super()._compute_loss(model, inputs)
         finally:
             self._loss_inputs = None
+            self._is_window = False
 
     _loss_inputs: dict[str, Any] | None = None
     _vllm_noise_checked = False
@@ -126,10 +180,12 @@ class NoisyGRPOTrainer(GRPOTrainer):
         sampling = self._loss_inputs.get("sampling_per_token_logps")
         if sampling is None or sampling.shape != train_logps.shape:
             return
-        stats = mismatch_stats(sampling, train_logps, self._loss_inputs["completion_mask"])
+        mask = self._loss_inputs["completion_mask"]
+        stats = mismatch_stats(sampling, train_logps, mask)
+        stats.update(rollout_corr_metrics(sampling, train_logps, mask, **mit.metric_correction(self.mitigation)))
         for k, v in stats.items():
             self._step_mismatch[k].append(v)
-            self._metrics["train"][f"mismatch/{k}"].append(v)
+            self._metrics["train"][k if k.startswith("rollout_corr/") else f"mismatch/{k}"].append(v)
 
     def pop_step_mismatch(self) -> dict[str, float]:
         """Mean (max for *_max, min for *_min) of this step's mismatch statistics; clears them."""
