@@ -65,7 +65,7 @@ def test_two_cpu_processes_through_accelerate(tmp_path, cache_dir):
     assert len(records) == 1  # rank 0 alone writes it, into the one folder both ranks share
     rec = json.loads(records[0].read_text())
     assert rec["status"] == "ok" and rec["steps"] == 2 and [c["step"] for c in rec["curve"]] == [0, 2]
-    board = (tmp_path / "boards" / "tiny_arith.md").read_text()
+    board = (tmp_path / "boards" / "tiny_sharpen.md").read_text()
     assert sum(1 for line in board.splitlines() if line.startswith("|") and "`e4c`" in line) == 1
 
     ranks = {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
