@@ -1,0 +1,109 @@
+"""A GEMM as a chip computes it: quantized inputs, products summed in chunks along K into a narrow accumulator,
+promoted to float32 every so many elements, the output rounded to its format.
+
+This is the plain definition (unfused torch, vectorised over M and N, a Python loop over K chunks) that faster
+paths are tested against. Within a chunk the products are summed exactly (float64: a chunk of fp8/bf16 products
+fits in its 53 bits); what a chip loses, it loses when a chunk's sum is added to the running partial sum, rounded
+to ``acc_mantissa_bits`` (the alignment-and-truncate of tensor-core adders, Khattak & Mikaitis arXiv 2512.07004);
+the promoted total is a float32 sum, rounded to nearest as CUDA cores do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import formats
+
+ACC_ROUNDINGS = ("rne", "toward_zero")
+_ACC_MODE = {"rne": "nearest", "toward_zero": "toward_zero"}
+
+
+@dataclass(frozen=True)
+class GemmArith:
+    """One chip's matrix-unit arithmetic, named as the literature names it.
+
+    in_format: format of both inputs (``formats.FORMATS`` names; ``fp32`` leaves float32 inputs as they are).
+    in_scaling: ``none`` | ``tensor`` | ``block`` | ``mx`` (``formats.quantize_scaled``; scales along K).
+    scale_block: block length along K for ``block``/``mx`` scales (MX: 32).
+    in_rounding: ``nearest`` | ``stochastic`` for the inputs.
+    chunk: products summed exactly before each add into the accumulator (a tensor-core instruction's K).
+    acc_mantissa_bits: stored mantissa bits of the accumulator (float32: 23; Hopper FP8 fast accumulation: ~13).
+    acc_rounding: ``rne`` | ``toward_zero`` for each add into the accumulator.
+    promote_every: K elements after which the accumulator is added into a float32 total and cleared (a multiple of
+        ``chunk``); None: never (the accumulator holds the whole sum).
+    out_format: format of the output (``fp32``, ``bf16``, ...), rounded to nearest.
+    overflow: ``saturate`` | ``inf`` for every rounding step (``formats.quantize``).
+    """
+
+    in_format: str = "bf16"
+    in_scaling: str = "none"
+    scale_block: int = formats.MX_BLOCK
+    in_rounding: str = "nearest"
+    chunk: int = 32
+    acc_mantissa_bits: int = 23
+    acc_rounding: str = "rne"
+    promote_every: Optional[int] = None
+    out_format: str = "fp32"
+    overflow: str = "saturate"
+
+    def __post_init__(self) -> None:
+        formats.get(self.in_format)
+        formats.get(self.out_format)
+        for key, value, valid in (("in_scaling", self.in_scaling, formats.SCALINGS),
+                                  ("in_rounding", self.in_rounding, ("nearest", "stochastic")),
+                                  ("acc_rounding", self.acc_rounding, ACC_ROUNDINGS),
+                                  ("overflow", self.overflow, formats.OVERFLOWS)):
+            if value not in valid:
+                raise ValueError(f"GemmArith.{key}={value!r} is not valid; valid choices: {list(valid)}")
+        if self.chunk < 1 or not 1 <= self.acc_mantissa_bits <= 52:
+            raise ValueError(f"GemmArith: chunk must be >= 1 and acc_mantissa_bits in 1..52, got "
+                             f"{self.chunk}, {self.acc_mantissa_bits}")
+        if self.promote_every is not None and (self.promote_every < self.chunk or self.promote_every % self.chunk):
+            raise ValueError(f"GemmArith.promote_every must be a multiple of chunk={self.chunk} or null, got "
+                             f"{self.promote_every}")
+
+
+def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.Generator] = None) -> Tensor:
+    """A GEMM operand as the chip stores it, scales taken along the reduction dim ``k_dim``."""
+    if arith.in_format == "fp32" and arith.in_scaling == "none":
+        return x.detach().float()
+    return formats.quantize_scaled(x, arith.in_format, arith.in_scaling, dim=k_dim, block=arith.scale_block,
+                                   rounding=arith.in_rounding, overflow=arith.overflow, gen=gen)
+
+
+def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
+    """``qa @ qb`` (already quantized, [..., M, K] @ [..., K, N]) summed as ``arith`` sums it; float32 result
+    before the output rounding."""
+    acc_fmt = formats.accumulator(arith.acc_mantissa_bits)
+    mode = _ACC_MODE[arith.acc_rounding]
+    a64, b64 = qa.to(torch.float64), qb.to(torch.float64)
+    k = a64.shape[-1]
+    shape = torch.broadcast_shapes(a64.shape[:-2], b64.shape[:-2]) + (a64.shape[-2], b64.shape[-1])
+    acc = torch.zeros(shape, dtype=torch.float64, device=qa.device)
+    total = torch.zeros(shape, dtype=torch.float32, device=qa.device)
+    for k0 in range(0, k, arith.chunk):
+        part = a64[..., k0:k0 + arith.chunk] @ b64[..., k0:k0 + arith.chunk, :]   # exact for narrow inputs
+        acc = formats.quantize(acc + part, acc_fmt, mode, arith.overflow)
+        done = k0 + arith.chunk
+        if arith.promote_every is not None and (done % arith.promote_every == 0 or done >= k):
+            total = total + acc.float()          # float32 add, round to nearest (acc fits float32: <= 23 bits)
+            acc = torch.zeros_like(acc)
+    if arith.promote_every is None:
+        total = acc.float() if arith.acc_mantissa_bits <= 23 else acc.to(torch.float32)
+    return total
+
+
+def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None) -> Tensor:
+    """``a @ b`` under ``arith``: inputs quantized (scales along K), summed by ``accumulate``, output rounded to
+    ``arith.out_format``. Returns float32 values on ``out_format``'s grid."""
+    if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
+    qa = quantize_input(a, arith, -1, gen)
+    qb = quantize_input(b, arith, -2, gen)
+    y = accumulate(qa, qb, arith)
+    if arith.out_format == "fp32":
+        return y
+    return formats.quantize(y, arith.out_format, "nearest", arith.overflow)
