@@ -96,14 +96,18 @@ def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
     return total
 
 
-def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None) -> Tensor:
-    """``a @ b`` under ``arith``: inputs quantized (scales along K), summed by ``accumulate``, output rounded to
+def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
+         bias: Optional[Tensor] = None) -> Tensor:
+    """``a @ b (+ bias)`` under ``arith``: inputs quantized (scales along K), summed by ``accumulate``, the bias
+    added to the float32 sum (the GEMM's epilogue, before the output's rounding), output rounded to
     ``arith.out_format``. Returns float32 values on ``out_format``'s grid."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     qa = quantize_input(a, arith, -1, gen)
     qb = quantize_input(b, arith, -2, gen)
     y = accumulate(qa, qb, arith)
+    if bias is not None:
+        y = y + bias.detach().float()
     if arith.out_format == "fp32":
         return y
     return formats.quantize(y, arith.out_format, "nearest", arith.overflow)

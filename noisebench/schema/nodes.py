@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from noisebench.schema.chip import ChipConfig
 from noisebench.schema.fields import bounded, choices
 from noisebench.schema.testbed import TestbedConfig
 
@@ -133,6 +134,7 @@ class RootConfig:
     testbed: TestbedConfig = MISSING
     noise: NoiseConfig = MISSING
     aqn: AQNConfig = MISSING
+    chip: Optional[ChipConfig] = None           # conf/chip: a chip's GEMM arithmetic; null (chip=none): none
     logger: LoggerConfig = MISSING
     engine: Dict[str, Any] = field(default_factory=dict)  # noise-engine switches (a config group may fill it)
 
