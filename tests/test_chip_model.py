@@ -100,3 +100,25 @@ def test_bad_profile_keys_are_refused_by_name():
         ChipProfile.from_dict({"name": "x", "acc_bits": 13})
     with pytest.raises(ValueError, match="chip.ops"):
         ChipProfile.from_dict({"name": "x", "ops": ["conv"]})
+
+
+def test_noise_acts_on_the_chip_outputs_and_phases_follow_the_injector():
+    from noisebench.noise import NoiseInjector, NoiseSpec
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(4, 64, generator=g), torch.randn(8, 64, generator=g)
+    p = profile("mxfp4")
+    chip_only = gemm(x, w.t(), p.arith)
+    spec = NoiseSpec(type="relative_gaussian", scale=1e-2, ops=["linear"], phases=["rollout"], seed=0)
+    with ChipMode(p), NoiseInjector(spec) as inj, inj.phase("rollout"):
+        y = F.linear(x, w)
+    rel = ((y - chip_only) / chip_only).std().item()
+    assert 0.5e-2 < rel < 2e-2                                   # the noise, on top of the chip's values
+    only_train = ChipProfile(name="t", arith=p.arith, phases=("train_forward",))
+    off = NoiseInjector(NoiseSpec(type="none"))                    # no noise: the phase still comes from it
+    clean = F.linear(x, w)
+    with ChipMode(only_train), off:
+        with off.phase("rollout"):
+            assert torch.equal(F.linear(x, w), clean)
+        with off.phase("train_forward"):
+            assert torch.equal(F.linear(x, w), chip_only)

@@ -4,14 +4,14 @@ arithmetic (``accumulate.gemm``), as one TorchFunctionMode.
 The profile decides the forward values; gradients are torch's own (straight-through: the chip's forward error is
 ``(chip - clean).detach()`` added to the clean product), so backward GEMMs are not yet the chip's. The mode composes
 with ``NoiseInjector``: installed outside it (entered first), each covered call made by the injector's handler comes
-here, so noise models act on the chip's outputs. The phase is the noise engine's (``runtime.STATE``): a profile
+here, so noise models act on the chip's outputs (entered inside it, the chip would overwrite the noise). A profile
 whose ``phases`` do not include the phase in force leaves every call untouched, bitwise.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +56,9 @@ class ChipProfile:
         return cls(name=str(d.get("name", "chip")), arith=arith, ops=tuple(str(o) for o in d.get("ops", CHIP_OPS)),
                    phases=tuple(str(p) for p in d.get("phases", ("all",))), provenance=str(d.get("provenance", "")))
 
-    def live(self) -> bool:
-        """Whether the profile applies in the phase in force (``all``: always, also outside any phase)."""
-        return "all" in self.phases or STATE.effective_phase() in self.phases
+    def live(self, phase: Optional[str]) -> bool:
+        """Whether the profile applies in ``phase`` (``all``: always, also outside any phase)."""
+        return "all" in self.phases or phase in self.phases
 
 
 def _operands(op: str, args: tuple, kwargs: dict):
@@ -98,12 +98,20 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
     return y
 
 
-class ChipMode(TorchFunctionMode):
-    """Runs the model's covered GEMMs with ``profile``'s arithmetic while entered (this thread only)."""
+def _phase_in_force() -> Optional[str]:
+    owner = getattr(STATE, "owner", None)
+    return owner.current_phase if owner is not None else STATE.effective_phase()
 
-    def __init__(self, profile: ChipProfile, seed: int = 0) -> None:
+
+class ChipMode(TorchFunctionMode):
+    """Runs the model's covered GEMMs with ``profile``'s arithmetic while entered (this thread only). ``phase``: a
+    callable naming the phase in force; default: the installed injector's phase context (held even when its noise
+    is off), else the noise engine's (``runtime.STATE``)."""
+
+    def __init__(self, profile: ChipProfile, seed: int = 0, phase: Optional[Callable[[], Optional[str]]] = None):
         super().__init__()
         self.profile = profile
+        self.phase = phase or _phase_in_force
         self.seed = seed
         self.gens: dict = {}        # stochastic input rounding: one generator per device, seeded alike
 
@@ -118,7 +126,7 @@ class ChipMode(TorchFunctionMode):
         kwargs = kwargs or {}
         op = _SPELLINGS.get(func)
         if op is None or (op if op != "rmatmul" else "matmul") not in self.profile.ops or "out" in kwargs \
-                or not self.profile.live():
+                or not self.profile.live(self.phase()):
             return func(*args, **kwargs)
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
         return chip_call(func, op, args, kwargs, self.profile, None if first is None else self._gen(first))
