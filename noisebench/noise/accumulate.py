@@ -18,7 +18,6 @@ from torch import Tensor
 from . import formats
 
 ACC_ROUNDINGS = ("rne", "toward_zero")
-_ACC_MODE = {"rne": "nearest", "toward_zero": "toward_zero"}
 
 
 @dataclass(frozen=True)
@@ -74,26 +73,48 @@ def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.
                                    rounding=arith.in_rounding, overflow=arith.overflow, gen=gen)
 
 
+def round_acc(acc: Tensor, bits: int, rounding: str) -> Tensor:
+    """float64 ``acc`` rounded to ``bits`` stored mantissa bits (``rne`` or ``toward_zero``) by masking its bit
+    pattern: exact, with float64's exponent range (an accumulator that drops low bits, never overflows here)."""
+    drop = 52 - bits
+    if drop <= 0:
+        return acc
+    iv = acc.view(torch.int64)
+    if rounding == "rne":                        # add half an ulp less one, plus the kept LSB: ties go to even
+        iv = iv + (((iv >> drop) & 1) + ((1 << (drop - 1)) - 1))
+    return (iv & ~((1 << drop) - 1)).view(torch.float64)
+
+
+def chunk_sums(a64: Tensor, b64: Tensor, chunk: int) -> Tensor:
+    """The products of each K chunk summed: [..., K/chunk, M, N] (K zero-padded to a multiple of ``chunk``), one
+    batched matmul; exact while a chunk's sum fits float64's 53 bits (fp8 and MX inputs always do)."""
+    k = a64.shape[-1]
+    pad = (-k) % chunk
+    if pad:
+        a64 = torch.nn.functional.pad(a64, (0, pad))
+        b64 = torch.nn.functional.pad(b64, (0, 0, 0, pad))
+    nc = (k + pad) // chunk
+    a = a64.reshape(*a64.shape[:-1], nc, chunk).movedim(-2, -3)        # [..., nc, M, chunk]
+    b = b64.reshape(*b64.shape[:-2], nc, chunk, b64.shape[-1])         # [..., nc, chunk, N]
+    return a @ b
+
+
 def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
     """``qa @ qb`` (already quantized, [..., M, K] @ [..., K, N]) summed as ``arith`` sums it; float32 result
-    before the output rounding."""
-    acc_fmt = formats.accumulator(arith.acc_mantissa_bits)
-    mode = _ACC_MODE[arith.acc_rounding]
-    a64, b64 = qa.to(torch.float64), qb.to(torch.float64)
-    k = a64.shape[-1]
-    shape = torch.broadcast_shapes(a64.shape[:-2], b64.shape[:-2]) + (a64.shape[-2], b64.shape[-1])
-    acc = torch.zeros(shape, dtype=torch.float64, device=qa.device)
-    total = torch.zeros(shape, dtype=torch.float32, device=qa.device)
-    for k0 in range(0, k, arith.chunk):
-        part = a64[..., k0:k0 + arith.chunk] @ b64[..., k0:k0 + arith.chunk, :]   # exact for narrow inputs
-        acc = formats.quantize(acc + part, acc_fmt, mode, arith.overflow)
-        done = k0 + arith.chunk
+    before the output rounding. Each chunk's exact sum is added to the accumulator and the sum rounded
+    (``round_acc``); every ``promote_every`` elements (and at the end) the accumulator is added into a float32
+    total (one float32 add, nearest) and cleared."""
+    parts = chunk_sums(qa.to(torch.float64), qb.to(torch.float64), arith.chunk)
+    k = qa.shape[-1]
+    acc = torch.zeros_like(parts[..., 0, :, :])
+    total = torch.zeros(acc.shape, dtype=torch.float32, device=qa.device)
+    for i in range(parts.shape[-3]):
+        acc = round_acc(acc + parts[..., i, :, :], arith.acc_mantissa_bits, arith.acc_rounding)
+        done = (i + 1) * arith.chunk
         if arith.promote_every is not None and (done % arith.promote_every == 0 or done >= k):
-            total = total + acc.float()          # float32 add, round to nearest (acc fits float32: <= 23 bits)
+            total = total + acc.float()          # float32 add, round to nearest
             acc = torch.zeros_like(acc)
-    if arith.promote_every is None:
-        total = acc.float() if arith.acc_mantissa_bits <= 23 else acc.to(torch.float32)
-    return total
+    return total if arith.promote_every is not None else acc.float()
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,

@@ -59,13 +59,8 @@ FORMATS = {f.name: f for f in (
 MX_FORMATS = {"mxfp8_e4m3": "fp8_e4m3", "mxfp8_e5m2": "fp8_e5m2", "mxfp6_e3m2": "fp6_e3m2",
               "mxfp6_e2m3": "fp6_e2m3", "mxfp4_e2m1": "fp4_e2m1"}
 MX_BLOCK = 32                        # OCP MX v1.0: k = 32 elements share one scale
+_TWO52 = 2.0 ** 52
 E8M0_EMAX = 127                      # E8M0 scale exponents -127..127; code 0xFF is NaN
-
-
-def accumulator(mbits: int) -> Format:
-    """A register of ``mbits`` stored mantissa bits with float32's exponent range (an accumulator that only drops
-    low bits; fp32 is ``accumulator(23)``)."""
-    return Format(f"acc_m{mbits}", 8, mbits, -126, (2.0 - 2.0 ** -mbits) * 2.0 ** 127, True)
 
 
 def get(fmt) -> Format:
@@ -115,8 +110,9 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
     _, e2 = torch.frexp(a)                                   # a = m * 2**e2, 0.5 <= m < 1
     step = (e2 - 1).clamp_min(f.emin) - f.mbits              # log2 of the grid spacing at a
     t = _ldexp(a, -step)                                # exact: a power-of-two scaling
-    if rounding == "nearest":
-        q = torch.round(t)                                   # half to even
+    if rounding == "nearest":    # half to even: adding 2**52 leaves no fraction bits (exact below 2**52, where t
+        q = torch.where(t < _TWO52, (t + _TWO52) - _TWO52, t)    # lives; above it t is whole); torch.round is slow
+
     elif rounding == "toward_zero":
         q = torch.floor(t)
     else:
