@@ -1,5 +1,6 @@
 """Chip profiles in a model: the model's GEMMs (``F.linear``, ``matmul``/``@``, ``bmm``) computed with a chip's
-arithmetic (``accumulate.gemm``), as one TorchFunctionMode.
+arithmetic (``accumulate.gemm``), and softmax/silu with its approximate exp (``transcendental``), as one
+TorchFunctionMode.
 
 The profile decides the forward values; gradients are torch's own (straight-through: the chip's forward error is
 ``(chip - clean).detach()`` added to the clean product), so backward GEMMs are not yet the chip's. The mode composes
@@ -18,43 +19,51 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from . import transcendental
 from .accumulate import GemmArith, gemm
 from .runtime import STATE
 from .spec import PHASES
 
-CHIP_OPS = ("linear", "matmul", "bmm")
+CHIP_OPS = ("linear", "matmul", "bmm", "softmax", "silu")
+GEMM_OPS = ("linear", "matmul", "bmm")
 _SPELLINGS = {F.linear: "linear", torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
-              Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", Tensor.bmm: "bmm"}
+              Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", Tensor.bmm: "bmm", F.softmax: "softmax",
+              torch.softmax: "softmax", Tensor.softmax: "softmax", F.silu: "silu"}
 _ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith))
 
 
 @dataclass(frozen=True)
 class ChipProfile:
     """A named GEMM arithmetic and where it applies (``ops`` from ``CHIP_OPS``, ``phases`` from the noise engine's
-    phases or ``all``)."""
+    phases or ``all``); ``exp_degree``: softmax and silu compute exp by ``transcendental.exp_poly`` of that degree
+    (where ``ops`` names them; None: torch's exp)."""
 
     name: str
     arith: GemmArith
-    ops: tuple = CHIP_OPS
+    ops: tuple = GEMM_OPS
     phases: tuple = ("all",)
     provenance: str = ""
+    exp_degree: Optional[int] = None
 
     def __post_init__(self) -> None:
         for key, values, valid in (("ops", self.ops, CHIP_OPS), ("phases", self.phases, PHASES + ("all",))):
             bad = [v for v in values if v not in valid]
             if bad or not values:
                 raise ValueError(f"chip.{key}: {list(values)} is not valid; valid choices: {list(valid)}")
+        if self.exp_degree is not None and not 1 <= int(self.exp_degree) <= 12:
+            raise ValueError(f"chip.exp_degree must be null or in 1..12, got {self.exp_degree!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ChipProfile":
         """From a ``chip`` config node (conf/chip/*.yaml) as a plain dict; unknown keys are refused by name."""
-        known = set(_ARITH_KEYS) | {"name", "ops", "phases", "provenance"}
+        known = set(_ARITH_KEYS) | {"name", "ops", "phases", "provenance", "exp_degree"}
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"chip: unknown key(s) {bad}; valid keys: {sorted(known)}")
         arith = GemmArith(**{k: (str(v) if isinstance(v, str) else v) for k, v in d.items() if k in _ARITH_KEYS})
-        return cls(name=str(d.get("name", "chip")), arith=arith, ops=tuple(str(o) for o in d.get("ops", CHIP_OPS)),
-                   phases=tuple(str(p) for p in d.get("phases", ("all",))), provenance=str(d.get("provenance", "")))
+        return cls(name=str(d.get("name", "chip")), arith=arith, ops=tuple(str(o) for o in d.get("ops", GEMM_OPS)),
+                   phases=tuple(str(p) for p in d.get("phases", ("all",))), provenance=str(d.get("provenance", "")),
+                   exp_degree=d.get("exp_degree"))
 
     def live(self, phase: Optional[str]) -> bool:
         """Whether the profile applies in ``phase`` (``all``: always, also outside any phase)."""
@@ -84,15 +93,39 @@ def _operands(op: str, args: tuple, kwargs: dict):
     return a, bm, bias
 
 
+def _approx(op: str, args: tuple, kwargs: dict, degree: int):
+    """softmax / silu with the polynomial exp, or None for spellings this model does not cover."""
+    x = args[0] if args else kwargs.get("input")
+    if not (isinstance(x, Tensor) and x.is_floating_point()):
+        return None
+    if op == "silu":
+        inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
+        return None if inplace else transcendental.silu(x, degree)
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    dtype = kwargs.get("dtype", args[3] if len(args) > 3 and not isinstance(args[3], int) else None)
+    if len(args) == 3 and isinstance(args[2], torch.dtype):   # torch.softmax(x, dim, dtype)
+        dtype = args[2]
+    return None if dim is None else transcendental.softmax(x, dim, degree, dtype)
+
+
 def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
               gen: Optional[torch.Generator] = None):
     """One covered call under ``profile``: the chip's values, torch's gradient (straight-through)."""
-    ab = _operands(op, args, kwargs)
-    if ab is None:
-        return func(*args, **kwargs)
-    a, b, bias = ab
-    clean = func(*args, **kwargs)
-    y = gemm(a, b, profile.arith, gen, bias).to(clean.dtype)
+    if op in ("softmax", "silu"):
+        if profile.exp_degree is None:
+            return func(*args, **kwargs)
+        y = _approx(op, args, kwargs, int(profile.exp_degree))
+        if y is None:
+            return func(*args, **kwargs)
+        clean = func(*args, **kwargs)
+    else:
+        ab = _operands(op, args, kwargs)
+        if ab is None:
+            return func(*args, **kwargs)
+        a, b, bias = ab
+        clean = func(*args, **kwargs)
+        y = gemm(a, b, profile.arith, gen, bias)
+    y = y.to(clean.dtype)
     if clean.requires_grad:
         return clean + (y - clean).detach()
     return y
