@@ -74,15 +74,17 @@ def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.
 
 
 def round_acc(acc: Tensor, bits: int, rounding: str) -> Tensor:
-    """float64 ``acc`` rounded to ``bits`` stored mantissa bits (``rne`` or ``toward_zero``) by masking its bit
-    pattern: exact, with float64's exponent range (an accumulator that drops low bits, never overflows here)."""
+    """float64 ``acc`` rounded in place to ``bits`` stored mantissa bits (``rne`` or ``toward_zero``) by masking
+    its bit pattern: exact, with float64's exponent range (an accumulator that drops low bits, never overflows
+    here). Returns ``acc``."""
     drop = 52 - bits
     if drop <= 0:
         return acc
     iv = acc.view(torch.int64)
     if rounding == "rne":                        # add half an ulp less one, plus the kept LSB: ties go to even
-        iv = iv + (((iv >> drop) & 1) + ((1 << (drop - 1)) - 1))
-    return (iv & ~((1 << drop) - 1)).view(torch.float64)
+        iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
+    iv.bitwise_and_(~((1 << drop) - 1))
+    return acc
 
 
 def chunk_sums(a64: Tensor, b64: Tensor, chunk: int) -> Tensor:
@@ -109,11 +111,11 @@ def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
     acc = torch.zeros_like(parts[..., 0, :, :])
     total = torch.zeros(acc.shape, dtype=torch.float32, device=qa.device)
     for i in range(parts.shape[-3]):
-        acc = round_acc(acc + parts[..., i, :, :], arith.acc_mantissa_bits, arith.acc_rounding)
+        round_acc(acc.add_(parts[..., i, :, :]), arith.acc_mantissa_bits, arith.acc_rounding)
         done = (i + 1) * arith.chunk
         if arith.promote_every is not None and (done % arith.promote_every == 0 or done >= k):
-            total = total + acc.float()          # float32 add, round to nearest
-            acc = torch.zeros_like(acc)
+            total.add_(acc.float())              # float32 add, round to nearest
+            acc.zero_()
     return total if arith.promote_every is not None else acc.float()
 
 
