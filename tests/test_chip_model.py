@@ -122,3 +122,18 @@ def test_noise_acts_on_the_chip_outputs_and_phases_follow_the_injector():
             assert torch.equal(F.linear(x, w), clean)
         with off.phase("train_forward"):
             assert torch.equal(F.linear(x, w), chip_only)
+
+
+def test_cached_weights_follow_in_place_updates():
+    p = profile("fp8_fast_accum")
+    lin = torch.nn.Linear(64, 8)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(6))
+    mode = ChipMode(p)
+    with mode:
+        y1 = lin(x)
+        with torch.no_grad():
+            lin.weight.mul_(2.0)                   # an optimizer step: in place, version bumped
+        y2 = lin(x)
+    assert len(mode.weights) == 2
+    assert torch.equal(y2.detach(), gemm(x, lin.weight.detach().t(), p.arith, bias=lin.bias.detach()))
+    assert not torch.equal(y1, y2)

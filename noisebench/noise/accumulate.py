@@ -106,7 +106,7 @@ def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
     before the output rounding. Each chunk's exact sum is added to the accumulator and the sum rounded
     (``round_acc``); every ``promote_every`` elements (and at the end) the accumulator is added into a float32
     total (one float32 add, nearest) and cleared."""
-    parts = chunk_sums(qa.to(torch.float64), qb.to(torch.float64), arith.chunk)
+    parts = chunk_sums(qa.to(torch.float64), qb.to(torch.float64), arith.chunk)   # no copy for float64 qb
     k = qa.shape[-1]
     acc = torch.zeros_like(parts[..., 0, :, :])
     total = torch.zeros(acc.shape, dtype=torch.float32, device=qa.device)
@@ -120,14 +120,16 @@ def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
-         bias: Optional[Tensor] = None) -> Tensor:
+         bias: Optional[Tensor] = None, qb: Optional[Tensor] = None) -> Tensor:
     """``a @ b (+ bias)`` under ``arith``: inputs quantized (scales along K), summed by ``accumulate``, the bias
     added to the float32 sum (the GEMM's epilogue, before the output's rounding), output rounded to
-    ``arith.out_format``. Returns float32 values on ``out_format``'s grid."""
+    ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``qb``: ``b`` already quantized
+    (``quantize_input(b, arith, -2)``, any float dtype), e.g. a weight reused across calls."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     qa = quantize_input(a, arith, -1, gen)
-    qb = quantize_input(b, arith, -2, gen)
+    if qb is None:
+        qb = quantize_input(b, arith, -2, gen)
     y = accumulate(qa, qb, arith)
     if bias is not None:
         y = y + bias.detach().float()

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import transcendental
-from .accumulate import GemmArith, gemm
+from .accumulate import GemmArith, gemm, quantize_input
 from .runtime import STATE
 from .spec import PHASES
 
@@ -109,8 +109,10 @@ def _approx(op: str, args: tuple, kwargs: dict, degree: int):
 
 
 def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
-              gen: Optional[torch.Generator] = None):
-    """One covered call under ``profile``: the chip's values, torch's gradient (straight-through)."""
+              gen: Optional[torch.Generator] = None, weights: Optional[dict] = None):
+    """One covered call under ``profile``: the chip's values, torch's gradient (straight-through). ``weights``: a
+    cache of quantized linear weights, keyed by the tensor and its version counter (an optimizer step's in-place
+    update bumps it), for deterministic input rounding only."""
     if op in ("softmax", "silu"):
         if profile.exp_degree is None:
             return func(*args, **kwargs)
@@ -124,7 +126,17 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
             return func(*args, **kwargs)
         a, b, bias = ab
         clean = func(*args, **kwargs)
-        y = gemm(a, b, profile.arith, gen, bias)
+        qb = None
+        w = (args[1] if len(args) > 1 else kwargs.get("weight")) if op == "linear" else None
+        if isinstance(w, torch.nn.Parameter) and weights is not None and profile.arith.in_rounding == "nearest":
+            key = (id(w), w._version, w.data_ptr())   # the cache holds w: its id is not reused while cached
+            hit = weights.get(key)
+            if hit is None:
+                if len(weights) > 4096:
+                    weights.clear()
+                hit = weights[key] = (w, quantize_input(b, profile.arith, -2).to(torch.float64))
+            qb = hit[1]
+        y = gemm(a, b, profile.arith, gen, bias, qb=qb)
     y = y.to(clean.dtype)
     if clean.requires_grad:
         return clean + (y - clean).detach()
@@ -147,6 +159,7 @@ class ChipMode(TorchFunctionMode):
         self.phase = phase or _phase_in_force
         self.seed = seed
         self.gens: dict = {}        # stochastic input rounding: one generator per device, seeded alike
+        self.weights: dict = {}     # quantized linear weights (chip_call)
 
     def _gen(self, t: Tensor) -> Optional[torch.Generator]:
         if self.profile.arith.in_rounding != "stochastic":
@@ -162,4 +175,5 @@ class ChipMode(TorchFunctionMode):
                 or not self.profile.live(self.phase()):
             return func(*args, **kwargs)
         first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
-        return chip_call(func, op, args, kwargs, self.profile, None if first is None else self._gen(first))
+        return chip_call(func, op, args, kwargs, self.profile, None if first is None else self._gen(first),
+                         self.weights)
