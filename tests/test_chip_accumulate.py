@@ -1,6 +1,5 @@
 """The GEMM accumulation model (noisebench/noise/accumulate.py): bitwise against a scalar definition in exact
 rational arithmetic, and the published anchor reproduced on CPU at small M, N."""
-import math
 from fractions import Fraction
 
 import numpy as np
@@ -38,7 +37,8 @@ def _scalar_gemm(a, b, arith: GemmArith):
         for j in range(b.shape[1]):
             acc, total = Fraction(0), np.float32(0)
             for k0 in range(0, k, arith.chunk):
-                part = sum(Fraction(float(a[i, kk])) * Fraction(float(b[kk, j])) for kk in range(k0, min(k, k0 + arith.chunk)))
+                part = sum(Fraction(float(a[i, kk])) * Fraction(float(b[kk, j]))
+                           for kk in range(k0, min(k, k0 + arith.chunk)))
                 acc = _round_bits(acc + part, arith.acc_mantissa_bits, arith.acc_rounding)
                 done = k0 + arith.chunk
                 if arith.promote_every and (done % arith.promote_every == 0 or done >= k):

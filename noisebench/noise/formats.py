@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 ROUNDINGS = ("nearest", "stochastic", "toward_zero")
-OVERFLOWS = ("saturate", "inf")      # past max finite: clamp to it (``satfinite``), or +-inf (NaN in formats without inf)
+OVERFLOWS = ("saturate", "inf")      # past max: clamp to it (``satfinite``), or +-inf (NaN in formats without inf)
 SCALINGS = ("none", "tensor", "block", "mx")
 SR_BITS = 52                         # random bits per stochastic rounding: P(up) = ceil(f * 2**52) / 2**52, exactly f
-                                     # whenever the dropped fraction f has <= 52 bits (every float32 input, normal range)
+                                     # whenever the dropped fraction f has <= 52 bits (float32 inputs, normal range)
 
 
 @dataclass(frozen=True)
