@@ -142,6 +142,8 @@ def run_setting(config: dict) -> dict:
            "eval": config.get("eval")}
     if (config.get("mitigation") or {}).get("enabled"):  # only when on: unmitigated runs keep their fingerprint
         out["mitigation"] = config["mitigation"]
+    if config.get("chip"):  # likewise: runs without a chip keep their fingerprint
+        out["chip"] = config["chip"]
     return out
 
 

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import formats
 from .fast import table as _table
 
 ROUND_DTYPES = {
@@ -131,25 +132,20 @@ def bitflip(y: Tensor, p: float, bits: str, gen: torch.Generator) -> Tuple[Tenso
 def round_format(y: Tensor, fmt: str, mode: str, gen: Optional[torch.Generator] = None) -> Tensor:
     """Emulate storing ``y`` in ``fmt`` (bf16, fp16, fp8_e4m3, fp8_e5m2) and reading it back.
 
-    ``nearest``: torch's own cast (round-to-nearest-even).
-    ``stochastic``: ``floor(y / ulp + u) * ulp``, u ~ U[0, 1), ulp the format's spacing at y (subnormal spacing
-    below the smallest normal), so E[result] = y; then cast (exact).
+    ``nearest``: torch's own cast (round-to-nearest-even) of the clamped value below.
+    ``stochastic``: ``formats.quantize``: round up with probability equal to the dropped fraction of an ulp (ulp
+    the format's spacing at y, subnormal spacing below the smallest normal), decided by comparing an integer of
+    ``formats.SR_BITS`` random bits with that fraction, so E[result] = y exactly (a float32 ``u`` added to
+    ``y / ulp`` would itself be rounded and round up too often).
     FP8 values beyond the format's largest finite value saturate to it, as hardware conversions with ``satfinite``
     do, on every device: torch's own cast saturates on CPU but gives NaN on CUDA, which would make one spec two
     physics. bf16/fp16 overflow to inf, as IEEE casts do.
     """
     dt = ROUND_DTYPES[fmt]
+    if mode == "stochastic":
+        overflow = "saturate" if fmt.startswith("fp8") else "inf"
+        return formats.quantize(y, fmt, "stochastic", overflow, gen).to(y.dtype)
     if fmt.startswith("fp8"):
         lim = torch.finfo(dt).max
         y = y.clamp(-lim, lim)
-    if mode == "nearest":
-        return y.to(dt).to(y.dtype)
-    x = y.float()
-    fi = torch.finfo(dt)
-    mant = int(round(-math.log2(fi.eps)))
-    emin = int(round(math.log2(fi.tiny)))
-    _, e = torch.frexp(x)                       # x = m * 2**e with 0.5 <= |m| < 1
-    ulp = torch.ldexp(torch.ones_like(x), (e - 1).clamp_min_(emin).sub_(mant))
-    u = torch.rand(x.shape, generator=gen, device=x.device, dtype=torch.float32)
-    q = x.div(ulp).add_(u).floor_().mul_(ulp)
-    return q.to(dt).to(y.dtype)
+    return y.to(dt).to(y.dtype)

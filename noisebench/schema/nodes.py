@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from noisebench.schema.chip import ChipConfig
 from noisebench.schema.fields import bounded, choices
 from noisebench.schema.mitigation import MitigationConfig
 from noisebench.schema.testbed import TestbedConfig
@@ -151,6 +152,7 @@ class RootConfig:
     noise: NoiseConfig = MISSING
     aqn: AQNConfig = MISSING
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
+    chip: Optional[ChipConfig] = None           # conf/chip: a chip's GEMM arithmetic; null (chip=none): none
     logger: LoggerConfig = MISSING
     engine: EngineConfig = field(default_factory=EngineConfig)
 

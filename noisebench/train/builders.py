@@ -54,6 +54,17 @@ def make_aqn(cfg: DictConfig):
     return AQN(aqn_cfg) if aqn_cfg.enabled else None
 
 
+def make_chip(cfg: DictConfig):
+    """The run's chip profile (conf/chip) as a mode to enter outside the injector, so noise acts on the chip's
+    outputs; a null context with ``chip=none``. Built (and so validated) before any work."""
+    import contextlib
+
+    if cfg.get("chip") is None:
+        return contextlib.nullcontext()
+    from noisebench.noise.chip import ChipMode, ChipProfile
+    return ChipMode(ChipProfile.from_dict(OmegaConf.to_container(cfg.chip, resolve=True)), seed=int(cfg.seed))
+
+
 def injector_hooks(cfg: DictConfig) -> str:
     """Where the run's injector puts its module hooks: on the attached models alone (the trainer attaches policy and
     reference model, the evaluator each checkpoint it loads), so every other module call skips torch's hook path and

@@ -33,7 +33,7 @@ def build_record(cfg, spec, history: RunHistory, status: str, run_dir: Path, tel
     return {
         "run_id": f"{tb_name}/{cfg.experiment}/{run_dir.name}",
         "testbed": tb_name,
-        "experiment": mitigation.experiment_name(str(cfg.experiment), mitigation.of_config(cfg)),
+        "experiment": arm_name(cfg),
         "seed": int(cfg.seed),
         "status": status,
         "noise": spec.to_dict() if spec is not None else OmegaConf.to_container(cfg.noise, resolve=True),
@@ -69,3 +69,10 @@ def _torch_threads() -> int:
     import torch
 
     return torch.get_num_threads()
+
+
+def arm_name(cfg) -> str:
+    """The record's experiment: the preset's name, ``+<fix>`` with a mitigation and ``+<chip>`` with a chip profile,
+    so the board never pools a treated arm with its untreated twin (or a chip run with the baseline)."""
+    name = mitigation.experiment_name(str(cfg.experiment), mitigation.of_config(cfg))
+    return f"{name}+{cfg.chip.name}" if cfg.get("chip") is not None else name

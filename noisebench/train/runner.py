@@ -14,8 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, write_record
-from noisebench.train.builders import (make_aqn, make_evaluator, make_injector, make_trainer, noise_spec, pick_device,
-                                       skip_evaluation)
+from noisebench.train.builders import (make_aqn, make_chip, make_evaluator, make_injector, make_trainer, noise_spec,
+                                       pick_device, skip_evaluation)
 from noisebench.train.callbacks import NoisebenchCallback
 from noisebench.train.distributed import is_main_process, rank, sharding_problem
 from noisebench.train.outcome import signal_name
@@ -61,6 +61,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
 
     # setup: everything the config can get wrong is refused here, before the testbed is built
     spec = noise_spec(cfg)
+    chip = make_chip(cfg)
     begin_run(run_dir, OmegaConf.to_container(cfg, resolve=True), bool(cfg.resume), main=is_main_process())
     problem = sharding_problem()
     if problem:
@@ -87,7 +88,7 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
 
     status, error, interrupt = "ok", None, None
     try:
-        with injector:
+        with chip, injector:
             trainer.train(resume_from_checkpoint=ckpt)
             if history.diverged_at is None and trainer.state.global_step not in {c["step"] for c in history.curve}:
                 callback._eval(trainer.model, trainer.state.global_step)  # e.g. stopped early
