@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -141,4 +142,5 @@ def test_a_resumed_run_continues_its_wandb_run(tmp_path):
         tracker.log({"train/reward": 0.5}, step=step)
         tracker.finish({"status": "ok"})
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs and all(p.name.endswith(f"-{wandb_id}") for p in runs)
+    # wandb names each launch's folder offline-run-<time>-<id>, with -1, -2 ... when two start within one second
+    assert runs and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{wandb_id}(-\d+)?", p.name) for p in runs)
