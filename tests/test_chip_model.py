@@ -19,11 +19,11 @@ def profile(name: str) -> ChipProfile:
     return ChipProfile.from_dict(OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml")))
 
 
-def tiny():
+def tiny(attn: str = "eager"):
     cfg = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=False)
-    cfg._attn_implementation = "eager"          # QK^T and PV are torch.matmul calls
+    cfg._attn_implementation = attn             # eager: QK^T and PV are torch.matmul calls; sdpa: one fused call
     with torch.random.fork_rng():
         torch.manual_seed(0)
         return Qwen2ForCausalLM(cfg).eval()

@@ -1,6 +1,7 @@
-"""Approximate exp (noisebench/noise/transcendental.py): its measured ulp error falls with the polynomial's degree
-as the Taylor remainder predicts, and softmax/silu built on it stay within that error; under a chip profile that
-names them, a model's softmax and silu calls use it."""
+"""Approximate transcendentals (noisebench/noise/transcendental.py): exp's measured ulp error falls with the
+polynomial's degree as the Taylor remainder predicts, and softmax/silu/tanh-gelu built on it stay within that error;
+rsqrt's follows its table and Newton's squaring; under a chip profile that names them, a model's calls use them."""
+import dataclasses
 import math
 
 import pytest
@@ -48,3 +49,67 @@ def test_profile_routes_softmax_and_silu():
         assert F.softmax(x, dim=-1, dtype=torch.float64).dtype == torch.float64
     with ChipMode(ChipProfile(name="g", arith=GemmArith(), ops=("softmax",))):   # no exp_degree: torch's
         assert torch.equal(F.softmax(x, dim=-1), torch.softmax(x, -1))
+
+
+def test_rsqrt_ulp_error_follows_the_table_and_newton_squaring():
+    """The table seed's max relative error e0 = (sqrt(1+h) - 1) / (sqrt(1+h) + 1), h = 2**-(bits-1), and one Newton
+    step's (3/2) e0**2, in float32 ulps (2**-24 relative at the bottom of a binade, where the max lands): measured
+    table 8: 32475 ulp (theory 32641), + 1 step 94.7 (95.3), + 2 steps 2.0 (float32's own rounding); table 6 + 1
+    step 1481 (1489). Each step squares the error: log(err_1) ~ 2 log(err_0) + log(3/2)."""
+    ulp = 2.0 ** -24
+    for bits in (6, 8, 10):
+        e0 = T.rsqrt_seed_error(bits)
+        assert 0.97 * e0 / ulp < T.rsqrt_max_ulp(bits, 0) <= e0 / ulp + 1, bits
+        one = T.rsqrt_max_ulp(bits, 1)
+        assert 0.95 * 1.5 * e0 ** 2 / ulp < one <= 1.5 * e0 ** 2 / ulp + 2, bits
+    assert T.rsqrt_max_ulp(8, 2) < 3 and T.rsqrt_max_ulp(4, 2) > 40       # 4 bits: 1.5 (1.5 e0^2)^2 = 42.5 ulp
+    x = torch.tensor([0.0, -0.0, -1.0, math.inf, math.nan, 1e-40, 4.0, 2.0 ** 100])
+    got = T.rsqrt_approx(x, 8, 2)
+    assert got[0] == math.inf and got[2].isnan() and got[3] == 0 and got[4].isnan()
+    assert torch.allclose(got[5:], x[5:].double().rsqrt().float(), rtol=3e-7)
+    assert T.rsqrt_approx(x.bfloat16(), 8, 1).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="table_bits"):
+        T.rsqrt_approx(x, 0, 1)
+
+
+def test_gelu_tanh_with_the_polynomial_and_erf_gelu_untouched():
+    """tanh-gelu's tanh is 1 - 2/(exp(2z)+1) with exp_poly: within the exp's relative error of torch's tanh-gelu
+    (degree 3: |err| <= 2 rel |x|, measured 1.0e-4 max; degree 7: 3.0e-7); erf-gelu computes no exp and stays
+    torch's, bitwise."""
+    x = 4 * torch.randn(64, 33, generator=torch.Generator().manual_seed(2))
+    rel = T.exp_max_ulp(3) * 2.0 ** -23
+    err = (T.gelu_tanh(x, 3) - F.gelu(x, approximate="tanh")).abs()
+    assert (err <= 2 * rel * x.abs() + 1e-6).all() and err.max() > 1e-5
+    assert (T.gelu_tanh(x, 7) - F.gelu(x, approximate="tanh")).abs().max() < 1e-5
+    prof = ChipProfile(name="e", arith=GemmArith(), ops=("gelu",), exp_degree=3)
+    with ChipMode(prof):
+        assert torch.equal(F.gelu(x, approximate="tanh"), T.gelu_tanh(x, 3))
+        assert torch.equal(F.gelu(x), torch._C._nn.gelu(x))
+
+
+def test_profile_routes_rsqrt_in_a_model():
+    """Under a profile naming rsqrt, torch.rsqrt and Tensor.rsqrt compute rsqrt_approx, and Qwen2RMSNorm's output
+    is its definition with it, bitwise; the tiny Qwen2's logits move by about the seed's error (table 8, no Newton:
+    e0 = 1.95e-3; measured 9.0e-4 relative; 1 step 1.8e-6) and by float32 rounding alone after 2 Newton steps
+    (measured 2.2e-7)."""
+    from test_chip_model import IDS, tiny
+
+    x = torch.rand(8, 16, generator=torch.Generator().manual_seed(3)) + 0.1
+    seed_only = ChipProfile(name="r", arith=GemmArith(), ops=("rsqrt",), rsqrt_table_bits=8, rsqrt_newton=0)
+    with ChipMode(seed_only):
+        assert torch.equal(torch.rsqrt(x), T.rsqrt_approx(x, 8, 0)) and torch.equal(x.rsqrt(), T.rsqrt_approx(x, 8, 0))
+    model = tiny()
+    norm = model.model.norm
+    h = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), ChipMode(seed_only):
+        got = norm(h)
+    want = norm.weight * (h * T.rsqrt_approx(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon, 8, 0))
+    assert torch.equal(got, want.detach())
+    with torch.no_grad():
+        clean = model(IDS).logits
+        with ChipMode(seed_only):
+            coarse = model(IDS).logits
+        with ChipMode(dataclasses.replace(seed_only, rsqrt_newton=2)):
+            fine = model(IDS).logits
+    rel = lambda y: ((y - clean).norm() / clean.norm()).item()  # noqa: E731
+    assert 1e-4 < rel(coarse) < T.rsqrt_seed_error(8) and rel(fine) < 1e-6

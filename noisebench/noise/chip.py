@@ -1,12 +1,17 @@
-"""Chip profiles in a model: the model's GEMMs (``F.linear``, ``matmul``/``@``, ``bmm``) computed with a chip's
-arithmetic (``accumulate.gemm``), and softmax/silu with its approximate exp (``transcendental``), as one
-TorchFunctionMode.
+"""Chip profiles in a model: the model's GEMMs (``F.linear``, ``matmul``/``@``, ``bmm``, attention's QK^T and PV)
+computed with a chip's arithmetic (``accumulate.gemm``) forward and backward, softmax/silu/tanh-gelu with its
+approximate exp and rsqrt with its table-and-Newton rsqrt (``transcendental``), as one TorchFunctionMode.
 
-The profile decides the forward values; gradients are torch's own (straight-through: the chip's forward error is
-``(chip - clean).detach()`` added to the clean product), so backward GEMMs are not yet the chip's. The mode composes
-with ``NoiseInjector``: installed outside it (entered first), each covered call made by the injector's handler comes
-here, so noise models act on the chip's outputs (entered inside it, the chip would overwrite the noise). A profile
-whose ``phases`` do not include the phase in force leaves every call untouched, bitwise.
+Backward: a covered GEMM ``y = a @ b`` is an autograd.Function whose backward computes ``grad_a = g @ b^T`` and
+``grad_b = a^T @ g`` as chip GEMMs too (scales along each backward GEMM's own K; the gradient operand ``g`` in the
+profile's ``grad_format``), where the profile is live when ``backward()`` runs (phase ``train_backward``, read as the
+noise engine reads it: the installed injector's phase context at run time); elsewhere the backward is torch's own on
+the clean operands, bitwise. The elementwise ops (softmax, silu, gelu, rsqrt) keep torch's gradient of the clean op
+(straight-through): a chip's approximate exp changes values, and its backward kernels are not modelled here.
+
+The mode composes with ``NoiseInjector``: installed outside it (entered first), each covered call made by the
+injector's handler comes here, so noise models act on the chip's outputs (entered inside it, the chip would overwrite
+the noise). A profile whose ``phases`` do not include the phase in force leaves every call untouched, bitwise.
 """
 from __future__ import annotations
 
@@ -19,24 +24,31 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from . import transcendental
+from . import formats, transcendental
 from .accumulate import GemmArith, gemm, quantize_input
+from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
 from .spec import PHASES
 
-CHIP_OPS = ("linear", "matmul", "bmm", "softmax", "silu")
+CHIP_OPS = ("linear", "matmul", "bmm", "softmax", "silu", "gelu", "rsqrt")
 GEMM_OPS = ("linear", "matmul", "bmm")
+EXP_OPS = ("softmax", "silu", "gelu")
 _SPELLINGS = {F.linear: "linear", torch.matmul: "matmul", Tensor.matmul: "matmul", Tensor.__matmul__: "matmul",
               Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", Tensor.bmm: "bmm", F.softmax: "softmax",
-              torch.softmax: "softmax", Tensor.softmax: "softmax", F.silu: "silu"}
+              torch.softmax: "softmax", Tensor.softmax: "softmax", F.silu: "silu", F.gelu: "gelu",
+              torch.rsqrt: "rsqrt", Tensor.rsqrt: "rsqrt", F.scaled_dot_product_attention: "sdpa"}
 _ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith))
+_PROFILE_KEYS = ("name", "ops", "phases", "provenance", "exp_degree", "grad_format", "rsqrt_table_bits",
+                 "rsqrt_newton")
 
 
 @dataclass(frozen=True)
 class ChipProfile:
     """A named GEMM arithmetic and where it applies (``ops`` from ``CHIP_OPS``, ``phases`` from the noise engine's
-    phases or ``all``); ``exp_degree``: softmax and silu compute exp by ``transcendental.exp_poly`` of that degree
-    (where ``ops`` names them; None: torch's exp)."""
+    phases or ``all``). ``grad_format``: format of the incoming gradient in backward GEMMs (None: ``in_format``).
+    ``exp_degree``: softmax, silu and tanh-gelu compute exp by ``transcendental.exp_poly`` of that degree (where
+    ``ops`` names them; None: torch's exp). ``rsqrt_table_bits``/``rsqrt_newton``: rsqrt by
+    ``transcendental.rsqrt_approx`` (where ``ops`` names it; None: torch's rsqrt)."""
 
     name: str
     arith: GemmArith
@@ -44,6 +56,9 @@ class ChipProfile:
     phases: tuple = ("all",)
     provenance: str = ""
     exp_degree: Optional[int] = None
+    grad_format: Optional[str] = None
+    rsqrt_table_bits: Optional[int] = None
+    rsqrt_newton: int = 1
 
     def __post_init__(self) -> None:
         for key, values, valid in (("ops", self.ops, CHIP_OPS), ("phases", self.phases, PHASES + ("all",))):
@@ -52,22 +67,39 @@ class ChipProfile:
                 raise ValueError(f"chip.{key}: {list(values)} is not valid; valid choices: {list(valid)}")
         if self.exp_degree is not None and not 1 <= int(self.exp_degree) <= 12:
             raise ValueError(f"chip.exp_degree must be null or in 1..12, got {self.exp_degree!r}")
+        if self.grad_format is not None:
+            formats.get(self.grad_format)
+        if self.rsqrt_table_bits is not None:
+            transcendental._check_rsqrt(self.rsqrt_table_bits, self.rsqrt_newton)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ChipProfile":
         """From a ``chip`` config node (conf/chip/*.yaml) as a plain dict; unknown keys are refused by name."""
-        known = set(_ARITH_KEYS) | {"name", "ops", "phases", "provenance", "exp_degree"}
+        known = set(_ARITH_KEYS) | set(_PROFILE_KEYS)
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"chip: unknown key(s) {bad}; valid keys: {sorted(known)}")
         arith = GemmArith(**{k: (str(v) if isinstance(v, str) else v) for k, v in d.items() if k in _ARITH_KEYS})
+        grad = d.get("grad_format")
         return cls(name=str(d.get("name", "chip")), arith=arith, ops=tuple(str(o) for o in d.get("ops", GEMM_OPS)),
                    phases=tuple(str(p) for p in d.get("phases", ("all",))), provenance=str(d.get("provenance", "")),
-                   exp_degree=d.get("exp_degree"))
+                   exp_degree=d.get("exp_degree"), grad_format=None if grad is None else str(grad),
+                   rsqrt_table_bits=d.get("rsqrt_table_bits"), rsqrt_newton=int(d.get("rsqrt_newton", 1)))
 
     def live(self, phase: Optional[str]) -> bool:
         """Whether the profile applies in ``phase`` (``all``: always, also outside any phase)."""
         return "all" in self.phases or phase in self.phases
+
+    def backward_possible(self) -> bool:
+        """Whether a backward could run under the chip: its phases name ``train_backward`` (or ``all``)."""
+        return "all" in self.phases or "train_backward" in self.phases
+
+    @property
+    def grad_arith(self) -> GemmArith:
+        """The arithmetic that quantizes a gradient operand: ``arith`` with ``grad_format`` as input format."""
+        if self.grad_format is None:
+            return self.arith
+        return dataclasses.replace(self.arith, in_format=self.grad_format)
 
 
 def _operands(op: str, args: tuple, kwargs: dict):
@@ -93,14 +125,25 @@ def _operands(op: str, args: tuple, kwargs: dict):
     return a, bm, bias
 
 
-def _approx(op: str, args: tuple, kwargs: dict, degree: int):
-    """softmax / silu with the polynomial exp, or None for spellings this model does not cover."""
+def _approx(op: str, args: tuple, kwargs: dict, profile: "ChipProfile"):
+    """softmax / silu / gelu with the polynomial exp, rsqrt with the table-and-Newton one, or None for spellings
+    (and settings) this model does not cover."""
     x = args[0] if args else kwargs.get("input")
     if not (isinstance(x, Tensor) and x.is_floating_point()):
         return None
+    if op == "rsqrt":
+        if profile.rsqrt_table_bits is None or len(args) + len(kwargs) != 1:
+            return None
+        return transcendental.rsqrt_approx(x, int(profile.rsqrt_table_bits), int(profile.rsqrt_newton))
+    if profile.exp_degree is None:
+        return None
+    degree = int(profile.exp_degree)
     if op == "silu":
         inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
         return None if inplace else transcendental.silu(x, degree)
+    if op == "gelu":    # erf-gelu ('none') computes no exp: left to torch
+        approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
+        return transcendental.gelu_tanh(x, degree) if approximate == "tanh" else None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     dtype = kwargs.get("dtype", args[3] if len(args) > 3 and not isinstance(args[3], int) else None)
     if len(args) == 3 and isinstance(args[2], torch.dtype):   # torch.softmax(x, dim, dtype)
@@ -108,24 +151,111 @@ def _approx(op: str, args: tuple, kwargs: dict, degree: int):
     return None if dim is None else transcendental.softmax(x, dim, degree, dtype)
 
 
+def _clean(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The covered call as torch computes it, from its operands (``b`` transposed back for linear)."""
+    if kind == "linear":
+        return F.linear(a, b.t(), bias)
+    return torch.bmm(a, b) if kind == "bmm" else torch.matmul(a, b)
+
+
+class ChipGemm(torch.autograd.Function):
+    """``a @ b (+ bias)`` with a given forward (``run``: the chip's values, or torch's where the forward is not live)
+    and the chip's backward GEMMs where ``back.live()`` holds when the backward runs; torch's own backward elsewhere
+    (recomputed on the clean operands, so bitwise torch's gradients)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, bias: Optional[Tensor], run: Callable[[], Tensor], back: "_Backward"):
+        ctx.save_for_backward(a, b, bias)
+        ctx.back = back
+        return run()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b, bias = ctx.saved_tensors
+        need_a, need_b, need_bias = ctx.needs_input_grad[:3]
+        with torch._C.DisableTorchFunction():     # the backward's own ops are not the model's calls
+            if not ctx.back.live():
+                return (*_torch_grads(ctx.back.kind, a, b, bias, g, (need_a, need_b, need_bias)), None, None)
+            ga, gb = chip_grads(a, b, g, ctx.back.profile, ctx.back.gen, need_a, need_b)
+            gbias = g.reshape(-1, g.shape[-1]).sum(0).to(bias.dtype) if need_bias else None
+        return ga, gb, gbias, None, None
+
+
+@dataclass
+class _Backward:
+    kind: str                                  # linear | matmul | bmm: which torch call the clean backward redoes
+    profile: ChipProfile
+    live: Callable[[], bool]                   # read when backward runs: the phase in force then
+    gen: Optional[torch.Generator]
+
+
+def _torch_grads(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor], g: Tensor, needs: tuple) -> tuple:
+    """Torch's gradients of the covered call: the call redone on detached copies and differentiated by autograd,
+    so every kernel is the one plain torch's backward runs."""
+    leaves = [None if t is None else t.detach().requires_grad_(n) for t, n in zip((a, b, bias), needs)]
+    with torch.enable_grad():
+        y = _clean(kind, *leaves)
+        wanted = [t for t, n in zip(leaves, needs) if n]
+        got = iter(torch.autograd.grad(y, wanted, g))
+    return tuple(next(got) if n else None for n in needs)
+
+
+def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optional[torch.Generator] = None,
+               need_a: bool = True, need_b: bool = True) -> tuple:
+    """The chip's gradients of ``y = a @ b`` (torch.matmul broadcasting, both operands >= 2-D) for the incoming
+    gradient ``g``: ``grad_a = g @ b^T`` and ``grad_b = a^T @ g``, each ``accumulate.gemm`` with ``g`` quantized to
+    the profile's ``grad_format`` (the other operand to ``in_format``), scales along that GEMM's own K. Where one
+    operand is 2-D and the other batched, the batch is folded into K, as torch's matmul folds it (linear's weight
+    gradient sums over all tokens in one GEMM); a broadcast batch dim is summed afterwards (plain sum), as torch does.
+    Returns (grad_a, grad_b) in a's and b's dtypes (None where not needed)."""
+    arith, garith = profile.arith, profile.grad_arith
+
+    def grad_left(lhs: Tensor, rhs: Tensor) -> Tensor:    # lhs is the gradient: rhs quantized as an input
+        return gemm(lhs, rhs, garith, gen, qb=quantize_input(rhs, arith, -2, gen))
+
+    def grad_right(lhs: Tensor, rhs: Tensor) -> Tensor:   # rhs is the gradient
+        return gemm(lhs, rhs, arith, gen, qb=quantize_input(rhs, garith, -2, gen))
+
+    ga = gb = None
+    k, n = a.shape[-1], b.shape[-1]
+    if need_a:
+        if a.dim() == 2 and b.dim() > 2:       # fold b's batch into K: [M, batch*N] @ [batch*N, K]
+            ga = grad_left(g.movedim(-2, 0).reshape(a.shape[0], -1), b.transpose(-1, -2).reshape(-1, k))
+        else:
+            ga = grad_left(g, b.transpose(-1, -2)).sum_to_size(a.shape)
+        ga = ga.to(a.dtype)
+    if need_b:
+        if b.dim() == 2 and a.dim() > 2:       # fold a's batch into K (the tokens): [K, batch*M] @ [batch*M, N]
+            gb = grad_right(a.reshape(-1, k).t(), g.reshape(-1, n))
+        else:
+            gb = grad_right(a.transpose(-1, -2), g).sum_to_size(b.shape)
+        gb = gb.to(b.dtype)
+    return ga, gb
+
+
 def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
-              gen: Optional[torch.Generator] = None, weights: Optional[dict] = None):
-    """One covered call under ``profile``: the chip's values, torch's gradient (straight-through). ``weights``: a
-    cache of quantized linear weights, keyed by the tensor and its version counter (an optimizer step's in-place
-    update bumps it), for deterministic input rounding only."""
-    if op in ("softmax", "silu"):
-        if profile.exp_degree is None:
-            return func(*args, **kwargs)
-        y = _approx(op, args, kwargs, int(profile.exp_degree))
+              gen: Optional[torch.Generator] = None, weights: Optional[dict] = None,
+              fwd_live: bool = True, bwd_live: Optional[Callable[[], bool]] = None):
+    """One covered call under ``profile``. Elementwise ops: the chip's values where ``fwd_live``, torch's gradient
+    (straight-through). GEMMs: the chip's values where ``fwd_live`` (else torch's), and, where ``bwd_live`` is
+    given and a gradient is needed, ``ChipGemm``'s backward gated by it; else torch's gradient (straight-through).
+    ``weights``: a cache of quantized linear weights, keyed by the tensor and its version counter (an optimizer
+    step's in-place update bumps it), for deterministic input rounding only."""
+    if op not in GEMM_OPS and op != "rmatmul":
+        y = _approx(op, args, kwargs, profile) if fwd_live else None
         if y is None:
             return func(*args, **kwargs)
         clean = func(*args, **kwargs)
-    else:
-        ab = _operands(op, args, kwargs)
-        if ab is None:
-            return func(*args, **kwargs)
-        a, b, bias = ab
-        clean = func(*args, **kwargs)
+        y = y.to(clean.dtype)
+        return clean + (y - clean).detach() if clean.requires_grad else y
+    ab = _operands(op, args, kwargs)
+    if ab is None:
+        return func(*args, **kwargs)
+    a, b, bias = ab
+    kind = "matmul" if op == "rmatmul" else op
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (a, b, bias))
+
+    def chip_values() -> Tensor:
         qb = None
         w = (args[1] if len(args) > 1 else kwargs.get("weight")) if op == "linear" else None
         if isinstance(w, torch.nn.Parameter) and weights is not None and profile.arith.in_rounding == "nearest":
@@ -136,11 +266,19 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
                     weights.clear()
                 hit = weights[key] = (w, quantize_input(b, profile.arith, -2).to(torch.float64))
             qb = hit[1]
-        y = gemm(a, b, profile.arith, gen, bias, qb=qb)
-    y = y.to(clean.dtype)
-    if clean.requires_grad:
-        return clean + (y - clean).detach()
-    return y
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        return gemm(a, b, profile.arith, gen, bias, qb=qb).to(dtype)
+
+    if needs_grad and bwd_live is not None:
+        run = chip_values if fwd_live else (lambda: func(*args, **kwargs))
+        return ChipGemm.apply(a, b, bias, run, _Backward(kind, profile, bwd_live, gen))
+    if not fwd_live:
+        return func(*args, **kwargs)
+    if needs_grad or a.dtype != b.dtype:
+        clean = func(*args, **kwargs)            # torch's gradient (and its dtype checks)
+        y = chip_values().to(clean.dtype)
+        return clean + (y - clean).detach() if clean.requires_grad else y
+    return chip_values()
 
 
 def _phase_in_force() -> Optional[str]:
@@ -149,9 +287,10 @@ def _phase_in_force() -> Optional[str]:
 
 
 class ChipMode(TorchFunctionMode):
-    """Runs the model's covered GEMMs with ``profile``'s arithmetic while entered (this thread only). ``phase``: a
+    """Runs the model's covered calls with ``profile``'s arithmetic while entered (this thread only). ``phase``: a
     callable naming the phase in force; default: the installed injector's phase context (held even when its noise
-    is off), else the noise engine's (``runtime.STATE``)."""
+    is off), else the noise engine's (``runtime.STATE``). It is read at each forward call and again when a
+    covered GEMM's backward runs (the trainer runs ``backward()`` in phase ``train_backward``)."""
 
     def __init__(self, profile: ChipProfile, seed: int = 0, phase: Optional[Callable[[], Optional[str]]] = None):
         super().__init__()
@@ -168,12 +307,42 @@ class ChipMode(TorchFunctionMode):
             self.gens[t.device] = torch.Generator(device=t.device).manual_seed(self.seed)
         return self.gens[t.device]
 
+    def _bwd_live(self) -> bool:
+        return self.profile.live(self.phase())
+
+    def _call(self, func, op: str, args: tuple, kwargs: dict, fwd_live: bool):
+        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
+        bwd = self._bwd_live if self.profile.backward_possible() else None
+        return chip_call(func, op, args, kwargs, self.profile, None if first is None else self._gen(first),
+                         self.weights, fwd_live, bwd)
+
+    def _attention_covered(self) -> bool:
+        ops = self.profile.ops
+        return "matmul" in ops or ("softmax" in ops and self.profile.exp_degree is not None)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = _SPELLINGS.get(func)
-        if op is None or (op if op != "rmatmul" else "matmul") not in self.profile.ops or "out" in kwargs \
-                or not self.profile.live(self.phase()):
+        if op is None or "out" in kwargs:
             return func(*args, **kwargs)
-        first = next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
-        return chip_call(func, op, args, kwargs, self.profile, None if first is None else self._gen(first),
-                         self.weights)
+        if op == "sdpa":
+            if not self._attention_covered():
+                return func(*args, **kwargs)
+        elif (op if op != "rmatmul" else "matmul") not in self.profile.ops:
+            return func(*args, **kwargs)
+        fwd_live = self.profile.live(self.phase())
+        gemm_op = op in GEMM_OPS or op in ("rmatmul", "sdpa")
+        if not fwd_live and not (gemm_op and self.profile.backward_possible() and torch.is_grad_enabled()):
+            return func(*args, **kwargs)
+        if op == "sdpa":
+            return decomposed_sdpa(lambda f, label, a, kw: self._part(f, label, a, kw, fwd_live),
+                                   **sdpa_arguments(args, kwargs))
+        return self._call(func, op, args, kwargs, fwd_live)
+
+    def _part(self, func, label: str, args: tuple, kwargs: dict, fwd_live: bool):
+        """One part of a decomposed SDPA call (attention.PARTS): QK^T and PV as the chip's matmul, the softmax as
+        its approximate one, where the profile covers their op."""
+        op = PARTS[label]
+        if op not in self.profile.ops:
+            return func(*args, **kwargs)
+        return self._call(func, op, args, kwargs, fwd_live)

@@ -17,7 +17,7 @@ Scaling = choices("Scaling", ["none", "tensor", "block", "mx"])
 InRounding = choices("InRounding", ["nearest", "stochastic"])
 AccRounding = choices("AccRounding", ["rne", "toward_zero"])
 Overflow = choices("Overflow", ["saturate", "inf"])
-ChipOp = choices("ChipOp", ["linear", "matmul", "bmm", "softmax", "silu"])
+ChipOp = choices("ChipOp", ["linear", "matmul", "bmm", "softmax", "silu", "gelu", "rsqrt"])
 ChipPhase = choices("ChipPhase", ["rollout", "reference", "train_forward", "train_backward", "eval", "all"])
 
 
@@ -26,7 +26,9 @@ class ChipConfig:
     """``chip`` (conf/chip; ``chip=none`` leaves it null: no chip). Names as in the literature: inputs quantized
     to ``in_format`` with ``in_scaling`` scales (blocks of ``scale_block`` along K), products summed ``chunk`` at a
     time into an accumulator of ``acc_mantissa_bits`` rounded by ``acc_rounding``, promoted to fp32 every
-    ``promote_every`` elements (null: never), output rounded to ``out_format``; ``overflow`` for every step."""
+    ``promote_every`` elements (null: never), output rounded to ``out_format``; ``overflow`` for every step.
+    Backward GEMMs run the same arithmetic with the incoming gradient in ``grad_format`` (null: ``in_format``).
+    ``matmul`` also covers attention's QK^T and PV (SDPA is decomposed)."""
 
     name: str = MISSING                            # the profile, as records and boards name it
     provenance: str = MISSING                      # where the numbers come from (paper, datasheet, measurement)
@@ -40,6 +42,9 @@ class ChipConfig:
     promote_every: Optional[int] = bounded(None, ge=1)   # a multiple of chunk (checked by GemmArith)
     out_format: ChipFormat = ChipFormat.fp32
     overflow: Overflow = Overflow.saturate
-    ops: List[ChipOp] = field(default_factory=lambda: ["linear", "matmul", "bmm"])  # + softmax, silu: exp_degree
+    grad_format: Optional[ChipFormat] = None       # the gradient operand of backward GEMMs; null: in_format
+    ops: List[ChipOp] = field(default_factory=lambda: ["linear", "matmul", "bmm"])  # + softmax/silu/gelu, rsqrt
     phases: List[ChipPhase] = field(default_factory=lambda: ["all"])
-    exp_degree: Optional[int] = bounded(None, ge=1, le=12)  # softmax/silu exp: range reduction + this polynomial
+    exp_degree: Optional[int] = bounded(None, ge=1, le=12)  # softmax/silu/tanh-gelu exp: range reduction + poly
+    rsqrt_table_bits: Optional[int] = bounded(None, ge=1, le=16)  # rsqrt seed table of 2**bits; null: exact rsqrt
+    rsqrt_newton: int = bounded(1, ge=0, le=4)     # Newton-Raphson steps after the table seed
