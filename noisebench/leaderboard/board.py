@@ -100,7 +100,9 @@ def _arm_row(g: pd.DataFrame, group: str, is_base: bool, base: pd.DataFrame, sec
            "seeds": ",".join(str(s) for s in sorted(g.seed)), "n_diverged": int((g.status == "diverged").sum()),
            "noisy_flex": ok.final_flex.mean(), "reward_last": ok.reward_last.mean(), "k3": ok.k3.mean(),
            "steps_min": g.steps.min(), "steps_max": g.steps.max(), "wall_time_s": g.wall_time_s.mean(),
-           "unshared_seeds": ",".join(str(s) for s in sorted(set(g.seed) - set(base.seed))) if not is_base else ""}
+           "unshared_seeds": ",".join(str(s) for s in sorted(set(g.seed) - set(base.seed))) if not is_base else "",
+           "mitigation": "none" if is_base else first.mitigation, "untreated": BASELINE if is_base else first.untreated,
+           "rollout_corr": _mean_dicts(ok.rollout_corr)}
     for m, col in METRICS.items():
         vals = ok[col].to_numpy(float)
         row[m] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
@@ -120,6 +122,16 @@ def _arm_row(g: pd.DataFrame, group: str, is_base: bool, base: pd.DataFrame, sec
         _, lo, hi = stats.paired_bootstrap(ok.per_item.iloc[0], base.per_item.iloc[0], n_boot, alpha, rng)
         row.update(d_noisy_lo=lo, d_noisy_hi=hi, method_noisy="items only")
     return row
+
+
+def _mean_dicts(dicts) -> dict:
+    """Per key, the mean over the seeds that logged it (``rollout_corr/*``: runs made before it have none)."""
+    keys = sorted({k for d in dicts if isinstance(d, dict) for k in d})
+    out = {}
+    for k in keys:
+        vals = np.array([d[k] for d in dicts if isinstance(d, dict) and k in d], float)
+        out[k] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
+    return out
 
 
 def _verdict(r, m: str, alpha: float) -> str:

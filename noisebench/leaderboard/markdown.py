@@ -8,7 +8,8 @@ import pandas as pd
 from . import reference as refmod
 from . import stats
 from .board import METRICS, Section, thresholds
-from .columns import COLUMNS, legend, render_rows, sci, times
+from .columns import COLUMNS, k3, legend, render_rows, sci, signed_pct, times
+from .mitigations import MISMATCH_KEYS, NONE, SHARE_KEYS, matrix
 from .table import sweep_commands
 
 REMAKE = "noisebench-leaderboard --results {results} --out {out}"
@@ -22,6 +23,11 @@ VERDICT_HELP = {
     "too few seeds": "the row or the baseline has fewer than 2 runs: no verdict",
     "refused": "no baseline in this training setting; the row says which keys differ from the main setting",
     "n/a": "no score of that kind (records made without clean evaluation have no training-harm columns)"}
+
+CHIP_HELP = ("- **chip NAME (N× bf16)**: a chip profile's arithmetic (config `chip`); N is its relative RMS error on a "
+             "reference GEMM (N(0,1) inputs of 128 × K and K × 128, K the testbed's hidden size, else 128; against "
+             "float64; `noisebench/noise/chip_scale.py`) in units of bf16 rounding, the figure the × bf16 column "
+             "shows for the row when its noise has no relative scale of its own; approximate exp is not in it")
 
 
 def _header(testbed: str, runs: pd.DataFrame, results: str, out: str, n_boot: int, seed: int) -> list[str]:
@@ -110,6 +116,76 @@ def _thresholds(th: pd.DataFrame) -> list[str]:
                     view.to_markdown(index=False, disable_numparse=True), ""]
 
 
+def _cell(row: dict | None) -> str:
+    """Δ clean [95% CI] and the training verdict of one arm, as the ranking shows them."""
+    if row is None:
+        return "—"
+    v = row["verdict_clean"]
+    v = f"**{v}**" if v in ("degraded", "diverged") else v
+    if row["is_baseline"]:
+        return "0 (ref)"
+    d, lo, hi = row["d_clean"], row["d_clean_lo"], row["d_clean_hi"]
+    if math.isnan(d):
+        return v
+    return f"{signed_pct(d)}" + ("" if math.isnan(lo) else f" [{signed_pct(lo)}, {signed_pct(hi)}]") + f" {v}"
+
+
+def _mismatch(rc: dict, key: str, fmt) -> str:
+    x = (rc or {}).get(key)
+    return "—" if x is None or math.isnan(x) else fmt(x)
+
+
+def _mitigations(cells: pd.DataFrame, alpha: float) -> list[str]:
+    """The noise x mitigation matrix and its rescue verdicts (noisebench/leaderboard/mitigations.py)."""
+    if cells.empty:
+        return []
+    fixes = [NONE] + sorted(set(cells.mitigation) - {NONE})
+    arms = list(dict.fromkeys(cells.arm_group))
+    grid = []
+    for g in arms:
+        c = cells[cells.arm_group == g]
+        by_fix = {m: r for m, r in zip(c.mitigation, c.row)}
+        first = by_fix.get(NONE) or next(iter(by_fix.values()))
+        noise = first["noise"] + ("" if math.isnan(first["scale"]) else f" {sci(first['scale'])}")
+        grid.append({"noisy arm": f"`{c.arm.iloc[0]}`", "noise": noise, "× bf16": times(first["x_bf16"]),
+                     **{f"`{m}`": _cell(by_fix.get(m)) for m in fixes}})
+    detail = pd.DataFrame({
+        "noisy arm": [f"`{a}`" for a in cells.arm], "fix": [f"`{m}`" for m in cells.mitigation],
+        "seeds": [str(r["n_seeds"]) for r in cells.row],
+        "Δ clean (pts) ↑, verdict": [_cell(r) for r in cells.row],
+        "fix gain vs none (pts, paired) ↑": [
+            "—" if m == NONE else ("n/a" if math.isnan(d) else
+                                   f"{signed_pct(d)} [{signed_pct(lo)}, {signed_pct(hi)}], n={n}, p(Holm) {p:.3f}")
+            for m, d, lo, hi, n, p in zip(cells.mitigation, cells.gain, cells.gain_lo, cells.gain_hi, cells.n_pairs,
+                                          cells.p_gain_holm)],
+        "rescue": [("**rescued**" if v == "rescued" else v) or "—" for v in cells.rescue],
+        "k3_kl ↓": [_mismatch(r["rollout_corr"], MISMATCH_KEYS[0], k3) for r in cells.row],
+        "IS ESS ↑": [_mismatch(r["rollout_corr"], MISMATCH_KEYS[1], lambda x: f"{x:.3f}") for r in cells.row],
+        "tokens clipped / masked %": [
+            "—" if not any(k in (r["rollout_corr"] or {}) for k in SHARE_KEYS) else
+            " / ".join(_mismatch(r["rollout_corr"], k, lambda x: f"{100 * x:.2f}") for k in SHARE_KEYS)
+            for r in cells.row]})
+    return ["## Mitigations", "",
+            "Noise × mitigation: each noisy arm (rows: an untreated experiment, a chip, or the clean baseline) run "
+            "with each fix found in the records (columns; `none` = untreated). A cell is the arm's row of the "
+            "ranking above: Δ clean final accuracy vs the clean baseline [95% CI] and its training verdict, from "
+            "the same pooled seed variance and the same Holm family (all rows of the ranking's training-verdict "
+            "column), so a cell always reads as its row.", "",
+            pd.DataFrame(grid).to_markdown(index=False, disable_numparse=True), "",
+            "Rescue per arm and fix. **fix gain**: treated minus untreated clean final accuracy over the seeds both "
+            f"ran (paired), mean [95% CI] on Student t with n−1 df; its p is Holm-adjusted across this table's "
+            f"gains (a family of its own). **rescued**: the untreated arm is degraded (or diverged), the treated "
+            f"arm equivalent (or improved), and the gain is significant (Holm p < {alpha:g}) and positive; a verdict "
+            "flip without a significant gain is said as such (it happens by chance when the true harm lies near "
+            "the margin). **not rescued**: the treated arm is still degraded, or inconclusive (said which). **not "
+            "needed**: the untreated arm is not degraded. **made worse**: the treated arm is degraded (or "
+            "diverged) where the untreated was not, with a significantly negative gain. Mismatch (verl's "
+            "`rollout_corr/*`, mean over steps and seeds): k3_kl between the sampler's and the trainer's "
+            "log-probs, the importance weights' effective sample size, and the share of tokens the fix clips / "
+            "masks (for `none`: what token TIS at C=2 would clip).", "",
+            detail.to_markdown(index=False, disable_numparse=True), ""]
+
+
 def _error_line(err) -> str:
     """The line of an error that names it: the last of a traceback, else the first; pipes escaped for tables."""
     if not err:
@@ -149,6 +225,7 @@ def render(testbed: str, runs: pd.DataFrame, secs: list[Section], notes: list[st
         lines += _ranking(sec, title, (notes + sec.notes) if sec.main else sec.notes, margin_pts, alpha)
         if sec.main:
             lines += _thresholds(thresholds(sec))
+            lines += _mitigations(matrix(sec, runs, alpha), alpha)
     lines += _plots(plots) + _unranked(runs)
     for ref in references:
         if testbed in refmod.FULL_REFERENCE_TESTBEDS:
@@ -158,7 +235,9 @@ def render(testbed: str, runs: pd.DataFrame, secs: list[Section], notes: list[st
     if not references:
         lines += ["## Reference (external, not comparable)", "", "No reference figures found "
                   "(expected `leaderboards/reference/*.yaml`).", ""]
-    lines += ["## Legend", ""] + legend(COLUMNS) + [f"- **{k}**: {v}" for k, v in VERDICT_HELP.items()] + [
+    chips = any(r.startswith("chip ") or " + chip " in r for r in runs.noise)
+    lines += ["## Legend", ""] + legend(COLUMNS) + ([CHIP_HELP] if chips else []) + [
+        f"- **{k}**: {v}" for k, v in VERDICT_HELP.items()] + [
         "- A row is one arm: every seed of the same experiment and noise setting in one training setting; the "
         "baseline pools every clean run (noise off, no AQN) of that setting, whatever its experiment name.",
         "- Rows are compared only with the baseline of the same training setting (`record.setting_fingerprint`: "

@@ -15,6 +15,7 @@ from noisebench.record import setting, setting_fingerprint
 REWARD_WINDOW = 10  # steps averaged for the training reward: one step's batch mean is too noisy to compare
 #: float32 evaluation of exp(r) - r - 1 resolves nothing below this (k3 of a clean run lands at about -1.5e-10).
 K3_RESOLUTION = 1e-8
+ROLLOUT_CORR = "rollout_corr/"  # verl's mismatch metrics, kept in the record's ``mismatch`` block under their names
 
 
 def num(x) -> float:
@@ -72,6 +73,7 @@ def run_metrics(rec: dict) -> dict:
         "curve_clean": [(int(c["step"]), v) for c, v in zip(curve, clean_curve)],
         "reward_last": float(np.mean(tail)) if tail else math.nan,
         "k3": num(mm.get("mean_k3_kl")),
+        "rollout_corr": {k[len(ROLLOUT_CORR):]: num(v) for k, v in mm.items() if k.startswith(ROLLOUT_CORR)},
     }
 
 

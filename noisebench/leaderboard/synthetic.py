@@ -45,15 +45,32 @@ def board_scores(n_boards: int, deltas, seeds: int, seed_sd: float, n_items: int
     return runs((n_boards, rb), 0.0), runs((n_boards, deltas.size, seeds), deltas[None, :, None])
 
 
+def paired_board_scores(n_boards: int, d_untreated: float, d_treated: float, seeds: int, sd: float, shared: float,
+                        rng: np.random.Generator, base_acc: float = 0.89) -> tuple[np.ndarray, ...]:
+    """Run-level scores of many boards of baseline, an untreated arm and its treated twin, each (B, seeds).
+
+    A run's score is ``base_acc + delta + sd * (sqrt(shared) z_s + sqrt(1 - shared) e)``: ``z_s`` is the seed's part
+    common to every arm (same warm start and data order), so treated - untreated pairs by seed; ``e`` is the run's own.
+    """
+    z = rng.standard_normal((n_boards, 1, seeds))
+    e = rng.standard_normal((n_boards, 3, seeds))
+    runs = base_acc + np.array([0.0, d_untreated, d_treated])[None, :, None] + sd * (
+        np.sqrt(shared) * z + np.sqrt(1 - shared) * e)
+    return runs[:, 0], runs[:, 1], runs[:, 2]
+
+
 def make_record(testbed: str, experiment: str, seed: int, per_item, noise: dict | None = None,
                 status: str = "ok", steps: int = 20, eval_every: int = 5, start_acc: float = 0.1,
                 reward: float | None = None, mean_kl: float = 1e-4, wall_time_s: float = 60.0,
-                aqn: dict | None = None, per_item_clean=None, config: dict | None = None) -> dict:
+                aqn: dict | None = None, per_item_clean=None, config: dict | None = None,
+                mitigation: str | None = None, rollout_corr: dict | None = None) -> dict:
     """A record in the real schema (noisebench.record) whose final per-item vector is ``per_item``.
 
     The curve climbs linearly from ``start_acc`` to the final accuracy (and, when ``per_item_clean`` is given, a
     clean curve to the clean final accuracy, as ``eval.clean_too`` writes); a ``diverged`` record stops half-way with
     no final per-item vector, as a NaN run does. ``config`` is the composed config (its setting is fingerprinted).
+    ``mitigation``: the fix's name (the record's ``mitigation`` block, on); ``rollout_corr``: verl's mismatch metrics
+    without their prefix, as the run's means.
     """
     per_item = None if per_item is None else [int(v) for v in per_item]
     clean = None if per_item_clean is None else [int(v) for v in per_item_clean]
@@ -71,6 +88,8 @@ def make_record(testbed: str, experiment: str, seed: int, per_item, noise: dict 
               "acc_clean_flexible": lerp(clean_acc, s) if clean else None} for s in range(0, last + 1, eval_every)]
     rew = (final_acc if final_acc is not None else start_acc) if reward is None else reward
     cfg = config or {}
+    if mitigation is not None:  # the composed config carries the group, as a real treated run's does
+        cfg = {**cfg, "mitigation": {"enabled": True}}
     rec = {
         "run_id": f"{experiment}-s{seed}", "testbed": testbed, "experiment": experiment, "seed": seed,
         "status": status, "noise": noise, "aqn": aqn or {"enabled": False}, "config": cfg,
@@ -81,7 +100,9 @@ def make_record(testbed: str, experiment: str, seed: int, per_item, noise: dict 
                                               "per_item": per_item, "per_item_clean": clean},
         "reward_curve": [{"step": s, "reward": (rew if status == "ok" else float("nan")) * s / max(steps, 1)}
                          for s in range(1, last + 1)],
-        "mismatch": {"mean_kl": mean_kl, "mean_k3_kl": mean_kl, "per_step": []},
+        "mismatch": {"mean_kl": mean_kl, "mean_k3_kl": mean_kl, "per_step": [],
+                     **{f"rollout_corr/{k}": v for k, v in (rollout_corr or {}).items()}},
+        "mitigation": {"enabled": mitigation is not None, "name": mitigation or "none"},
         "telemetry": {}, "steps": last, "max_steps": steps, "wall_time_s": wall_time_s,
         "started_at": "2026-01-01T00:00:00", "finished_at": f"2026-01-01T01:{seed % 60:02d}:00",
         "error": "FloatingPointError: loss is nan" if status == "diverged" else None,

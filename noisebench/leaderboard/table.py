@@ -45,8 +45,32 @@ def noise_fields(rec: dict) -> dict:
     phases = "" if clean else ",".join(str(p) for p in (noise.get("phases") or []))
     if aqn_on:
         label = ("" if clean else label + " + ") + f"aqn({aqn.get('sigma_start')}->{aqn.get('sigma_end')})"
+    chip = (rec.get("config") or {}).get("chip")
+    if isinstance(chip, dict) and chip:
+        chip_rms = chip_error(rec)
+        tag = f"chip {chip.get('name', '?')}" + ("" if math.isnan(chip_rms) else f" ({chip_rms / BF16_RMS:.2g}× bf16)")
+        label = tag if label == "none" else f"{label} + {tag}"
+        if math.isnan(rel_rms):  # the noise has no relative scale of its own: the row's scale is the chip's
+            rel_rms = chip_rms
+        if clean:  # where the chip acts, when no noise names its own ops and phases
+            ops = ",".join(str(o) for o in chip.get("ops") or ["linear", "matmul", "bmm"])
+            phases = ",".join(str(p) for p in chip.get("phases") or ["all"])
     return {"noise": label, "noise_type": "none" if clean else str(ntype), "scale": scale, "rel_rms": rel_rms,
             "ops": ops, "phases": phases, "aqn": aqn_on, "clean": clean and not aqn_on}
+
+
+def chip_error(rec: dict) -> float:
+    """Relative RMS error of the record's chip profile on the reference GEMM (``noise.chip_scale``), K the testbed's
+    hidden size when its config names one; NaN when the profile cannot be read. Imported here, not at the top: it
+    loads torch, which a board without chip records never needs."""
+    cfg = rec.get("config") or {}
+    k = ((cfg.get("testbed") or {}).get("model") or {}).get("hidden_size")
+    try:
+        from noisebench.noise.chip_scale import chip_rel_rms
+
+        return chip_rel_rms(cfg["chip"], k if isinstance(k, int) else None)
+    except (ValueError, TypeError, KeyError):
+        return math.nan
 
 
 #: Op sets that cover attention's QK^T and PV (through SDPA's decomposition; eager attention calls matmul itself).
@@ -68,6 +92,17 @@ def _treated(rec: dict) -> bool:
         if v and not (isinstance(v, dict) and not v.get("enabled", True)) and v != "none":
             return True
     return False
+
+
+def mitigation_fields(rec: dict, experiment: str) -> dict:
+    """The run's fix (the record's ``mitigation.name``, ``none`` when off) and the experiment of its untreated twin:
+    the run's experiment without its ``+<fix>`` (``noisebench.train.run_record.arm_name``)."""
+    block = rec.get("mitigation") or {}
+    cfg = (rec.get("config") or {}).get("mitigation") or {}
+    on = bool(block.get("enabled", cfg.get("enabled", False))) if isinstance(block, dict) else False
+    name = str(block.get("name") or "mitigated") if on else "none"
+    untreated = experiment.replace(f"+{name}", "", 1) if on and f"+{name}" in experiment else experiment
+    return {"mitigation": name, "untreated": untreated}
 
 
 def runs_frame(records: list[dict]) -> pd.DataFrame:
@@ -92,6 +127,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
             "finished_at": str(rec.get("finished_at") or ""), "error": rec.get("error"),
             "eval_task": rec.get("eval_task"), "path": rec.get("_path", ""),
             "overrides": tuple(rec.get("overrides") or ()),
+            **mitigation_fields(rec, str(rec.get("experiment"))),
         })
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     df["group"] = [json.dumps([r.setting, BASELINE] if r.baseline_eligible else
@@ -107,8 +143,8 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
 RUN_COLUMNS = ["testbed", "experiment", "seed", "status", "run_id", "noise", "noise_type", "scale", "rel_rms", "ops",
                "phases", "aqn", "clean", "baseline_eligible", "setting", "setting_dict", "final_acc", "final_flex",
                "final_clean", "final_clean_flex", "auc_clean", "curve", "curve_clean", "reward_last", "k3",
-               "final_step", "per_item", "steps", "wall_time_s", "finished_at", "error", "eval_task", "path",
-               "overrides"]
+               "rollout_corr", "final_step", "per_item", "steps", "wall_time_s", "finished_at", "error", "eval_task",
+               "path", "overrides", "mitigation", "untreated"]
 
 
 def sweep_commands(runs: pd.DataFrame) -> list[str]:
