@@ -145,6 +145,8 @@ def test_rescue_rule_cases():
     assert rescue("degraded", "inconclusive", 0.03, 0.001) == "not rescued (inconclusive)"
     assert rescue("diverged", "equivalent", math.nan, math.nan) == "rescued"
     assert rescue("equivalent", "degraded", -0.03, 0.001) == "made worse"
+    assert rescue("degraded", "degraded", -0.45, 0.001) == "made worse"     # harmed already, the fix harms more
+    assert rescue("degraded", "degraded", -0.01, 0.4) == "not rescued (still degraded)"
     assert rescue("equivalent", "degraded", -0.01, 0.3) == "not needed (treated degraded, loss not significant)"
     assert rescue("inconclusive", "equivalent", 0.0, 1.0) == "not needed (untreated inconclusive)"
     assert rescue("too few seeds", "equivalent", 0.0, 1.0) == "n/a"

@@ -178,8 +178,8 @@ def _mitigations(cells: pd.DataFrame, alpha: float) -> list[str]:
             f"arm equivalent (or improved), and the gain is significant (Holm p < {alpha:g}) and positive; a verdict "
             "flip without a significant gain is said as such (it happens by chance when the true harm lies near "
             "the margin). **not rescued**: the treated arm is still degraded, or inconclusive (said which). **not "
-            "needed**: the untreated arm is not degraded. **made worse**: the treated arm is degraded (or "
-            "diverged) where the untreated was not, with a significantly negative gain. Mismatch (verl's "
+            "needed**: the untreated arm is not degraded. **made worse**: the gain is significantly negative and the treated "
+            "arm is degraded (or diverged), whether or not the untreated arm was. Mismatch (verl's "
             "`rollout_corr/*`, mean over steps and seeds): k3_kl between the sampler's and the trainer's "
             "log-probs, the importance weights' effective sample size, and the share of tokens the fix clips / "
             "masks (for `none`: what token TIS at C=2 would clip).", "",

@@ -56,6 +56,8 @@ def rescue(untreated: str, treated: str, gain: float, p_gain: float, alpha: floa
             if untreated == "diverged" or (significant and gain > 0):
                 return "rescued"
             return "not rescued (verdict flips, gain not significant)"
+        if significant and gain < 0:   # already harmed, and the fix harms it further
+            return "made worse"
         return f"not rescued (still {treated})" if treated in BAD else f"not rescued ({treated})"
     if treated in BAD:
         if treated == "diverged" or (significant and gain < 0):
