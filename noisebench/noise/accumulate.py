@@ -1,16 +1,20 @@
-"""A GEMM as a chip computes it: quantized inputs, products summed in chunks along K into a narrow accumulator,
-promoted to float32 every so many elements, the output rounded to its format.
+"""A GEMM as a chip computes it: inputs quantized to codes with scales applied outside the matrix unit, products
+summed in chunks along K into a narrow accumulator, promoted to float32 every so many elements, the output rounded
+to its format.
 
 This is the plain definition (unfused torch, vectorised over M and N, a Python loop over K chunks) that faster
-paths are tested against. Within a chunk the products are summed exactly (float64: a chunk of fp8/bf16 products
-fits in its 53 bits); what a chip loses, it loses when a chunk's sum is added to the running partial sum, rounded
-to ``acc_mantissa_bits`` (the alignment-and-truncate of tensor-core adders, Khattak & Mikaitis arXiv 2512.07004);
-the promoted total is a float32 sum, rounded to nearest as CUDA cores do.
+paths (the CUDA kernel) are tested against, bitwise. The matrix unit multiplies codes (values on the element
+format's grid, e4m3 up to 448), as torch._scaled_mm and DeepGEMM do: within a chunk the code products are summed
+exactly (float64: a chunk of fp8/bf16 products fits in its 53 bits); MX scales (powers of two) multiply each chunk's
+sum exactly; what a chip loses, it loses when a chunk's sum is added to the running partial sum, rounded to
+``acc_mantissa_bits`` (the alignment-and-truncate of tensor-core adders, Khattak & Mikaitis arXiv 2512.07004);
+block scales are applied at promotion, into a float32 total (CUDA-core float32 arithmetic, nearest), and a tensor
+scale once at the end.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -18,6 +22,7 @@ from torch import Tensor
 from . import formats
 
 ACC_ROUNDINGS = ("rne", "toward_zero")
+REDUCTION_ORDERS = ("fixed", "random")
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,9 @@ class GemmArith:
     """One chip's matrix-unit arithmetic, named as the literature names it.
 
     in_format: format of both inputs (``formats.FORMATS`` names; ``fp32`` leaves float32 inputs as they are).
-    in_scaling: ``none`` | ``tensor`` | ``block`` | ``mx`` (``formats.quantize_scaled``; scales along K).
-    scale_block: block length along K for ``block``/``mx`` scales (MX: 32).
+    in_scaling: ``none`` | ``tensor`` | ``block`` | ``mx`` (``formats.quantize_scaled_codes``; scales along K).
+    scale_block: block length along K for ``block``/``mx`` scales (MX: 32); ``block`` scales are applied at
+        promotion (so ``promote_every`` must equal it), ``mx`` scales to each chunk's sum (so ``chunk`` divides it).
     in_rounding: ``nearest`` | ``stochastic`` for the inputs.
     chunk: products summed exactly before each add into the accumulator (a tensor-core instruction's K).
     acc_mantissa_bits: stored mantissa bits of the accumulator (float32: 23; Hopper FP8 fast accumulation: ~13).
@@ -35,6 +41,8 @@ class GemmArith:
         ``chunk``); None: never (the accumulator holds the whole sum).
     out_format: format of the output (``fp32``, ``bf16``, ...), rounded to nearest.
     overflow: ``saturate`` | ``inf`` for every rounding step (``formats.quantize``).
+    reduction_order: ``fixed`` (chunks added in K order) | ``random`` (each call adds them in an order drawn from
+        its generator: split-K in a random order, ``chunk_order``).
     """
 
     in_format: str = "bf16"
@@ -47,6 +55,7 @@ class GemmArith:
     promote_every: Optional[int] = None
     out_format: str = "fp32"
     overflow: str = "saturate"
+    reduction_order: str = "fixed"
 
     def __post_init__(self) -> None:
         formats.get(self.in_format)
@@ -54,7 +63,8 @@ class GemmArith:
         for key, value, valid in (("in_scaling", self.in_scaling, formats.SCALINGS),
                                   ("in_rounding", self.in_rounding, ("nearest", "stochastic")),
                                   ("acc_rounding", self.acc_rounding, ACC_ROUNDINGS),
-                                  ("overflow", self.overflow, formats.OVERFLOWS)):
+                                  ("overflow", self.overflow, formats.OVERFLOWS),
+                                  ("reduction_order", self.reduction_order, REDUCTION_ORDERS)):
             if value not in valid:
                 raise ValueError(f"GemmArith.{key}={value!r} is not valid; valid choices: {list(valid)}")
         if self.chunk < 1 or not 1 <= self.acc_mantissa_bits <= 52:
@@ -63,14 +73,30 @@ class GemmArith:
         if self.promote_every is not None and (self.promote_every < self.chunk or self.promote_every % self.chunk):
             raise ValueError(f"GemmArith.promote_every must be a multiple of chunk={self.chunk} or null, got "
                              f"{self.promote_every}")
+        if self.in_scaling == "block" and self.promote_every != self.scale_block:
+            raise ValueError(f"GemmArith: in_scaling=block applies each block's scales when its partial sum is "
+                             f"promoted, so promote_every must equal scale_block; got promote_every="
+                             f"{self.promote_every}, scale_block={self.scale_block}")
+        if self.in_scaling == "mx" and self.scale_block % self.chunk:
+            raise ValueError(f"GemmArith: in_scaling=mx scales each chunk's sum by its block's scales, so chunk must "
+                             f"divide scale_block; got chunk={self.chunk}, scale_block={self.scale_block}")
+
+
+def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
+                   gen: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """A GEMM operand as the chip stores it: (codes, inv), float32 codes on the element grid and the dequantization
+    multiplier (None; 0-dim for ``tensor``; per block along ``k_dim`` for ``block``/``mx``: A [..., M, K/blk],
+    B [..., K/blk, N]); ``formats.quantize_scaled_codes``."""
+    if arith.in_format == "fp32" and arith.in_scaling == "none":
+        return x.detach().float(), None
+    return formats.quantize_scaled_codes(x, arith.in_format, arith.in_scaling, dim=k_dim, block=arith.scale_block,
+                                         rounding=arith.in_rounding, overflow=arith.overflow, gen=gen)
 
 
 def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.Generator] = None) -> Tensor:
-    """A GEMM operand as the chip stores it, scales taken along the reduction dim ``k_dim``."""
-    if arith.in_format == "fp32" and arith.in_scaling == "none":
-        return x.detach().float()
-    return formats.quantize_scaled(x, arith.in_format, arith.in_scaling, dim=k_dim, block=arith.scale_block,
-                                   rounding=arith.in_rounding, overflow=arith.overflow, gen=gen)
+    """A GEMM operand's values as the chip stores it (codes * inv, float32), scales along ``k_dim``."""
+    codes, inv = quantize_codes(x, arith, k_dim, gen)
+    return formats.dequantize(codes, inv, k_dim)
 
 
 def round_acc(acc: Tensor, bits: int, rounding: str) -> Tensor:
@@ -101,36 +127,84 @@ def chunk_sums(a64: Tensor, b64: Tensor, chunk: int) -> Tensor:
     return a @ b
 
 
-def accumulate(qa: Tensor, qb: Tensor, arith: GemmArith) -> Tensor:
-    """``qa @ qb`` (already quantized, [..., M, K] @ [..., K, N]) summed as ``arith`` sums it; float32 result
-    before the output rounding. Each chunk's exact sum is added to the accumulator and the sum rounded
-    (``round_acc``); every ``promote_every`` elements (and at the end) the accumulator is added into a float32
-    total (one float32 add, nearest) and cleared."""
-    parts = chunk_sums(qa.to(torch.float64), qb.to(torch.float64), arith.chunk)   # no copy for float64 qb
-    k = qa.shape[-1]
+def chunk_order(arith: GemmArith, k: int, gen: Optional[torch.Generator] = None) -> Optional[Tensor]:
+    """The order (int64 chunk indices, on the CPU) in which one call adds its ceil(k / chunk) chunks: None for
+    ``fixed``. ``random``: a permutation drawn from ``gen`` (torch's default generator when None), a fresh draw each
+    call; with promotion, the promotion groups in a random order (``randperm``) and the chunks within each group in
+    a random order (one ``rand`` key per chunk, sorted within its group), each group's chunks kept together."""
+    if arith.reduction_order == "fixed":
+        return None
+    nc = -(-k // arith.chunk)
+    dev = gen.device if gen is not None else torch.device("cpu")
+    if arith.promote_every is None:
+        return torch.randperm(nc, generator=gen, device=dev).cpu()
+    per = arith.promote_every // arith.chunk
+    groups = torch.randperm(-(-nc // per), generator=gen, device=dev).cpu()
+    keys = torch.rand(nc, generator=gen, device=dev, dtype=torch.float64).cpu()
+    within = torch.argsort(torch.arange(nc, dtype=torch.float64).div(per).floor() + keys, stable=True)
+    return torch.cat([within[g * per:(g + 1) * per] for g in groups.tolist()])
+
+
+def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
+               inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
+    """``ca @ cb`` of codes ([..., M, K] @ [..., K, N], ``quantize_codes``'s, scales ``inv_a``/``inv_b``) summed as
+    ``arith`` sums it; float32 result before the bias and the output rounding.
+
+    Chunk c (K elements c*chunk ... , the last zero-padded) has the exact float64 sum of its code products; for
+    ``mx`` times inv_a * inv_b of its block (exact: powers of two). The chunks are added in ``order`` (default
+    0, 1, ...) into a float64 accumulator, the sum rounded to ``acc_mantissa_bits`` after each add (``round_acc``).
+    With promotion, when the next chunk is in another promotion group (chunk * c // promote_every) or none is
+    left, float32(acc) is added into a float32 total (nearest) and acc cleared; for ``block`` the promoted term is
+    float32(acc) * float32(inv_a_blk * inv_b_blk), two float32 multiplies, then the add (no fused multiply-add).
+    Without promotion the total is float32(acc). ``tensor``: the result is total * float32(inv_a * inv_b)."""
+    parts = chunk_sums(ca.to(torch.float64), cb.to(torch.float64), arith.chunk)   # [..., nc, M, N]
+    nc = parts.shape[-3]
+    if arith.in_scaling == "mx":
+        per = arith.scale_block // arith.chunk
+        ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc].movedim(-1, -2).unsqueeze(-1)
+        ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :].unsqueeze(-2)
+        parts = parts * ia * ib                  # [..., nc, M, 1], [..., nc, 1, N]: exact powers of two
+    scales = None
+    if arith.in_scaling == "block":              # [..., K/blk, M, N]: one float32 scale per promotion group
+        scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
+    seq = range(nc) if order is None else order.tolist()
     acc = torch.zeros_like(parts[..., 0, :, :])
-    total = torch.zeros(acc.shape, dtype=torch.float32, device=qa.device)
-    for i in range(parts.shape[-3]):
-        round_acc(acc.add_(parts[..., i, :, :]), arith.acc_mantissa_bits, arith.acc_rounding)
-        done = (i + 1) * arith.chunk
-        if arith.promote_every is not None and (done % arith.promote_every == 0 or done >= k):
-            total.add_(acc.float())              # float32 add, round to nearest
+    promote = arith.promote_every is not None
+    total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
+    per = (arith.promote_every // arith.chunk) if promote else 0
+    for pos, c in enumerate(seq):
+        round_acc(acc.add_(parts[..., c, :, :]), arith.acc_mantissa_bits, arith.acc_rounding)
+        if promote and (pos + 1 == nc or seq[pos + 1] // per != c // per):
+            term = acc.float()
+            if scales is not None:
+                term = term * scales[..., c // per, :, :]
+            total.add_(term)                     # float32 add, round to nearest
             acc.zero_()
-    return total if arith.promote_every is not None else acc.float()
+    y = total if promote else acc.float()
+    if arith.in_scaling == "tensor":
+        y = y * (inv_a.float() * inv_b.float())  # the two scales multiplied first, then the total (float32)
+    return y
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
-         bias: Optional[Tensor] = None, qb: Optional[Tensor] = None) -> Tensor:
-    """``a @ b (+ bias)`` under ``arith``: inputs quantized (scales along K), summed by ``accumulate``, the bias
-    added to the float32 sum (the GEMM's epilogue, before the output's rounding), output rounded to
-    ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``qb``: ``b`` already quantized
-    (``quantize_input(b, arith, -2)``, any float dtype), e.g. a weight reused across calls."""
+         bias: Optional[Tensor] = None, qb: Union[Tensor, tuple, None] = None) -> Tensor:
+    """``a @ b (+ bias)`` under ``arith``: inputs quantized to codes (scales along K), summed by ``accumulate`` in
+    ``chunk_order``'s order, the bias added to the float32 sum (the GEMM's epilogue, before the output's rounding),
+    output rounded to ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``gen``: stochastic
+    input rounding (a, then b) and the random reduction order, drawn in that order. ``qb``: ``b`` already
+    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv), or, for
+    ``in_scaling=none`` only, its values (= codes); a values tensor under a scaling is not used (``b`` is
+    quantized again: codes cannot be recovered from values)."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
-    qa = quantize_input(a, arith, -1, gen)
-    if qb is None:
-        qb = quantize_input(b, arith, -2, gen)
-    y = accumulate(qa, qb, arith)
+    ca, inv_a = quantize_codes(a, arith, -1, gen)
+    if isinstance(qb, tuple):
+        cb, inv_b = qb
+    elif qb is not None and arith.in_scaling == "none":
+        cb, inv_b = qb, None
+    else:
+        cb, inv_b = quantize_codes(b, arith, -2, gen)
+    y = accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()
     if arith.out_format == "fp32":

@@ -92,7 +92,7 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 
 def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturate",
-             gen: Optional[torch.Generator] = None) -> Tensor:
+             gen: Optional[torch.Generator] = None, bits: Optional[Tensor] = None) -> Tensor:
     """``x`` rounded onto ``fmt``'s grid (values, not codes), in float32 (float64 inputs stay float64).
 
     rounding: ``nearest`` (ties to even), ``toward_zero`` (truncation), ``stochastic`` (round up with probability
@@ -101,6 +101,8 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
     overflow: what a result beyond ``fmt.max`` becomes: ``saturate`` (+-max, as ``cvt.satfinite``; infinities too)
     or ``inf`` (+-inf where the format has it, NaN where it has none, as e4m3's S.1111.111). NaN stays NaN.
     A value rounds past max only if its rounded magnitude exceeds max: under nearest-even e4m3 maps 464 to 448.
+    bits: the stochastic draw supplied (int64 in [0, 2**SR_BITS), ``x``'s shape), e.g. drawn on one device and used
+    on another, so that devices can be compared on the same draw; ``gen`` is then unused.
     """
     f = get(fmt)
     _check("rounding", rounding, ROUNDINGS)
@@ -117,7 +119,8 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
         q = torch.floor(t)
     else:
         q = torch.floor(t)
-        r = torch.randint(0, 2 ** SR_BITS, t.shape, generator=gen, device=t.device, dtype=torch.int64)
+        r = bits.to(t.device) if bits is not None else \
+            torch.randint(0, 2 ** SR_BITS, t.shape, generator=gen, device=t.device, dtype=torch.int64)
         q = q + (r.to(torch.float64) < (t - q) * 2.0 ** SR_BITS).to(q.dtype)
     v = _ldexp(q, step)
     over = v > f.max
@@ -168,27 +171,68 @@ def quantize_mx(x: Tensor, fmt: str, dim: int = -1, block: int = MX_BLOCK, round
     return restore(q).to(_out_dtype(x))
 
 
+def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1, block: int = 128,
+                          rounding: str = "nearest", overflow: str = "saturate",
+                          gen: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``x`` as a chip stores a GEMM input, in the code domain: (codes, inv), float32 codes on ``fmt``'s grid (what
+    the matrix unit multiplies) and the float32 dequantization multiplier (value = codes * inv, applied outside it).
+
+    ``none``: ``quantize(x)``, inv None. ``tensor``: one scale s = max / amax (float32, 1 where amax is 0), codes =
+    q(float32(x * s)), inv = float32(1 / s), 0-dim. ``block``: such a scale per block of ``block`` elements along
+    ``dim``, inv of ``x``'s shape with ``dim`` of length ceil(n / block). ``mx``: the E8M0 scale 2**shared_exp per
+    block (``mx_shared_exponent``; NaN beyond E8M0's range), codes = q(x / 2**shared_exp), inv = 2**shared_exp.
+    float32 products and quotients are computed in float64 and rounded once, which is the float32 operation itself
+    (a 2p+2-bit intermediate rounds +, *, / correctly) and holds on every device."""
+    _check("scaling", scaling, SCALINGS)
+    if scaling == "none":
+        return quantize(x, fmt, rounding, overflow, gen).float(), None
+    f = get(fmt)
+    xd = x.detach().to(torch.float64) if scaling == "mx" else x.detach().float().double()   # recipes scale float32
+    if scaling == "tensor":
+        xb = xd.reshape(1, -1)
+    else:
+        xb, _ = _blocks(xd, dim, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    if scaling == "mx":
+        se = mx_shared_exponent(amax, f)
+        se0 = torch.nan_to_num(se, nan=0.0)
+        q = quantize(_ldexp(xb, -se0), f, rounding, overflow, gen)           # exact power-of-two scaling
+        inv = torch.where(torch.isnan(se), se, _pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
+    else:
+        s = torch.where(amax > 0, (f.max / amax).float().double(), torch.ones_like(amax))   # float32 s
+        q = quantize((xb * s).float(), f, rounding, overflow, gen)
+        inv = (1.0 / s).float()
+    codes = q.float()
+    if scaling == "tensor":
+        return codes.reshape(x.shape), inv.reshape(())
+    n = x.shape[dim]
+    codes = codes.reshape(*codes.shape[:-2], -1)[..., :n].movedim(-1, dim)
+    return codes, inv.squeeze(-1).movedim(-1, dim)
+
+
+def dequantize(codes: Tensor, inv: Optional[Tensor], dim: int = -1) -> Tensor:
+    """Values codes * inv (a float32 multiply), ``inv`` as ``quantize_scaled_codes`` gives it: None, 0-dim, or
+    per block along ``dim`` (each repeated over its block, the last block cut to ``codes``' length)."""
+    if inv is None:
+        return codes
+    if inv.dim() and inv.shape[dim] != codes.shape[dim]:
+        n = codes.shape[dim]
+        inv = inv.repeat_interleave(-(-n // inv.shape[dim]), dim=dim).narrow(dim, 0, n)
+    return (codes.double() * inv.double()).float()
+
+
 def quantize_scaled(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1, block: int = 128,
                     rounding: str = "nearest", overflow: str = "saturate",
                     gen: Optional[torch.Generator] = None) -> Tensor:
-    """``x`` as a chip stores a GEMM input: ``none`` (``quantize`` as is), ``tensor`` (one float32 scale
-    s = max / amax for the whole tensor: q(x * s) / s, as FP8 training recipes do), ``block`` (one such scale per
-    block of ``block`` elements along ``dim``), ``mx`` (``quantize_mx``: E8M0 scales, blocks of ``block``)."""
+    """``x`` as a chip stores a GEMM input, as values (float32; float64 inputs stay float64): codes * inv of
+    ``quantize_scaled_codes``; ``mx`` is ``quantize_mx`` (E8M0 scales, blocks of ``block``)."""
     _check("scaling", scaling, SCALINGS)
     if scaling == "none":
         return quantize(x, fmt, rounding, overflow, gen)
     if scaling == "mx":
         return quantize_mx(x, fmt, dim, block, rounding, overflow, gen)
-    f = get(fmt)
-    x32 = x.detach().float()
-    if scaling == "tensor":
-        xb, restore = x32.reshape(1, -1), lambda y: y.reshape(x.shape)
-    else:
-        xb, restore = _blocks(x32, dim, block)
-    amax = xb.abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, torch.tensor(f.max, dtype=torch.float32) / amax, torch.ones_like(amax))  # float32
-    q = quantize(xb * s, f, rounding, overflow, gen)
-    return restore(q / s).to(_out_dtype(x))
+    codes, inv = quantize_scaled_codes(x, fmt, scaling, dim, block, rounding, overflow, gen)
+    return dequantize(codes, inv, dim).to(_out_dtype(x))
 
 
 def decode(codes: Tensor, fmt) -> Tensor:

@@ -17,6 +17,7 @@ Scaling = choices("Scaling", ["none", "tensor", "block", "mx"])
 InRounding = choices("InRounding", ["nearest", "stochastic"])
 AccRounding = choices("AccRounding", ["rne", "toward_zero"])
 Overflow = choices("Overflow", ["saturate", "inf"])
+ReductionOrder = choices("ReductionOrder", ["fixed", "random"])
 ChipOp = choices("ChipOp", ["linear", "matmul", "bmm", "softmax", "silu", "gelu", "rsqrt"])
 ChipPhase = choices("ChipPhase", ["rollout", "reference", "train_forward", "train_backward", "eval", "all"])
 
@@ -42,6 +43,7 @@ class ChipConfig:
     promote_every: Optional[int] = bounded(None, ge=1)   # a multiple of chunk (checked by GemmArith)
     out_format: ChipFormat = ChipFormat.fp32
     overflow: Overflow = Overflow.saturate
+    reduction_order: ReductionOrder = ReductionOrder.fixed   # random: each call adds the K chunks in a drawn order
     grad_format: Optional[ChipFormat] = None       # the gradient operand of backward GEMMs; null: in_format
     ops: List[ChipOp] = field(default_factory=lambda: ["linear", "matmul", "bmm"])  # + softmax/silu/gelu, rsqrt
     phases: List[ChipPhase] = field(default_factory=lambda: ["all"])
