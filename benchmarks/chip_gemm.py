@@ -1,0 +1,172 @@
+"""Speed of the chip GEMM kernel (``noisebench.noise.fast.chip_gemm``) against cuBLAS bf16 in the same process.
+
+Qwen2.5-1.5B's linear shapes at ``--tokens`` rows: cuBLAS bf16 (``torch.matmul``), torch._scaled_mm fp8 with fast
+accumulation on and off (where this torch and GPU have it), and the kernel for three chip profiles:
+``fp8_fast_accum`` (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128``
+(128-element block scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE accumulator); bf16
+output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
+event timings after warm-up calls; the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
+Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
+fp8_fast_accum and fp8_promote128 use chunk 4, which is no tensor-core K: the kernel declines them (None) and the
+definition runs; these chunk-32 variants are what the kernel can do.
+
+    python benchmarks/chip_gemm.py --out $OUT/chip_gemm.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+
+import torch
+
+from noisebench.noise.accumulate import GemmArith
+from noisebench.noise.fast import chip_gemm as cg
+
+SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "down": (8960, 1536),
+          "lm_head": (1536, 151936)}   # name -> (K, N)
+PROFILES = {
+    "fp8_fast_accum": GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=32, acc_mantissa_bits=13,
+                                acc_rounding="toward_zero", out_format="bf16"),
+    "fp8_promote128": GemmArith(in_format="fp8_e4m3", in_scaling="block", scale_block=128, chunk=32,
+                                acc_mantissa_bits=13, acc_rounding="toward_zero", promote_every=128,
+                                out_format="bf16"),
+    "mxfp8": GemmArith(in_format="fp8_e4m3", in_scaling="mx", scale_block=32, chunk=32, acc_mantissa_bits=23,
+                       acc_rounding="rne", out_format="bf16"),
+}
+
+
+def cuda_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn`` on the device (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded to e4m3 values (saturated), as bf16: codes the kernel takes."""
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.bfloat16)
+
+
+def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
+    """Dequantization multipliers for profile ``name``: 0-dim, per 128-block (B's as a view of an N-major
+    tensor, as a linear's weight scales are stored) or MX powers of two."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    if name == "fp8_fast_accum":
+        return torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
+    blk = 128 if name == "fp8_promote128" else 32
+    nb = -(-k // blk)
+    ia = torch.rand(m, nb, device=dev, generator=g) + 0.5
+    ib = (torch.rand(n, nb, device=dev, generator=g) + 0.5).t()
+    if name == "mxfp8":
+        ia, ib = torch.exp2(torch.round(ia * 4 - 4)), torch.exp2(torch.round(ib * 4 - 4))
+    return ia, ib
+
+
+def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str]) -> dict:
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    a = e4m3_grid(torch.randn(m, k, device=dev) * 50)
+    w = e4m3_grid(torch.randn(n, k, device=dev) * 50)
+    row = dict(shape=label, M=m, K=k, N=n)
+    flop = 2.0 * m * k * n
+    variants = {"cublas_bf16": lambda: torch.matmul(a, w.t())}
+    if hasattr(torch, "_scaled_mm"):
+        a8, w8 = a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)
+        one = torch.tensor(1.0, device=dev)
+        for fast in (True, False):
+            variants[f"scaled_mm_fp8_fast{int(fast)}"] = (
+                lambda fast=fast: torch._scaled_mm(a8, w8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16,
+                                                   use_fast_accum=fast))
+    for name in profiles:
+        ia, ib = scales(name, m, k, n, dev)
+        arith = PROFILES[name]
+        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: cg.chip_gemm(a, w.t(), ia, ib, arith)
+    for vname, fn in variants.items():
+        try:
+            t0, before = time.perf_counter(), set(cg._TUNED)
+            fn()                              # compiles and tunes the kernel on its first call
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            ms = cuda_ms(fn, reps)
+            row[vname] = dict(ms=ms, tflops=flop / ms / 1e9, first_call_s=first)
+            row[vname].update({"config (BM, BN, warps, stages)": list(cg._TUNED[key])
+                               for key in set(cg._TUNED) - before})
+        except Exception as e:                # a torch or GPU without this variant: recorded, not fatal
+            row[vname] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+    base = row["cublas_bf16"].get("ms")
+    for vname in variants:
+        if "ms" in row[vname] and base:
+            row[vname]["ratio_to_bf16"] = base / row[vname]["ms"]
+    return row
+
+
+def table(rows: list[dict], names: list[str]) -> str:
+    head = "| shape | M x K x N | " + " | ".join(names) + " |"
+    lines = ["TFLOP/s (ratio to cuBLAS bf16 in this process)", "", head, "|" + "---|" * (len(names) + 2)]
+    for r in rows:
+        cells = []
+        for v in names:
+            d = r.get(v, {})
+            cells.append(f"{d['tflops']:.0f} ({d['ratio_to_bf16']:.2f}x)" if "tflops" in d else "n/a")
+        lines.append(f"| {r['shape']} | {r['M']} x {r['K']} x {r['N']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, default=4096, help="M: rows of the activations")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
+    p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list of {list(PROFILES)}")
+    p.add_argument("--out", default=None, help="JSON path for the figures")
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("chip_gemm.py needs CUDA")
+    shapes, profiles = a.shapes.split(","), a.profiles.split(",")
+    for bad in [s for s in shapes if s not in SHAPES] + [q for q in profiles if q not in PROFILES]:
+        p.error(f"unknown shape or profile {bad!r}")
+    t0 = time.perf_counter()
+    rows = []
+    for s in shapes:
+        k, n = SHAPES[s]
+        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles))
+        print(f"[{time.perf_counter() - t0:.0f}s] {s}: " + ", ".join(
+            f"{v}={d['ratio_to_bf16']:.2f}x" for v, d in rows[-1].items() if isinstance(d, dict) and
+            "ratio_to_bf16" in d), flush=True)
+    names = [v for v in rows[0] if isinstance(rows[0][v], dict)]
+    print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {cg.triton.__version__}\n")
+    print(table(rows, names))
+    summary = {}
+    for v in names:
+        ratios = [r[v]["ratio_to_bf16"] for r in rows if "ratio_to_bf16" in r.get(v, {})]
+        if ratios:
+            summary[v] = dict(min_ratio=min(ratios), geomean_ratio=math.exp(sum(map(math.log, ratios)) / len(ratios)))
+    print("\n| variant | min ratio | geomean ratio | >= 0.5x on every shape |\n|---|---|---|---|")
+    for v, d in summary.items():
+        print(f"| {v} | {d['min_ratio']:.2f} | {d['geomean_ratio']:.2f} | {d['min_ratio'] >= 0.5} |")
+    for r in rows:
+        for v in names:
+            if "error" in r.get(v, {}):
+                print(f"{r['shape']} {v}: {r[v]['error']}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                           triton=cg.triton.__version__, tokens=a.tokens, rows=rows, summary=summary,
+                           wall_s=time.perf_counter() - t0), f, indent=1)
+        print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The chip GEMM kernel (``noisebench.noise.fast.chip_gemm``) against the definition (``accumulate.accumulate``).
+
+Bitwise where the tensor core's chunk sums are exact (small-integer codes: every partial sum is an integer below
+2**24); on random fp8 codes the share of equal elements and the largest difference in accumulator ulps. On CUDA
+directly; on CPU through Triton's interpreter in a child process (TRITON_INTERPRET must be set before Triton loads).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from noisebench.noise import accumulate, formats
+
+triton = pytest.importorskip("triton") if __name__ != "__main__" else __import__("triton")
+from noisebench.noise.fast import chip_gemm as cg  # noqa: E402
+
+CODES_API = "inv_a" in inspect.signature(accumulate.accumulate).parameters
+needs_codes_api = pytest.mark.skipif(not CODES_API, reason="accumulate.accumulate predates the codes API (inv_a)")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (in_scaling, scale_block, chunk, acc bits, acc rounding, promote_every, out_format, bias, batched)
+EXACT_CASES = [
+    ("none", 32, 32, 7, "toward_zero", None, "fp32", False, False),
+    ("none", 32, 32, 7, "rne", None, "fp32", True, False),
+    ("none", 32, 16, 4, "rne", 64, "bf16", True, True),
+    ("none", 32, 128, 10, "toward_zero", 128, "fp32", False, False),
+    ("none", 32, 64, 23, "rne", None, "bf16", True, False),
+    ("tensor", 32, 32, 13, "toward_zero", None, "fp32", False, True),
+    ("tensor", 32, 16, 6, "rne", 128, "bf16", True, False),
+    ("block", 128, 32, 5, "toward_zero", 128, "fp32", True, False),
+    ("block", 64, 64, 8, "rne", 64, "bf16", False, True),
+    ("mx", 32, 32, 23, "rne", None, "fp32", False, False),
+    ("mx", 32, 16, 6, "toward_zero", 64, "bf16", True, True),
+]
+RANDOM_CASES = [   # fp8 e4m3 codes of normal inputs: fast-accum-like, promote-128, MX-like
+    ("tensor", 32, 32, 13, "toward_zero", None, "fp32", False, False),
+    ("block", 128, 32, 13, "toward_zero", 128, "fp32", False, False),
+    ("mx", 32, 32, 23, "rne", None, "fp32", False, False),
+    ("none", 32, 32, 10, "rne", None, "fp32", False, False),
+]
+
+
+def _arith(case) -> accumulate.GemmArith:
+    scaling, block, chunk, bits, rounding, promote, out, _, _ = case
+    return accumulate.GemmArith(in_format="fp8_e4m3", in_scaling=scaling, scale_block=block, chunk=chunk,
+                                acc_mantissa_bits=bits, acc_rounding=rounding, promote_every=promote,
+                                out_format=out)
+
+
+def _inputs(case, m, k, n, exact: bool, device: str, gen: torch.Generator):
+    """Codes, scales and bias for ``case``: integer codes in [-16, 16] (exact chunk sums) or e4m3 codes of
+    N(0, 1) * 100 (the format's whole range)."""
+    scaling, block, _, _, _, _, _, with_bias, batched = case
+    lead = (2,) if batched else ()
+    if exact:
+        ca = torch.randint(-16, 17, (*lead, m, k), generator=gen).float()
+        cb = torch.randint(-16, 17, (*lead, k, n), generator=gen).float()
+    else:
+        ca = formats.quantize(torch.randn(*lead, m, k, generator=gen) * 100, "fp8_e4m3")
+        cb = formats.quantize(torch.randn(*lead, k, n, generator=gen) * 100, "fp8_e4m3")
+    nb = -(-k // block)
+    ia = ib = None
+    if scaling == "tensor":
+        ia, ib = torch.rand((), generator=gen) + 0.1, torch.rand((), generator=gen) + 0.1
+    elif scaling == "block":
+        ia, ib = torch.rand(*lead, m, nb, generator=gen) + 0.1, torch.rand(*lead, nb, n, generator=gen) + 0.1
+    elif scaling == "mx":
+        ia = 2.0 ** torch.randint(-4, 5, (*lead, m, nb), generator=gen).float()
+        ib = 2.0 ** torch.randint(-4, 5, (*lead, nb, n), generator=gen).float()
+    bias = torch.randn(n, generator=gen) * 10 if with_bias else None
+    move = (lambda t: None if t is None else t.to(device))
+    return move(ca), move(cb), move(ia), move(ib), move(bias)
+
+
+def _definition(ca, cb, ia, ib, arith, bias):
+    y = accumulate.accumulate(ca, cb, arith, ia, ib)
+    if bias is not None:
+        y = y + bias.float()
+    return y if arith.out_format == "fp32" else formats.quantize(y, arith.out_format, "nearest", arith.overflow)
+
+
+def ulp_limit(case) -> float:
+    """Largest difference allowed on random codes, in accumulator ulps: 1 for a narrow accumulator; a 23-bit one
+    is as fine as the float32 chunk sums' own rounding, which adds up over K/chunk adds (2 measured in the
+    interpreter at K=1536)."""
+    return 1.0 if case[3] <= 13 else 4.0
+
+
+def compare(cases, exact: bool, device: str, m=48, k=320, n=40) -> list[dict]:
+    """Per case: share of elements bitwise equal to the definition, the largest difference in accumulator ulps
+    (ulp of the definition's value at the accumulator's width)."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for case in cases:
+        arith = _arith(case)
+        ca, cb, ia, ib, bias = _inputs(case, m, k, n, exact, device, gen)
+        ref = _definition(ca, cb, ia, ib, arith, bias).float()
+        y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
+        assert y is not None and y.shape == ref.shape
+        y = y.float()
+        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref).exponent - 1 - arith.acc_mantissa_bits)
+        diff = (y - ref).abs()
+        out.append(dict(case=list(case), equal=(y == ref).double().mean().item(),
+                        max_acc_ulps=(diff / ulp).max().item(), max_abs=diff.max().item()))
+    return out
+
+
+@needs_codes_api
+@needs_cuda
+def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
+    for r in compare(EXACT_CASES, True, "cuda"):
+        assert r["equal"] == 1.0, r
+
+
+@needs_codes_api
+@needs_cuda
+def test_random_fp8_codes_nearly_match_the_definition_cuda():
+    for r in compare(RANDOM_CASES, False, "cuda", m=128, k=1536, n=128):
+        print(r)
+        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
+
+
+@needs_codes_api
+@needs_cuda
+def test_large_shape_and_transposed_weight_cuda():
+    """A Qwen-sized K with the weight as a transposed view (a linear's W^T), batch dims flattened into rows."""
+    arith = _arith(EXACT_CASES[5])
+    gen = torch.Generator().manual_seed(1)
+    ca = torch.randint(-8, 9, (2, 300, 1536), generator=gen).float().cuda()
+    w = torch.randint(-8, 9, (520, 1536), generator=gen).float().cuda()
+    ia, ib = torch.tensor(0.5).cuda(), torch.tensor(0.25).cuda()
+    y = cg.chip_gemm(ca, w.t(), ia, ib, arith)
+    assert y.shape == (2, 300, 520)
+    assert torch.equal(y, _definition(ca, w.t(), ia, ib, arith, None))
+
+
+def test_unsupported_arithmetic_returns_none():
+    base = _arith(EXACT_CASES[0])
+    for change in (dict(chunk=8), dict(acc_mantissa_bits=30), dict(out_format="fp16"), dict(in_format="fp16")):
+        arith = accumulate.GemmArith(**{**base.__dict__, **change})
+        assert cg.supported(arith) is not None
+        assert cg.chip_gemm(torch.zeros(4, 64), torch.zeros(64, 4), None, None, arith) is None
+
+
+@needs_codes_api
+def test_interpreter_matches_the_definition():
+    """The same comparisons on CPU in Triton's interpreter (numpy float32 dots: chunk sums of random codes are
+    rounded there too)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    for r in res["exact"]:
+        assert r["equal"] == 1.0, r
+    for r in res["random"]:
+        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
+
+
+if __name__ == "__main__":   # the interpreter's run: TRITON_INTERPRET=1 python tests/test_chip_gemm_cuda.py
+    print(json.dumps(dict(exact=compare(EXACT_CASES, True, "cpu"),
+                          random=compare(RANDOM_CASES, False, "cpu", m=32, k=1536, n=32))))
