@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from noisebench.noise import NoiseInjector, NoiseSpec
-from noisebench.noise.accumulate import gemm, quantize_input
+from noisebench.noise.accumulate import gemm, quantize_codes
 from noisebench.noise.chip import ChipMode, ChipProfile
 from test_chip_model import IDS, profile, tiny
 
@@ -25,13 +25,13 @@ def _upstream(y: torch.Tensor, seed=9) -> torch.Tensor:
 def _def_left(g, rhs, p: ChipProfile):
     """The definition of a gradient GEMM whose left operand is the incoming gradient."""
     return gemm(g, rhs, dataclasses.replace(p.arith, in_format=p.grad_format or p.arith.in_format),
-                qb=quantize_input(rhs, p.arith, -2))
+                qb=quantize_codes(rhs, p.arith, -2))
 
 
 def _def_right(lhs, g, p: ChipProfile):
     """The definition of a gradient GEMM whose right operand is the incoming gradient."""
     gq = dataclasses.replace(p.arith, in_format=p.grad_format or p.arith.in_format)
-    return gemm(lhs, g, p.arith, qb=quantize_input(g, gq, -2))
+    return gemm(lhs, g, p.arith, qb=quantize_codes(g, gq, -2))
 
 
 def _run(fn, leaves, p, r=None):

@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from . import formats, transcendental
-from .accumulate import GemmArith, gemm, quantize_input
+from .accumulate import GemmArith, gemm as _definition_gemm, quantize_codes
+from .fast import dispatch
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
 from .spec import PHASES
@@ -200,6 +201,30 @@ def _torch_grads(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor], g: Ten
     return tuple(next(got) if n else None for n in needs)
 
 
+_SMALL_TILE = (64, 64, 4, 3)   # a training step's GEMMs change shape every call (decode, attention): no autotuning
+
+
+def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
+         bias: Optional[Tensor] = None, qb=None) -> Tensor:
+    """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
+    (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
+    tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
+    most an accumulator ulp: tests/test_chip_gemm_cuda.py)."""
+    if a.is_cuda and dispatch.MODE != "off" and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
+        try:
+            from .fast import chip_gemm as kernel
+        except ImportError:     # no Triton: the definition
+            kernel = None
+        if kernel is not None and kernel.supported(arith) is None:
+            ca, inv_a = quantize_codes(a, arith, -1, gen)
+            cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
+            big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
+            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else _SMALL_TILE)
+            if y is not None:
+                return y.float()
+    return _definition_gemm(a, b, arith, gen, bias, qb=qb)
+
+
 def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optional[torch.Generator] = None,
                need_a: bool = True, need_b: bool = True) -> tuple:
     """The chip's gradients of ``y = a @ b`` (torch.matmul broadcasting, both operands >= 2-D) for the incoming
@@ -211,10 +236,10 @@ def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optio
     arith, garith = profile.arith, profile.grad_arith
 
     def grad_left(lhs: Tensor, rhs: Tensor) -> Tensor:    # lhs is the gradient: rhs quantized as an input
-        return gemm(lhs, rhs, garith, gen, qb=quantize_input(rhs, arith, -2, gen))
+        return gemm(lhs, rhs, garith, gen, qb=quantize_codes(rhs, arith, -2, gen))
 
     def grad_right(lhs: Tensor, rhs: Tensor) -> Tensor:   # rhs is the gradient
-        return gemm(lhs, rhs, arith, gen, qb=quantize_input(rhs, garith, -2, gen))
+        return gemm(lhs, rhs, arith, gen, qb=quantize_codes(rhs, garith, -2, gen))
 
     ga = gb = None
     k, n = a.shape[-1], b.shape[-1]
@@ -264,7 +289,7 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
             if hit is None:
                 if len(weights) > 4096:
                     weights.clear()
-                hit = weights[key] = (w, quantize_input(b, profile.arith, -2).to(torch.float64))
+                hit = weights[key] = (w, quantize_codes(b, profile.arith, -2))
             qb = hit[1]
         dtype = torch.promote_types(a.dtype, b.dtype)
         return gemm(a, b, profile.arith, gen, bias, qb=qb).to(dtype)
