@@ -24,6 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from noisebench.noise import chip
+
 TASKS_DIR_ENV = "NOISEBENCH_TASKS_DIR"
 STRICT, FLEXIBLE = "strict-match", "flexible-extract"
 METRIC = "exact_match"
@@ -139,7 +141,9 @@ def _eval_noise_on(injector) -> bool:
 @contextlib.contextmanager
 def _noisy(injector):
     """Run in ``phase("eval")``; an injector not yet installed is installed for the block only."""
-    if getattr(injector, "installed", True):
+    if injector is None:        # a chip alone: its own phase test (``chip.live_in``) decided
+        yield
+    elif getattr(injector, "installed", True):
         with injector.phase("eval"):
             yield
     else:
@@ -149,18 +153,19 @@ def _noisy(injector):
 
 @contextlib.contextmanager
 def _clean(injector):
-    """Noise off. An installed injector that would noise here (a phase in force, or ``global_phase``/
+    """Noise off, and any chip (``noise.chip.suspended``). An installed injector that would noise here (a phase in force, or ``global_phase``/
     ``default_phase`` outside contexts) is lifted for the block and put back after, its stream position kept;
     call it where no torch mode was pushed after the injector's."""
     live = getattr(injector, "current_phase", None) is not None or getattr(injector, "default_phase", None) is not None
-    if live and getattr(injector, "installed", False):
-        injector.uninstall()
-        try:
+    with chip.suspended():
+        if live and getattr(injector, "installed", False):
+            injector.uninstall()
+            try:
+                yield
+            finally:
+                injector.install()
+        else:
             yield
-        finally:
-            injector.install()
-    else:
-        yield
 
 
 def _per_item(samples: list[dict], filt: str) -> tuple[list[int], list[int]]:
@@ -272,7 +277,7 @@ def evaluate_checkpoint(model, tokenizer=None, task: str = "noisebench_arith", d
         raise ValueError("evaluate_checkpoint: pass the tokenizer object with an in-memory model")
     # HFLM may pick a pad token; give the caller's tokenizer back as it came
     restore_pad = not isinstance(model, LM) and tokenizer.pad_token is None
-    is_noisy = bool(noisy and injector is not None and _eval_noise_on(injector))
+    is_noisy = bool(noisy and ((injector is not None and _eval_noise_on(injector)) or chip.live_in("eval")))
     # a model loaded here is unknown to the injector: attach it for the call, so module-name targeting (layers,
     # include/exclude by name) applies in eval as in training, and an injector with hooks="attached" hooks it at all
     attach = (is_noisy and hasattr(injector, "is_attached") and not isinstance(model, LM)

@@ -276,3 +276,26 @@ def test_bad_input_errors_name_the_problem(tiny, arith_file, monkeypatch):
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_checkpoint(model, None, task="noisebench_arith", data_files={"test": arith_file})
     assert (tasks_dir() / "noisebench" / "_default_template_yaml").is_file()
+
+
+def test_a_chip_run_scores_noisy_on_the_chip_and_clean_on_the_reference_arithmetic(tiny, arith_file, tmp_path):
+    """With a chip live in eval and no injector, the evaluation is noisy (the chip's arithmetic: deployment) and its
+    clean score is the reference arithmetic's (``chip.suspended``: training harm), never the chip's twice."""
+    from omegaconf import OmegaConf
+
+    from noisebench.noise import chip
+
+    model, tok = tiny
+    kw = dict(task="noisebench_arith", data_files={"test": arith_file}, limit=16, max_gen_toks=8, batch_size=16)
+    plain = evaluate_checkpoint(model, tok, output_dir=tmp_path / "plain", **kw)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "chip" / "mxfp4.yaml"
+    profile = chip.ChipProfile.from_dict(OmegaConf.to_container(OmegaConf.load(conf)))
+    with chip.ChipMode(profile):
+        assert chip.live_in("eval")
+        res = evaluate_checkpoint(model, tok, injector=None, clean_too=True, output_dir=tmp_path / "chip", **kw)
+        with chip.suspended():
+            assert not chip.live_in("eval")
+    assert not chip.live_in("eval")
+    assert res.noisy and res.clean is not None
+    assert _strict_resps(res.clean) == _strict_resps(plain)
+    assert sum(x != y for x, y in zip(_strict_resps(res), _strict_resps(plain))) >= 4   # fp4 inputs move answers

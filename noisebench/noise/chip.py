@@ -15,6 +15,7 @@ the noise). A profile whose ``phases`` do not include the phase in force leaves 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
@@ -311,6 +312,26 @@ def _phase_in_force() -> Optional[str]:
     return owner.current_phase if owner is not None else STATE.effective_phase()
 
 
+_ACTIVE: list = []        # ChipModes entered in this process, innermost last
+_SUSPENDED = [0]          # > 0: every chip off (``suspended``)
+
+
+@contextlib.contextmanager
+def suspended():
+    """Every chip off for the block: the reference arithmetic. A chip run's clean evaluation scores its checkpoint
+    this way, so "clean" means the GPU's arithmetic (training harm), never the chip's (deployment harm)."""
+    _SUSPENDED[0] += 1
+    try:
+        yield
+    finally:
+        _SUSPENDED[0] -= 1
+
+
+def live_in(phase: str) -> bool:
+    """Whether an entered chip applies in ``phase`` (and none is suspended)."""
+    return not _SUSPENDED[0] and any(m.profile.live(phase) for m in _ACTIVE)
+
+
 class ChipMode(TorchFunctionMode):
     """Runs the model's covered calls with ``profile``'s arithmetic while entered (this thread only). ``phase``: a
     callable naming the phase in force; default: the installed injector's phase context (held even when its noise
@@ -324,6 +345,14 @@ class ChipMode(TorchFunctionMode):
         self.seed = seed
         self.gens: dict = {}        # stochastic input rounding: one generator per device, seeded alike
         self.weights: dict = {}     # quantized linear weights (chip_call)
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return super().__exit__(*exc)
 
     def _gen(self, t: Tensor) -> Optional[torch.Generator]:
         if self.profile.arith.in_rounding != "stochastic":
@@ -348,7 +377,7 @@ class ChipMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = _SPELLINGS.get(func)
-        if op is None or "out" in kwargs:
+        if op is None or "out" in kwargs or _SUSPENDED[0]:
             return func(*args, **kwargs)
         if op == "sdpa":
             if not self._attention_covered():
