@@ -238,3 +238,18 @@ def test_spread_across_orders_is_what_the_accumulator_ulp_predicts():
     assert 0.8 < ratio < 1.25, ratio
     drop = (parts.sum(0) - ys.mean(0)) / (ulp.sum(0) / 2)
     assert 0.85 < drop.min().item() and drop.max().item() < 1.1
+
+
+@pytest.mark.parametrize("name", ["tensor_promote", "block", "mx_fp8"])
+def test_row_tiles_are_the_whole_product(name, monkeypatch):
+    """Large outputs are summed a tile of rows at a time (cache-sized); the rows, scales and order must line up."""
+    from noisebench.noise import accumulate as A
+
+    arith = _case(name, reduction_order="random")
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(3, 700, 64, generator=g) * 4, torch.randn(64, 200, generator=g)
+    (ca, ia), (cb, ib) = quantize_codes(a, arith, -1), quantize_codes(b, arith, -2)
+    order = chunk_order(arith, 64, torch.Generator().manual_seed(2))
+    tiled = accumulate(ca, cb, arith, ia, ib, order)
+    monkeypatch.setattr(A, "_TILE", 1 << 40)
+    assert tiled.shape == (3, 700, 200) and torch.equal(tiled, accumulate(ca, cb, arith, ia, ib, order))

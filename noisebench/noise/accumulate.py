@@ -23,6 +23,7 @@ from . import formats
 
 ACC_ROUNDINGS = ("rne", "toward_zero")
 REDUCTION_ORDERS = ("fixed", "random")
+_TILE = 1 << 16                      # outputs summed at once: acc and a chunk's sum stay in the L2 cache
 
 
 @dataclass(frozen=True)
@@ -157,23 +158,51 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     left, float32(acc) is added into a float32 total (nearest) and acc cleared; for ``block`` the promoted term is
     float32(acc) * float32(inv_a_blk * inv_b_blk), two float32 multiplies, then the add (no fused multiply-add).
     Without promotion the total is float32(acc). ``tensor``: the result is total * float32(inv_a * inv_b)."""
-    parts = chunk_sums(ca.to(torch.float64), cb.to(torch.float64), arith.chunk)   # [..., nc, M, N]
-    nc = parts.shape[-3]
-    if arith.in_scaling == "mx":
-        per = arith.scale_block // arith.chunk
-        ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc].movedim(-1, -2).unsqueeze(-1)
-        ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :].unsqueeze(-2)
-        parts = parts * ia * ib                  # [..., nc, M, 1], [..., nc, 1, N]: exact powers of two
-    scales = None
-    if arith.in_scaling == "block":              # [..., K/blk, M, N]: one float32 scale per promotion group
+    n_out = cb.shape[-1]
+    rows = ca.numel() // max(ca.shape[-1], 1)
+    if cb.dim() == 2 and rows * n_out > 2 * _TILE and rows > 1:   # rows are independent: a cache-sized tile at once
+        step = max(1, _TILE // n_out)
+        a2 = ca.reshape(rows, ca.shape[-1])
+        i2 = inv_a.reshape(rows, inv_a.shape[-1]) if inv_a is not None and inv_a.dim() else inv_a
+        y = torch.cat([accumulate(a2[r:r + step], cb, arith, None if i2 is None else
+                                  (i2[r:r + step] if i2.dim() else i2), inv_b, order)
+                       for r in range(0, rows, step)])
+        return y.reshape(*ca.shape[:-1], n_out)
+    ch = arith.chunk
+    a64, b64 = ca.to(torch.float64), cb.to(torch.float64)
+    k = a64.shape[-1]
+    nc = -(-k // ch)
+    if k % ch:                                   # zero-pad K to whole chunks
+        a64 = torch.nn.functional.pad(a64, (0, nc * ch - k))
+        b64 = torch.nn.functional.pad(b64, (0, 0, 0, nc * ch - k))
+    ia = ib = scales = None
+    if arith.in_scaling == "mx":                 # per chunk: [..., M, nc] and [..., nc, N], exact powers of two
+        per = arith.scale_block // ch
+        ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc]
+        ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :]
+    elif arith.in_scaling == "block":            # [..., K/blk, M, N]: one float32 scale per promotion group
         scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
     seq = range(nc) if order is None else order.tolist()
-    acc = torch.zeros_like(parts[..., 0, :, :])
+    # one chunk's sum at a time (a matmul with K = chunk into a reused buffer): the [nc, M, N] of all chunks'
+    # sums (``chunk_sums``) costs nc times the output's memory and a slow batched matmul for small chunks
+    a_ch, b_ch = a64.split(ch, -1), b64.split(ch, -2)
+    part = torch.matmul(a_ch[0], b_ch[0])
+    acc = torch.zeros_like(part)
+    iv = acc.view(torch.int64)
+    drop = 52 - arith.acc_mantissa_bits
+    rne = arith.acc_rounding == "rne"
     promote = arith.promote_every is not None
     total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
-    per = (arith.promote_every // arith.chunk) if promote else 0
+    per = (arith.promote_every // ch) if promote else 0
     for pos, c in enumerate(seq):
-        round_acc(acc.add_(parts[..., c, :, :]), arith.acc_mantissa_bits, arith.acc_rounding)
+        torch.matmul(a_ch[c], b_ch[c], out=part)
+        if ia is not None:
+            part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
+        acc.add_(part)
+        if drop > 0:                             # round_acc, inlined (the loop's calls are most of its cost)
+            if rne:
+                iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
+            iv.bitwise_and_(~((1 << drop) - 1))
         if promote and (pos + 1 == nc or seq[pos + 1] // per != c // per):
             term = acc.float()
             if scales is not None:

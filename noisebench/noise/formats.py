@@ -107,14 +107,16 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
     f = get(fmt)
     _check("rounding", rounding, ROUNDINGS)
     _check("overflow", overflow, OVERFLOWS)
+    if f.ebits == 8 and rounding != "stochastic" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return _quantize_e8(x.detach().float(), f, rounding, overflow)
     xd = x.detach().to(torch.float64)
     a = xd.abs()
-    _, e2 = torch.frexp(a)                                   # a = m * 2**e2, 0.5 <= m < 1
-    step = (e2 - 1).clamp_min(f.emin) - f.mbits              # log2 of the grid spacing at a
-    t = _ldexp(a, -step)                                # exact: a power-of-two scaling
-    if rounding == "nearest":    # half to even: adding 2**52 leaves no fraction bits (exact below 2**52, where t
-        q = torch.where(t < _TWO52, (t + _TWO52) - _TWO52, t)    # lives; above it t is whole); torch.round is slow
-
+    # log2 of the grid spacing at a: floor(log2 a) from the float64 exponent field, clamped below at emin (0 too)
+    # and above at 1023, so that inf times 2**-step stays inf
+    step = (a.view(torch.int64) >> 52).clamp_(f.emin + 1023, 2046).sub_(1023 + f.mbits)
+    t = _ldexp(a, -step)                                # exact: a power-of-two scaling; t < 2**(mbits + 1)
+    if rounding == "nearest":    # half to even: adding 2**52 leaves no fraction bits (t < 2**52: exact; inf and
+        q = (t + _TWO52) - _TWO52                        # NaN pass through); torch.round is slower
     elif rounding == "toward_zero":
         q = torch.floor(t)
     else:
@@ -122,14 +124,31 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
         r = bits.to(t.device) if bits is not None else \
             torch.randint(0, 2 ** SR_BITS, t.shape, generator=gen, device=t.device, dtype=torch.int64)
         q = q + (r.to(torch.float64) < (t - q) * 2.0 ** SR_BITS).to(q.dtype)
-    v = _ldexp(q, step)
-    over = v > f.max
+    v = _ldexp(q, step)                                 # NaN stays NaN through every step
     if overflow == "saturate":
-        v = torch.where(over, torch.full_like(v, f.max), v)
+        v = v.clamp_max_(f.max)
     else:
-        v = torch.where(over, torch.full_like(v, math.inf if f.has_inf else math.nan), v)
-    v = torch.where(torch.isnan(a), a, v)
+        v = torch.where(v > f.max, torch.full_like(v, math.inf if f.has_inf else math.nan), v)
     return torch.copysign(v, xd).to(_out_dtype(x))
+
+
+def _quantize_e8(x: Tensor, f: Format, rounding: str, overflow: str) -> Tensor:
+    """``quantize`` for a format with float32's exponent range (bf16, fp32) on float32 ``x``, by integer operations
+    on its bit pattern (the same values, several times faster): below the kept mantissa bits, nearest-even adds
+    half an ulp less one plus the kept LSB and masks, toward zero masks; a carry moves into the exponent as rounding
+    up into the next binade (or to inf past max) does, subnormals included. NaN stays NaN; saturate maps inf
+    (rounded or given) to +-max."""
+    drop = 23 - f.mbits
+    iv = x.view(torch.int32)
+    if drop:
+        if rounding == "nearest":
+            iv = iv + (((iv >> drop) & 1) + ((1 << (drop - 1)) - 1))
+        iv = iv & ~((1 << drop) - 1)
+    v = iv.view(torch.float32)
+    v = torch.where(torch.isnan(x), x, v)
+    if overflow == "saturate":
+        v = torch.where(torch.isinf(v), torch.copysign(torch.full_like(v, f.max), x), v)
+    return v
 
 
 def _blocks(x: Tensor, dim: int, block: int):

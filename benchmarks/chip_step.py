@@ -1,0 +1,108 @@
+"""What a chip profile costs on the CPU: the default testbed's model (Qwen2, hidden 128, intermediate 384, 4 layers,
+4 heads, 2 KV heads, vocabulary 512; random weights) generates ``--new`` tokens for ``--batch`` prompts, then one
+forward+backward on the result, clean and under each conf/chip profile (``ChipMode``), timed in the same process in
+interleaved rounds. Prints each profile's median seconds and its ratio to clean (issue 22: within x3).
+
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --rounds 3
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --rounds 1 --profile-ops 25
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (sets the offline environment before transformers loads)
+import torch
+import yaml
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from noisebench.noise.chip import ChipMode, ChipProfile
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SHARPEN = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, tie_word_embeddings=True,
+                    rope_theta=10000.0, rms_norm_eps=1e-6, use_sliding_window=False, hidden_act="silu")
+
+
+def profiles() -> dict:
+    out = {}
+    for p in sorted((REPO / "conf" / "chip").glob("*.yaml")):
+        d = yaml.safe_load(p.read_text())
+        if isinstance(d, dict) and "in_format" in d:
+            out[p.stem] = ChipProfile.from_dict(d)
+    return out
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profiles", default="all", help="comma list of conf/chip names, or all")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=40, help="prompt tokens")
+    p.add_argument("--new", type=int, default=48, help="generated tokens")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--profile-ops", type=int, default=0,
+                   help="instead of timing: torch.profiler's top N ops of one chip step per profile")
+    a = p.parse_args()
+    known = profiles()
+    a.names = list(known) if a.profiles == "all" else a.profiles.split(",")
+    bad = [n for n in a.names if n not in known]
+    if bad:
+        p.error(f"--profiles: unknown {bad}; valid: {sorted(known)}")
+    a.known = known
+    return a
+
+
+def step(model, prompts, a) -> float:
+    """One generation of ``a.new`` tokens (greedy) and a forward+backward on the sequences; wall seconds."""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=a.new,
+                             min_new_tokens=a.new, do_sample=False, pad_token_id=0)
+    logits = model(seq).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1))
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    a = parse()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHARPEN))
+    prompts = torch.randint(1, 512, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))
+
+    def run(mode):
+        def go():
+            if mode is None:
+                return step(model, prompts, a)
+            with mode:
+                return step(model, prompts, a)
+        return go
+
+    modes = {n: ChipMode(a.known[n]) for n in a.names}
+    if a.profile_ops:
+        for name, mode in modes.items():
+            run(mode)()
+            with torch.profiler.profile() as prof:
+                run(mode)()
+            print(f"== {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_ops))
+        return
+    variants = {"clean": run(None), **{n: run(m) for n, m in modes.items()}}
+    times = common.interleave(variants, a.rounds, a.warmup,
+                              report=lambda r, label, s: print(f"round {r} {label}: {s:.3f} s", flush=True))
+    clean = statistics.median(times["clean"])
+    print(f"\nbatch {a.batch}, prompt {a.prompt}, {a.new} new tokens + fwd/bwd, {a.threads} thread(s), "
+          f"median of {a.rounds}")
+    print(f"{'variant':<18}{'seconds':>9}{'x clean':>9}")
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{label:<18}{med:>9.3f}{med / clean:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
