@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from . import formats, transcendental
@@ -285,11 +286,12 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
         qb = None
         w = (args[1] if len(args) > 1 else kwargs.get("weight")) if op == "linear" else None
         if isinstance(w, torch.nn.Parameter) and weights is not None and profile.arith.in_rounding == "nearest":
-            key = (id(w), w._version, w.data_ptr())   # the cache holds w: its id is not reused while cached
+            key = (id(w), w._version, w.data_ptr(), _STEPS[0])   # the cache holds w: its id is not reused
             hit = weights.get(key)
             if hit is None:
-                if len(weights) > 4096:
+                if len(weights) > 4096 or weights.get("steps") != _STEPS[0]:
                     weights.clear()
+                    weights["steps"] = _STEPS[0]
                 hit = weights[key] = (w, quantize_codes(b, profile.arith, -2))
             qb = hit[1]
         dtype = torch.promote_types(a.dtype, b.dtype)
@@ -313,6 +315,15 @@ def _phase_in_force() -> Optional[str]:
 
 
 _ACTIVE: list = []        # ChipModes entered in this process, innermost last
+_STEPS = [0]              # optimizer steps taken in this process: a fused optimizer updates weights in place without
+                          # bumping their version counters, so cached weight codes are keyed on this count too
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 _SUSPENDED = [0]          # > 0: every chip off (``suspended``)
 
 
