@@ -13,8 +13,9 @@ and delta = m_a - m_base has standard error s_p * sqrt(1/R_a + 1/R_base) on a St
 6 seeds the pool has 75 degrees of freedom, where a per-row Welch interval on 2 seeds has about 1.
 
 Pooling assumes the arms' seed variances are alike. Each arm is checked against the pool of the others (one-sided F
-test of its variance ratio, Bonferroni over the arms: Cochran's C in spirit); an outlying arm leaves the pool and is
-compared by Welch-Satterthwaite with its own variance. Levene's (Brown-Forsythe) test over all arms goes in the header.
+test of its variance ratio, Bonferroni over the arms: Cochran's C in spirit), the most outlying arm leaves the pool
+and the check repeats on the rest (arms that collapse spread more across seeds, and several of them in the "others"
+would hide each other); an outlying arm is compared by Welch-Satterthwaite with its own variance. Levene's (Brown-Forsythe) test over all arms goes in the header.
 
 Verdicts: ``degraded`` / ``improved`` when the Holm-adjusted two-sided p of the difference is below alpha (the
 unadjusted CI then lies outside 0 too); else ``equivalent`` when both one-sided tests against the margin reject at
@@ -113,8 +114,9 @@ class Pool:
 def pool_arms(values: dict, alpha: float = ALPHA) -> Pool:
     """Pool the seed variances of ``values`` (arm -> run scores); arms with outlying variance are left out.
 
-    An arm is outlying when its variance is significantly larger than the pool of all the other arms (F test,
-    Bonferroni over the arms at ``alpha``); its comparisons then use Welch with its own variance.
+    An arm is outlying when its variance is significantly larger than the pool of the other arms still pooled (F
+    test, Bonferroni over them at ``alpha``), removed one at a time, the most significant first, until none is; its
+    comparisons then use Welch with its own variance.
     """
     arms = {k: np.asarray(v, float)[np.isfinite(np.asarray(v, float))] for k, v in values.items()}
     arms = {k: v for k, v in arms.items() if v.size >= 2}
@@ -124,15 +126,21 @@ def pool_arms(values: dict, alpha: float = ALPHA) -> Pool:
     s2 = np.array([arms[k].var(ddof=1) for k in names])
     df = np.array([arms[k].size - 1 for k in names], float)
     outlying = {}
-    if len(names) >= 3:
-        for i, k in enumerate(names):
-            rest = np.arange(len(names)) != i
+    keep = np.ones(len(names), bool)
+    while keep.sum() >= 3:   # one at a time, largest first: several wide arms would mask each other in one pass
+        best = None
+        for i in np.flatnonzero(keep):
+            rest = keep.copy()
+            rest[i] = False
             s2r, dfr = pooled_variance(s2[rest], df[rest])
             if s2r > 0:
-                p = min(1.0, len(names) * float(stats.f.sf(s2[i] / s2r, df[i], dfr)))
-                if p < alpha:
-                    outlying[k] = p
-    keep = np.array([k not in outlying for k in names])
+                p = min(1.0, int(keep.sum()) * float(stats.f.sf(s2[i] / s2r, df[i], dfr)))
+                if p < alpha and (best is None or p < best[1]):
+                    best = (i, p)
+        if best is None:
+            break
+        keep[best[0]] = False
+        outlying[names[best[0]]] = best[1]
     s2p, dfp = pooled_variance(s2[keep], df[keep])
     lev = math.nan
     if len(names) >= 2 and any(np.ptp(arms[k]) > 0 for k in names):
