@@ -145,7 +145,9 @@ def test_a_real_fix_is_found():
 def test_rescue_rule_cases():
     assert rescue("degraded", "equivalent", 0.03, 0.001) == "rescued"
     assert rescue("degraded", "equivalent", 0.03, 0.2) == "not rescued (verdict flips, gain not significant)"
-    assert rescue("degraded", "inconclusive", 0.03, 0.001) == "not rescued (inconclusive)"
+    assert rescue("degraded", "inconclusive", 0.03, 0.001) == "partly rescued (still inconclusive)"
+    assert rescue("degraded", "degraded", 0.17, 0.001) == "partly rescued (still degraded)"
+    assert rescue("degraded", "inconclusive", 0.03, 0.3) == "not rescued (inconclusive)"
     assert rescue("diverged", "equivalent", math.nan, math.nan) == "rescued"
     assert rescue("equivalent", "degraded", -0.03, 0.001) == "made worse"
     assert rescue("degraded", "degraded", -0.45, 0.001) == "made worse"     # harmed already, the fix harms more

@@ -177,7 +177,7 @@ def _mitigations(cells: pd.DataFrame, alpha: float) -> list[str]:
             f"gains (a family of its own). **rescued**: the untreated arm is degraded (or diverged), the treated "
             f"arm equivalent (or improved), and the gain is significant (Holm p < {alpha:g}) and positive; a verdict "
             "flip without a significant gain is said as such (it happens by chance when the true harm lies near "
-            "the margin). **not rescued**: the treated arm is still degraded, or inconclusive (said which). **not "
+            "the margin). **partly rescued**: the gain is significant and positive but the treated arm is still degraded or inconclusive (said which). **not rescued**: no significant gain, and the treated arm is still degraded or inconclusive (said which). **not "
             "needed**: the untreated arm is not degraded. **made worse**: the gain is significantly negative and the treated "
             "arm is degraded (or diverged), whether or not the untreated arm was. Mismatch (verl's "
             "`rollout_corr/*`, mean over steps and seeds): k3_kl between the sampler's and the trainer's "

@@ -11,6 +11,8 @@ paired), Student t on n - 1 df, Holm-adjusted across this section's gains (their
 A flip alone is no evidence: an arm whose true harm lies just inside the margin is called degraded in one arm and
 equivalent in its untreated twin by chance, with a fix that does nothing (tests/test_leaderboard_mitigations.py
 measures how often). The untreated arm diverged: a treated arm that finishes and is equivalent is a rescue by itself.
+A significant gain that leaves the arm still degraded (or inconclusive) is a partial rescue, said as such: the fix
+works, the chip is still not harmless.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ def rescue(untreated: str, treated: str, gain: float, p_gain: float, alpha: floa
             return "not rescued (verdict flips, gain not significant)"
         if significant and gain < 0:   # already harmed, and the fix harms it further
             return "made worse"
+        if significant and gain > 0:   # the fix helps measurably, yet the arm stays worse than the baseline
+            return f"partly rescued (still {treated})"
         return f"not rescued (still {treated})" if treated in BAD else f"not rescued ({treated})"
     if treated in BAD:
         if treated == "diverged" or (significant and gain < 0):
