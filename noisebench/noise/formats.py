@@ -244,7 +244,10 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
     if scaling == "mx":
         se = mx_shared_exponent(amax, f)
         se0 = torch.nan_to_num(se, nan=0.0)
-        q = quantize(_ldexp(xb, -se0), f, rounding, overflow, gen)           # exact power-of-two scaling
+        scaled = _ldexp(xb, -se0)                                           # exact power-of-two scaling
+        if rounding != "stochastic":     # float32 (the fast path): exact, but for values below 2**-126 that round
+            scaled = scaled.float()      # to +-0 on every element grid either way
+        q = quantize(scaled, f, rounding, overflow, gen)
         inv = torch.where(torch.isnan(se), se, _pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
     else:
         s = torch.where(amax > 0, (f.max / amax).float().double(), torch.ones_like(amax))   # float32 s
