@@ -142,18 +142,21 @@ def test_bad_names_are_refused_with_choices():
         F.quantize(torch.ones(2), "fp16", "up")
 
 
-@pytest.mark.parametrize("name", ["bf16", "fp32"])
+@pytest.mark.parametrize("name", sorted(F.FORMATS))
 @pytest.mark.parametrize("rounding", ["nearest", "toward_zero"])
 @pytest.mark.parametrize("overflow", F.OVERFLOWS)
 def test_float32_bit_path_is_the_general_definition(name, rounding, overflow):
-    """bf16/fp32 on float32 inputs take integer operations on the bit pattern; the float64 definition (taken for
-    float64 inputs) must give the same bits on every float32 pattern class: random patterns (all exponents, NaNs,
-    subnormals), infinities, signed zeros, values that round past max."""
+    """Float32 inputs take integer operations on the bit pattern (and, below a narrow format's smallest normal, a
+    float32 add or floor); the float64 definition (taken for float64 inputs) must give the same bits on every
+    float32 pattern class: random patterns (all exponents, NaNs, subnormals), infinities, signed zeros, values that
+    round past max, the format's own subnormals and ties."""
     g = torch.Generator().manual_seed(0)
     pats = torch.randint(-2 ** 31, 2 ** 31, (400_000,), generator=g, dtype=torch.int64).to(torch.int32)
     edges = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 3.4028234663852886e38, 3.3961e38, 3.3962e38,
-                          -3.39e38, 1e-45, -1e-45, 1e-40, 2.0 ** -126, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8])
-    x = torch.cat([pats.view(torch.float32), edges, torch.randn(10_000, generator=g) * 1e-38])
+                          -3.39e38, 1e-45, -1e-45, 1e-40, 2.0 ** -126, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8,
+                          448.0, 464.0, 480.0, 61440.0, 7.0, 30.0, 2.0 ** -10, 3 * 2.0 ** -11, 2.0 ** -17, 0.25])
+    wide = torch.randn(50_000, generator=g) * torch.exp2(torch.randint(-40, 20, (50_000,), generator=g).float())
+    x = torch.cat([pats.view(torch.float32), edges, torch.randn(10_000, generator=g) * 1e-38, wide])
     fast = F.quantize(x, name, rounding, overflow)
     slow = F.quantize(x.double(), name, rounding, overflow).float()
     nan = torch.isnan(slow)

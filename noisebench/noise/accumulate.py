@@ -153,15 +153,16 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
 
     Chunk c (K elements c*chunk ... , the last zero-padded) has the exact float64 sum of its code products; for
     ``mx`` times inv_a * inv_b of its block (exact: powers of two). The chunks are added in ``order`` (default
-    0, 1, ...) into a float64 accumulator, the sum rounded to ``acc_mantissa_bits`` after each add (``round_acc``).
-    With promotion, when the next chunk is in another promotion group (chunk * c // promote_every) or none is
+    0, 1, ...) into a float64 accumulator, the sum (a float64 add: exact while acc and the chunk's sum span at most
+    53 bits, as fp8/fp6/fp4 codes always do) rounded to ``acc_mantissa_bits`` after each add (``round_acc``).
+    With promotion, when the next chunk is in another promotion group (c * chunk // promote_every) or none is
     left, float32(acc) is added into a float32 total (nearest) and acc cleared; for ``block`` the promoted term is
     float32(acc) * float32(inv_a_blk * inv_b_blk), two float32 multiplies, then the add (no fused multiply-add).
     Without promotion the total is float32(acc). ``tensor``: the result is total * float32(inv_a * inv_b)."""
     n_out = cb.shape[-1]
     rows = ca.numel() // max(ca.shape[-1], 1)
-    if cb.dim() == 2 and rows * n_out > 2 * _TILE and rows > 1:   # rows are independent: a cache-sized tile at once
-        step = max(1, _TILE // n_out)
+    step = _TILE // max(n_out, 1)
+    if cb.dim() == 2 and rows > 2 * step >= 16:  # rows are independent: a cache-sized tile of them at once
         a2 = ca.reshape(rows, ca.shape[-1])
         i2 = inv_a.reshape(rows, inv_a.shape[-1]) if inv_a is not None and inv_a.dim() else inv_a
         y = torch.cat([accumulate(a2[r:r + step], cb, arith, None if i2 is None else

@@ -107,8 +107,10 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
     f = get(fmt)
     _check("rounding", rounding, ROUNDINGS)
     _check("overflow", overflow, OVERFLOWS)
-    if f.ebits == 8 and rounding != "stochastic" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return _quantize_e8(x.detach().float(), f, rounding, overflow)
+    if rounding != "stochastic" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if f.ebits == 8:
+            return _quantize_e8(x.detach().float(), f, rounding, overflow)
+        return _quantize_f32(x.detach().float(), f, rounding, overflow)
     xd = x.detach().to(torch.float64)
     a = xd.abs()
     # log2 of the grid spacing at a: floor(log2 a) from the float64 exponent field, clamped below at emin (0 too)
@@ -149,6 +151,33 @@ def _quantize_e8(x: Tensor, f: Format, rounding: str, overflow: str) -> Tensor:
     if overflow == "saturate":
         v = torch.where(torch.isinf(v), torch.copysign(torch.full_like(v, f.max), x), v)
     return v
+
+
+def _quantize_f32(x: Tensor, f: Format, rounding: str, overflow: str) -> Tensor:
+    """``quantize`` for a narrower format (emin >= -126) on float32 ``x`` in float32 and int32 (the same values as
+    the float64 definition, tested on random bit patterns): at and above 2**emin the mantissa is cut by integer
+    operations on the bit pattern as in ``_quantize_e8``; below it the grid spacing is u = 2**(emin - mbits), and
+    nearest-even is (a + C) - C with C = u * 2**23 (float32 addition rounds a to a multiple of u: [C, 2C) has
+    ulp u), toward zero floor(a / u) * u (power-of-two scalings, exact)."""
+    drop = 23 - f.mbits
+    ia = x.view(torch.int32) & 0x7FFFFFFF
+    a = ia.view(torch.float32)
+    if rounding == "nearest":
+        ia = ia + (((ia >> drop) & 1) + ((1 << (drop - 1)) - 1))
+    v = (ia & ~((1 << drop) - 1)).view(torch.float32)
+    u = 2.0 ** (f.emin - f.mbits)
+    if rounding == "nearest":
+        c = u * 2.0 ** 23
+        sub = (a + c) - c
+    else:
+        sub = torch.floor(a * (1 / u)) * u
+    v = torch.where(a < 2.0 ** f.emin, sub, v)
+    if overflow == "saturate":
+        v = v.clamp_max_(f.max)
+    else:
+        v = torch.where(v > f.max, torch.full_like(v, math.inf if f.has_inf else math.nan), v)
+    v = torch.where(torch.isnan(x), x, v)
+    return torch.copysign(v, x)
 
 
 def _blocks(x: Tensor, dim: int, block: int):
@@ -215,7 +244,10 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
     if scaling == "mx":
         se = mx_shared_exponent(amax, f)
         se0 = torch.nan_to_num(se, nan=0.0)
-        q = quantize(_ldexp(xb, -se0), f, rounding, overflow, gen)           # exact power-of-two scaling
+        scaled = _ldexp(xb, -se0)                                           # exact power-of-two scaling
+        if rounding != "stochastic":     # float32 (the fast path): exact, but for values below 2**-126 that round
+            scaled = scaled.float()      # to +-0 on every element grid either way
+        q = quantize(scaled, f, rounding, overflow, gen)
         inv = torch.where(torch.isnan(se), se, _pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
     else:
         s = torch.where(amax > 0, (f.max / amax).float().double(), torch.ones_like(amax))   # float32 s
