@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 
 import torch
 
+from common import cuda_us
 from noisebench.noise.accumulate import GemmArith
 from noisebench.noise.fast import chip_gemm as cg
 
@@ -36,22 +36,6 @@ PROFILES = {
     "mxfp8": GemmArith(in_format="fp8_e4m3", in_scaling="mx", scale_block=32, chunk=32, acc_mantissa_bits=23,
                        acc_rounding="rne", out_format="bf16"),
 }
-
-
-def cuda_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Median milliseconds of ``fn`` on the device (CUDA events around each call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +83,7 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
             fn()                              # compiles and tunes the kernel on its first call
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            ms = cuda_ms(fn, reps)
+            ms = cuda_us(fn, reps) / 1e3
             row[vname] = dict(ms=ms, tflops=flop / ms / 1e9, first_call_s=first)
             row[vname].update({"config (BM, BN, warps, stages)": list(cg._TUNED[key])
                                for key in set(cg._TUNED) - before})
