@@ -7,8 +7,9 @@ accumulation on and off (where this torch and GPU have it), and the kernel for t
 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
 event timings after warm-up calls; the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
-fp8_fast_accum and fp8_promote128 use chunk 4, which is no tensor-core K: the kernel declines them (None) and the
-definition runs; these chunk-32 variants are what the kernel can do.
+fp8_fast_accum and fp8_promote128 use the aligning adder fitted to the H200 (per-product cuts, ``acc_alignment:
+max_exponent``), which no tensor-core dot computes: the kernel declines them (None) and the definition runs; these
+exact-chunk-sum variants (chunk 32) are what the kernel can do.
 
     python benchmarks/chip_gemm.py --out $OUT/chip_gemm.json
 """

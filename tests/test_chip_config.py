@@ -55,6 +55,7 @@ def test_schema_choices_are_the_engine_choices():
     assert [m.value for m in chip.ChipFormat] == list(formats.FORMATS)
     assert [m.value for m in chip.Scaling] == list(formats.SCALINGS)
     assert [m.value for m in chip.AccRounding] == list(accumulate.ACC_ROUNDINGS)
+    assert [m.value for m in chip.AccAlignment] == list(accumulate.ACC_ALIGNMENTS)
     assert [m.value for m in chip.Overflow] == list(formats.OVERFLOWS)
     assert [m.value for m in chip.ChipOp] == list(CHIP_OPS)
     arith_keys = {f.name for f in dataclasses.fields(accumulate.GemmArith)}

@@ -23,6 +23,7 @@ from . import formats
 
 ACC_ROUNDINGS = ("rne", "toward_zero")
 REDUCTION_ORDERS = ("fixed", "random")
+ACC_ALIGNMENTS = ("exact", "max_exponent")
 _TILE = 1 << 16                      # outputs summed at once: acc and a chunk's sum stay in the L2 cache
 
 
@@ -44,6 +45,10 @@ class GemmArith:
     overflow: ``saturate`` | ``inf`` for every rounding step (``formats.quantize``).
     reduction_order: ``fixed`` (chunks added in K order) | ``random`` (each call adds them in an order drawn from
         its generator: split-K in a random order, ``chunk_order``).
+    acc_alignment: ``exact`` (a chunk's products summed exactly, the sum added to the accumulator and rounded to
+        ``acc_mantissa_bits``) | ``max_exponent`` (a tensor core's adder: the chunk's products and the accumulator
+        aligned to the largest exponent among them and each cut to ``acc_mantissa_bits`` fraction bits below it,
+        toward zero or to nearest by ``acc_rounding``, then summed; Khattak & Mikaitis arXiv 2512.07004).
     """
 
     in_format: str = "bf16"
@@ -57,6 +62,7 @@ class GemmArith:
     out_format: str = "fp32"
     overflow: str = "saturate"
     reduction_order: str = "fixed"
+    acc_alignment: str = "exact"
 
     def __post_init__(self) -> None:
         formats.get(self.in_format)
@@ -65,7 +71,8 @@ class GemmArith:
                                   ("in_rounding", self.in_rounding, ("nearest", "stochastic")),
                                   ("acc_rounding", self.acc_rounding, ACC_ROUNDINGS),
                                   ("overflow", self.overflow, formats.OVERFLOWS),
-                                  ("reduction_order", self.reduction_order, REDUCTION_ORDERS)):
+                                  ("reduction_order", self.reduction_order, REDUCTION_ORDERS),
+                                  ("acc_alignment", self.acc_alignment, ACC_ALIGNMENTS)):
             if value not in valid:
                 raise ValueError(f"GemmArith.{key}={value!r} is not valid; valid choices: {list(valid)}")
         if self.chunk < 1 or not 1 <= self.acc_mantissa_bits <= 52:
@@ -146,6 +153,19 @@ def chunk_order(arith: GemmArith, k: int, gen: Optional[torch.Generator] = None)
     return torch.cat([within[g * per:(g + 1) * per] for g in groups.tolist()])
 
 
+def aligned_sum(acc: Tensor, prods: Tensor, bits: int, rne: bool) -> Tensor:
+    """acc + the sum of ``prods`` along dim -2 as an aligning adder computes it: every term (acc and each product)
+    cut to a multiple of 2**(e - bits), e the exponent of the largest |term| (its leading bit), toward zero or to
+    nearest even, then summed exactly (float64: the terms are multiples of one power of two spanning at most
+    bits + log2(chunk + 1) + 1 bits)."""
+    big = torch.maximum(acc.abs(), prods.abs().amax(-2))
+    _, e2 = torch.frexp(big)                        # big = m * 2**e2, 0.5 <= m < 1: the leading bit is 2**(e2 - 1)
+    ulp = formats.pow2(e2 - 1 - bits).unsqueeze(-2)
+    terms = torch.cat([acc.unsqueeze(-2), prods], -2) / ulp     # exact: a power-of-two scaling
+    cut = torch.round(terms) if rne else torch.trunc(terms)
+    return (cut * ulp).sum(-2)
+
+
 def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
     """``ca @ cb`` of codes ([..., M, K] @ [..., K, N], ``quantize_codes``'s, scales ``inv_a``/``inv_b``) summed as
@@ -195,12 +215,19 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     promote = arith.promote_every is not None
     total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
     per = (arith.promote_every // ch) if promote else 0
+    aligned = arith.acc_alignment == "max_exponent"
     for pos, c in enumerate(seq):
-        torch.matmul(a_ch[c], b_ch[c], out=part)
-        if ia is not None:
-            part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
-        acc.add_(part)
-        if drop > 0:                             # round_acc, inlined (the loop's calls are most of its cost)
+        if aligned:
+            prods = a_ch[c].unsqueeze(-1) * b_ch[c].unsqueeze(-3)          # [..., M, chunk, N], exact
+            if ia is not None:
+                prods = prods * ia[..., c:c + 1].unsqueeze(-1) * ib[..., c:c + 1, :].unsqueeze(-3)
+            acc.copy_(aligned_sum(acc, prods, arith.acc_mantissa_bits, rne))   # rounded as it adds
+        else:
+            torch.matmul(a_ch[c], b_ch[c], out=part)
+            if ia is not None:
+                part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
+            acc.add_(part)
+        if drop > 0 and not aligned:      # round_acc, inlined (the loop's calls are most of its cost)
             if rne:
                 iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
             iv.bitwise_and_(~((1 << drop) - 1))

@@ -82,6 +82,9 @@ def _pow2(k: Tensor) -> Tensor:
     return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
+pow2 = _pow2                         # public: the aligning adder (accumulate.aligned_sum) builds its ulps alike
+
+
 def _ldexp(a: Tensor, k: Tensor) -> Tensor:
     """a * 2**k, exact for float64 ``a`` while the result stays a float64 normal (|k| <= 1022 here)."""
     return a * _pow2(k)

@@ -173,6 +173,8 @@ def supported(arith) -> Optional[str]:
         return f"out_format {arith.out_format!r}"
     if getattr(arith, "reduction_order", "fixed") != "fixed":
         return "a random reduction order"
+    if getattr(arith, "acc_alignment", "exact") != "exact":
+        return "an aligning adder (per-product cuts): the definition computes it"
     if arith.in_scaling == "block" and arith.promote_every != arith.scale_block:
         return "block scales need promote_every == scale_block"
     if arith.in_scaling == "mx" and arith.scale_block % arith.chunk:
