@@ -156,14 +156,14 @@ def chunk_order(arith: GemmArith, k: int, gen: Optional[torch.Generator] = None)
 def aligned_sum(acc: Tensor, prods: Tensor, bits: int, rne: bool) -> Tensor:
     """acc + the sum of ``prods`` along dim -2 as an aligning adder computes it: every term (acc and each product)
     cut to a multiple of 2**(e - bits), e the exponent of the largest |term| (its leading bit), toward zero or to
-    nearest even, then summed exactly (float64: the terms are multiples of one power of two spanning at most
-    bits + log2(chunk + 1) + 1 bits)."""
+    nearest even, then summed exactly (float64: the cut terms are integers times one power of two, and their integer
+    sum spans at most bits + log2(chunk + 1) + 1 bits)."""
     big = torch.maximum(acc.abs(), prods.abs().amax(-2))
     _, e2 = torch.frexp(big)                        # big = m * 2**e2, 0.5 <= m < 1: the leading bit is 2**(e2 - 1)
-    ulp = formats.pow2(e2 - 1 - bits).unsqueeze(-2)
-    terms = torch.cat([acc.unsqueeze(-2), prods], -2) / ulp     # exact: a power-of-two scaling
-    cut = torch.round(terms) if rne else torch.trunc(terms)
-    return (cut * ulp).sum(-2)
+    k = e2 - 1 - bits
+    cut = torch.round if rne else torch.trunc
+    whole = cut(prods * formats.pow2(-k).unsqueeze(-2)).sum(-2) + cut(acc * formats.pow2(-k))   # exact scalings
+    return whole * formats.pow2(k)
 
 
 def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
