@@ -107,34 +107,6 @@ def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.
     return formats.dequantize(codes, inv, k_dim)
 
 
-def round_acc(acc: Tensor, bits: int, rounding: str) -> Tensor:
-    """float64 ``acc`` rounded in place to ``bits`` stored mantissa bits (``rne`` or ``toward_zero``) by masking
-    its bit pattern: exact, with float64's exponent range (an accumulator that drops low bits, never overflows
-    here). Returns ``acc``."""
-    drop = 52 - bits
-    if drop <= 0:
-        return acc
-    iv = acc.view(torch.int64)
-    if rounding == "rne":                        # add half an ulp less one, plus the kept LSB: ties go to even
-        iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
-    iv.bitwise_and_(~((1 << drop) - 1))
-    return acc
-
-
-def chunk_sums(a64: Tensor, b64: Tensor, chunk: int) -> Tensor:
-    """The products of each K chunk summed: [..., K/chunk, M, N] (K zero-padded to a multiple of ``chunk``), one
-    batched matmul; exact while a chunk's sum fits float64's 53 bits (fp8 and MX inputs always do)."""
-    k = a64.shape[-1]
-    pad = (-k) % chunk
-    if pad:
-        a64 = torch.nn.functional.pad(a64, (0, pad))
-        b64 = torch.nn.functional.pad(b64, (0, 0, 0, pad))
-    nc = (k + pad) // chunk
-    a = a64.reshape(*a64.shape[:-1], nc, chunk).movedim(-2, -3)        # [..., nc, M, chunk]
-    b = b64.reshape(*b64.shape[:-2], nc, chunk, b64.shape[-1])         # [..., nc, chunk, N]
-    return a @ b
-
-
 def chunk_order(arith: GemmArith, k: int, gen: Optional[torch.Generator] = None) -> Optional[Tensor]:
     """The order (int64 chunk indices, on the CPU) in which one call adds its ceil(k / chunk) chunks: None for
     ``fixed``. ``random``: a permutation drawn from ``gen`` (torch's default generator when None), a fresh draw each
@@ -174,7 +146,8 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     Chunk c (K elements c*chunk ... , the last zero-padded) has the exact float64 sum of its code products; for
     ``mx`` times inv_a * inv_b of its block (exact: powers of two). The chunks are added in ``order`` (default
     0, 1, ...) into a float64 accumulator, the sum (a float64 add: exact while acc and the chunk's sum span at most
-    53 bits, as fp8/fp6/fp4 codes always do) rounded to ``acc_mantissa_bits`` after each add (``round_acc``).
+    53 bits, as fp8/fp6/fp4 codes always do) rounded to ``acc_mantissa_bits`` after each add (by masking its bit
+    pattern: exact, with float64's exponent range).
     With promotion, when the next chunk is in another promotion group (c * chunk // promote_every) or none is
     left, float32(acc) is added into a float32 total (nearest) and acc cleared; for ``block`` the promoted term is
     float32(acc) * float32(inv_a_blk * inv_b_blk), two float32 multiplies, then the add (no fused multiply-add).
@@ -205,7 +178,7 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
         scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
     seq = range(nc) if order is None else order.tolist()
     # one chunk's sum at a time (a matmul with K = chunk into a reused buffer): the [nc, M, N] of all chunks'
-    # sums (``chunk_sums``) costs nc times the output's memory and a slow batched matmul for small chunks
+    # sums costs nc times the output's memory and a slow batched matmul for small chunks
     a_ch, b_ch = a64.split(ch, -1), b64.split(ch, -2)
     part = torch.matmul(a_ch[0], b_ch[0])
     acc = torch.zeros_like(part)
@@ -227,7 +200,7 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
             if ia is not None:
                 part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
             acc.add_(part)
-        if drop > 0 and not aligned:      # round_acc, inlined (the loop's calls are most of its cost)
+        if drop > 0 and not aligned:      # mask the dropped bits; RNE first adds half an ulp less one + the kept LSB
             if rne:
                 iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
             iv.bitwise_and_(~((1 << drop) - 1))
@@ -249,18 +222,11 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     ``chunk_order``'s order, the bias added to the float32 sum (the GEMM's epilogue, before the output's rounding),
     output rounded to ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``gen``: stochastic
     input rounding (a, then b) and the random reduction order, drawn in that order. ``qb``: ``b`` already
-    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv), or, for
-    ``in_scaling=none`` only, its values (= codes); a values tensor under a scaling is not used (``b`` is
-    quantized again: codes cannot be recovered from values)."""
+    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv)."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     ca, inv_a = quantize_codes(a, arith, -1, gen)
-    if isinstance(qb, tuple):
-        cb, inv_b = qb
-    elif qb is not None and arith.in_scaling == "none":
-        cb, inv_b = qb, None
-    else:
-        cb, inv_b = quantize_codes(b, arith, -2, gen)
+    cb, inv_b = qb if qb is not None else quantize_codes(b, arith, -2, gen)
     y = accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()

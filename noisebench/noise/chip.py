@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -206,18 +207,25 @@ def _torch_grads(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor], g: Ten
 _SMALL_TILE = (64, 64, 4, 3)   # a training step's GEMMs change shape every call (decode, attention): no autotuning
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    """The Triton chip GEMM module, imported once; None without Triton (the definition then runs)."""
+    try:
+        from .fast import chip_gemm
+    except ImportError:
+        return None
+    return chip_gemm
+
+
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
          bias: Optional[Tensor] = None, qb=None) -> Tensor:
     """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
     (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
     tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
     most an accumulator ulp: tests/test_chip_gemm_cuda.py)."""
-    if a.is_cuda and dispatch.MODE != "off" and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
-        try:
-            from .fast import chip_gemm as kernel
-        except ImportError:     # no Triton: the definition
-            kernel = None
-        if kernel is not None and kernel.supported(arith) is None:
+    kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
+    if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
+        if kernel.supported(arith) is None:
             ca, inv_a = quantize_codes(a, arith, -1, gen)
             cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
@@ -261,13 +269,13 @@ def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optio
 
 
 def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
-              gen: Optional[torch.Generator] = None, weights: Optional[dict] = None,
+              gen: Optional[torch.Generator] = None, weights: Optional["WeightCodes"] = None,
               fwd_live: bool = True, bwd_live: Optional[Callable[[], bool]] = None):
     """One covered call under ``profile``. Elementwise ops: the chip's values where ``fwd_live``, torch's gradient
     (straight-through). GEMMs: the chip's values where ``fwd_live`` (else torch's), and, where ``bwd_live`` is
     given and a gradient is needed, ``ChipGemm``'s backward gated by it; else torch's gradient (straight-through).
-    ``weights``: a cache of quantized linear weights, keyed by the tensor and its version counter (an optimizer
-    step's in-place update bumps it), for deterministic input rounding only."""
+    ``weights``: quantized linear weights reused across calls (``WeightCodes``), for deterministic input rounding
+    only."""
     if op not in GEMM_OPS and op != "rmatmul":
         y = _approx(op, args, kwargs, profile) if fwd_live else None
         if y is None:
@@ -286,14 +294,7 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
         qb = None
         w = (args[1] if len(args) > 1 else kwargs.get("weight")) if op == "linear" else None
         if isinstance(w, torch.nn.Parameter) and weights is not None and profile.arith.in_rounding == "nearest":
-            key = (id(w), w._version, w.data_ptr(), _STEPS[0])   # the cache holds w: its id is not reused
-            hit = weights.get(key)
-            if hit is None:
-                if len(weights) > 4096 or weights.get("steps") != _STEPS[0]:
-                    weights.clear()
-                    weights["steps"] = _STEPS[0]
-                hit = weights[key] = (w, quantize_codes(b, profile.arith, -2))
-            qb = hit[1]
+            qb = weights.get(w, b, profile.arith)
         dtype = torch.promote_types(a.dtype, b.dtype)
         return gemm(a, b, profile.arith, gen, bias, qb=qb).to(dtype)
 
@@ -315,8 +316,8 @@ def _phase_in_force() -> Optional[str]:
 
 
 _ACTIVE: list = []        # ChipModes entered in this process, innermost last
-_STEPS = [0]              # optimizer steps taken in this process: a fused optimizer updates weights in place without
-                          # bumping their version counters, so cached weight codes are keyed on this count too
+_SUSPENDED = [0]          # > 0: every chip off (``suspended``)
+_STEPS = [0]              # optimizer steps taken in this process (``WeightCodes``)
 
 
 def _count_step(optimizer, args, kwargs) -> None:
@@ -324,7 +325,26 @@ def _count_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_step)
-_SUSPENDED = [0]          # > 0: every chip off (``suspended``)
+
+
+class WeightCodes:
+    """Quantized linear weights, reused until the weight changes: an in-place update bumps the tensor's version
+    counter, except a fused optimizer's (torch's fused AdamW, transformers' default on CUDA), so the cache is also
+    emptied after every optimizer step of the process. An entry holds its weight, so its id is not reused."""
+
+    def __init__(self):
+        self.codes: dict = {}
+        self.step = _STEPS[0]
+
+    def get(self, w: Tensor, b: Tensor, arith: GemmArith) -> tuple:
+        """(codes, inv) of ``b`` (``w`` as the GEMM's right operand) under ``arith``."""
+        if self.step != _STEPS[0] or len(self.codes) > 4096:
+            self.codes.clear()
+            self.step = _STEPS[0]
+        key = (id(w), w._version, w.data_ptr())
+        if key not in self.codes:
+            self.codes[key] = (w, quantize_codes(b, arith, -2))
+        return self.codes[key][1]
 
 
 @contextlib.contextmanager
@@ -355,7 +375,7 @@ class ChipMode(TorchFunctionMode):
         self.phase = phase or _phase_in_force
         self.seed = seed
         self.gens: dict = {}        # stochastic input rounding: one generator per device, seeded alike
-        self.weights: dict = {}     # quantized linear weights (chip_call)
+        self.weights = WeightCodes()  # quantized linear weights (chip_call)
 
     def __enter__(self):
         _ACTIVE.append(self)

@@ -77,17 +77,14 @@ def _check(name: str, value, valid) -> None:
         raise ValueError(f"{name}={value!r} is not valid; valid choices: {list(valid)}")
 
 
-def _pow2(k: Tensor) -> Tensor:
+def pow2(k: Tensor) -> Tensor:
     """2**k in float64, built from its bits (exact; ``torch.ldexp`` computes 2**k in the default float dtype)."""
     return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
-pow2 = _pow2                         # public: the aligning adder (accumulate.aligned_sum) builds its ulps alike
-
-
 def _ldexp(a: Tensor, k: Tensor) -> Tensor:
     """a * 2**k, exact for float64 ``a`` while the result stays a float64 normal (|k| <= 1022 here)."""
-    return a * _pow2(k)
+    return a * pow2(k)
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -251,7 +248,7 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
         if rounding != "stochastic":     # float32 (the fast path): exact, but for values below 2**-126 that round
             scaled = scaled.float()      # to +-0 on every element grid either way
         q = quantize(scaled, f, rounding, overflow, gen)
-        inv = torch.where(torch.isnan(se), se, _pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
+        inv = torch.where(torch.isnan(se), se, pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
     else:
         s = torch.where(amax > 0, (f.max / amax).float().double(), torch.ones_like(amax))   # float32 s
         q = quantize((xb * s).float(), f, rounding, overflow, gen)

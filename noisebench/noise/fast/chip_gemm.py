@@ -167,13 +167,13 @@ def supported(arith) -> Optional[str]:
         return f"a {arith.acc_mantissa_bits}-bit accumulator is wider than float32's"
     if arith.in_scaling not in SCALINGS:
         return f"in_scaling {arith.in_scaling!r}"
-    if getattr(arith, "in_format", "bf16") not in BF16_EXACT:
+    if arith.in_format not in BF16_EXACT:
         return f"in_format {arith.in_format!r} codes are not all bf16 values"
     if arith.out_format not in ("fp32", "bf16"):
         return f"out_format {arith.out_format!r}"
-    if getattr(arith, "reduction_order", "fixed") != "fixed":
+    if arith.reduction_order != "fixed":
         return "a random reduction order"
-    if getattr(arith, "acc_alignment", "exact") != "exact":
+    if arith.acc_alignment != "exact":
         return "an aligning adder (per-product cuts): the definition computes it"
     if arith.in_scaling == "block" and arith.promote_every != arith.scale_block:
         return "block scales need promote_every == scale_block"
@@ -259,7 +259,7 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
                   EXACT=_exact_mode(arith, exact),
                   PROMOTE=0 if arith.promote_every is None else arith.promote_every // arith.chunk,
                   HAS_BIAS=bias is not None, OUT_BF16=bf16,
-                  SATURATE=getattr(arith, "overflow", "saturate") == "saturate", BF16_MAX=BF16_MAX,
+                  SATURATE=arith.overflow == "saturate", BF16_MAX=BF16_MAX,
                   UPCAST=_interpreting())
     args = (a, b, c, sa, sb, bias_t, (m, n, k, nblk), consts)
     if config is None:
