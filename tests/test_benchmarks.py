@@ -24,7 +24,8 @@ if HAS_TRITON and not HAS_CUDA:
 from noisebench.noise.fast import dispatch  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-SCRIPTS = ["noise_overhead", "profile_noise_step", "rollout_throughput", "profile_rollout"]
+SCRIPTS = ["noise_overhead", "profile_noise_step", "rollout_throughput", "profile_rollout", "fit_fp8_adder",
+           "ppo_ratio_noise"]
 TRITON_SCRIPTS = ["kernel_bandwidth", "epilogue_gemm"]   # import Triton at the top
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="needs Triton (CUDA, or its CPU interpreter)")
 
