@@ -45,18 +45,27 @@ RANDOM_CASES = [   # fp8 e4m3 codes of normal inputs: fast-accum-like, promote-1
     ("none", 32, 32, 10, "rne", None, "fp32", False, False),
 ]
 
+# the aligning adder (acc_alignment max_exponent) on random fp8 codes: every product exact in float32, so the
+# kernel equals the definition bitwise on any codes (fp8_fast_accum, fp8_promote128 and two variants)
+ALIGNED_CASES = [
+    ("tensor", 32, 32, 13, "toward_zero", None, "fp32", False, False, "max_exponent"),
+    ("block", 128, 32, 13, "toward_zero", 128, "bf16", True, False, "max_exponent"),
+    ("none", 32, 16, 10, "rne", None, "bf16", True, True, "max_exponent"),
+    ("tensor", 32, 64, 13, "rne", 128, "fp32", False, False, "max_exponent"),
+]
+
 
 def _arith(case) -> accumulate.GemmArith:
-    scaling, block, chunk, bits, rounding, promote, out, _, _ = case
+    scaling, block, chunk, bits, rounding, promote, out = case[:7]
     return accumulate.GemmArith(in_format="fp8_e4m3", in_scaling=scaling, scale_block=block, chunk=chunk,
                                 acc_mantissa_bits=bits, acc_rounding=rounding, promote_every=promote,
-                                out_format=out)
+                                out_format=out, acc_alignment=case[9] if len(case) > 9 else "exact")
 
 
 def _inputs(case, m, k, n, exact: bool, device: str, gen: torch.Generator):
     """Codes, scales and bias for ``case``: integer codes in [-16, 16] (exact chunk sums) or e4m3 codes of
     N(0, 1) * 100 (the format's whole range)."""
-    scaling, block, _, _, _, _, _, with_bias, batched = case
+    scaling, block, _, _, _, _, _, with_bias, batched = case[:9]
     lead = (2,) if batched else ()
     if exact:
         ca = torch.randint(-16, 17, (*lead, m, k), generator=gen).float()
@@ -92,21 +101,27 @@ def ulp_limit(case) -> float:
     return 1.0 if case[3] <= 13 else 4.0
 
 
-def compare(cases, exact: bool, device: str, m=48, k=320, n=40) -> list[dict]:
-    """Per case: share of elements bitwise equal to the definition, the largest difference in accumulator ulps
-    (ulp of the definition's value at the accumulator's width)."""
+def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
+    """Per case: share of elements bitwise equal to the definition (NaN equal to NaN), the largest difference in
+    accumulator ulps (ulp of the definition's value at the accumulator's width). ``nan``: one NaN code in A's row 3
+    and one in B's column 5 (that row and column of the product must be NaN)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for case in cases:
         arith = _arith(case)
         ca, cb, ia, ib, bias = _inputs(case, m, k, n, exact, device, gen)
+        if nan:
+            ca[..., 3, k // 2] = float("nan")
+            cb[..., k - 1, 5] = float("nan")
         ref = _definition(ca, cb, ia, ib, arith, bias).float()
         y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
         assert y is not None and y.shape == ref.shape
         y = y.float()
         ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref).exponent - 1 - arith.acc_mantissa_bits)
-        diff = (y - ref).abs()
-        out.append(dict(case=list(case), equal=(y == ref).double().mean().item(),
+        diff = (y - ref).abs().nan_to_num(0.0)
+        same = (y == ref) | (y.isnan() & ref.isnan())
+        out.append(dict(case=list(case), equal=same.double().mean().item(),
+                        nan=y.isnan().double().mean().item(),
                         max_acc_ulps=(diff / ulp).max().item(), max_abs=diff.max().item()))
     return out
 
@@ -140,9 +155,21 @@ def test_large_shape_and_transposed_weight_cuda():
     assert torch.equal(y, _definition(ca, w.t(), ia, ib, arith, None))
 
 
+@needs_codes_api
+@needs_cuda
+def test_aligning_adder_matches_the_definition_bitwise_cuda():
+    for r in compare(ALIGNED_CASES, False, "cuda", m=96, k=1536, n=80):
+        assert r["equal"] == 1.0 and r["nan"] == 0.0, r
+    for r in compare(ALIGNED_CASES[:2], False, "cuda", nan=True):
+        assert r["equal"] == 1.0 and r["nan"] > 0.0, r
+
+
 def test_unsupported_arithmetic_returns_none():
     base = _arith(EXACT_CASES[0])
-    for change in (dict(chunk=8), dict(acc_mantissa_bits=30), dict(out_format="fp16"), dict(in_format="fp16")):
+    for change in (dict(chunk=8), dict(acc_mantissa_bits=30), dict(out_format="fp16"), dict(in_format="fp16"),
+                   dict(acc_alignment="max_exponent", in_format="bf16"),
+                   dict(acc_alignment="max_exponent", acc_mantissa_bits=20),
+                   dict(acc_alignment="max_exponent", in_scaling="mx")):
         arith = accumulate.GemmArith(**{**base.__dict__, **change})
         assert cg.supported(arith) is not None
         assert cg.chip_gemm(torch.zeros(4, 64), torch.zeros(64, 4), None, None, arith) is None
@@ -160,8 +187,14 @@ def test_interpreter_matches_the_definition():
         assert r["equal"] == 1.0, r
     for r in res["random"]:
         assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
+    for r in res["aligned"]:
+        assert r["equal"] == 1.0 and r["nan"] == 0.0, r
+    for r in res["aligned_nan"]:
+        assert r["equal"] == 1.0 and r["nan"] > 0.0, r
 
 
 if __name__ == "__main__":   # the interpreter's run: TRITON_INTERPRET=1 python tests/test_chip_gemm_cuda.py
     print(json.dumps(dict(exact=compare(EXACT_CASES, True, "cpu"),
-                          random=compare(RANDOM_CASES, False, "cpu", m=32, k=1536, n=32))))
+                          random=compare(RANDOM_CASES, False, "cpu", m=32, k=1536, n=32),
+                          aligned=compare(ALIGNED_CASES, False, "cpu", m=40, k=544, n=36),
+                          aligned_nan=compare(ALIGNED_CASES[:2], False, "cpu", m=20, k=160, n=12, nan=True))))

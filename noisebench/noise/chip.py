@@ -222,14 +222,16 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
     (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
     tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
-    most an accumulator ulp: tests/test_chip_gemm_cuda.py)."""
+    most an accumulator ulp); the aligning adder's per-product cuts it computes exactly, bitwise the definition
+    (tests/test_chip_gemm_cuda.py)."""
     kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
     if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
         if kernel.supported(arith) is None:
             ca, inv_a = quantize_codes(a, arith, -1, gen)
             cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
-            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else _SMALL_TILE)
+            small = kernel.ALIGNED_SMALL if arith.acc_alignment == "max_exponent" else _SMALL_TILE
+            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else small)
             if y is not None:
                 return y.float()
     return _definition_gemm(a, b, arith, gen, bias, qb=qb)

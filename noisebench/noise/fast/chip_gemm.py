@@ -32,6 +32,10 @@ BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 # (BM, BN, num_warps, num_stages): three float32 tiles live per program (chunk sum, accumulator, total)
 CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3),
            (128, 256, 8, 3))
+# the aligning adder holds a [BM, chunk, BN] float32 tile of products: small tiles
+ALIGNED_CONFIGS = ((16, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2))
+ALIGNED_SMALL = (16, 16, 4, 2)                # ``chip.gemm``'s fixed tile for shapes not worth timing
+ALIGNED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")   # code products exact in float32
 INTERPRET_CONFIG = (32, 32, 4, 1)
 _TUNED: dict = {}
 
@@ -87,13 +91,40 @@ def _add_acc(acc, s, DROP: tl.constexpr, RNE: tl.constexpr, EXACT: tl.constexpr)
 
 
 @triton.jit
+def _aligned_add(acc, a, b, BITS: tl.constexpr, RNE: tl.constexpr):
+    """acc + the chunk's products a[m, k] * b[k, n] as an aligning adder sums them (``accumulate.aligned_sum``):
+    every term cut to a multiple of 2**(e - BITS), e the exponent of the largest |term|, then summed. All in float32
+    and int32, exactly: code products carry at most 8 significant bits, a cut term is an integer below
+    2**(BITS + 1), and chunk + 1 of them sum below 2**24 (``supported`` declines wider sums)."""
+    af, bf = a.to(tl.float32), b.to(tl.float32)
+    p = af[:, :, None] * bf[None, :, :]       # [BM, CHUNK, BN], exact
+    big = tl.maximum(tl.abs(acc), tl.max(tl.abs(p), axis=1))
+    ex = (big.to(tl.int32, bitcast=True) >> 23) & 0xFF                     # biased exponent of the leading bit
+    ex = tl.maximum(ex, BITS + 1)             # big == 0: every term is 0, any scale does
+    inv = ((254 + BITS - ex) << 23).to(tl.float32, bitcast=True)            # 2**-(e - BITS)
+    unit = ((ex - BITS) << 23).to(tl.float32, bitcast=True)                 # 2**(e - BITS)
+    xp = p * inv[:, None, :]
+    xa = acc * inv
+    if RNE:                                   # to nearest even: |x| < 2**22, the float32 add rounds at the units
+        xp = (xp + 12582912.0) - 12582912.0
+        xa = (xa + 12582912.0) - 12582912.0
+    whole = tl.sum(xp.to(tl.int32), axis=1) + xa.to(tl.int32)              # float -> int truncates toward zero
+    out = whole.to(tl.float32) * unit
+    # NaN in: NaN out, and it stays (the definition's float64 sum propagates it)
+    nan = (tl.max((af != af).to(tl.int32), axis=1)[:, None] + tl.max((bf != bf).to(tl.int32), axis=0)[None, :]) > 0
+    qnan = tl.full(out.shape, 0x7FC00000, tl.int32).to(tl.float32, bitcast=True)
+    return tl.where(nan | (acc != acc), qnan, out)
+
+
+@triton.jit
 def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NBLK,
                       s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
                       s_sab, s_sam, s_sak, s_sbb, s_sbk, s_sbn,
                       SCALING: tl.constexpr, SBLOCK: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr,
                       RNE: tl.constexpr, EXACT: tl.constexpr, PROMOTE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr,
-                      UPCAST: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+                      UPCAST: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     """C[b] = A[b] @ B[b] under the chip arithmetic (module docstring). PROMOTE: chunks per promotion (0: never).
     SCALING 0 none, 1 tensor (0-dim scales at the end), 2 block (scales at promotion), 3 mx (per chunk sum)."""
     pid = tl.program_id(0)
@@ -121,16 +152,20 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
         kk = i * CHUNK + rk
         a = tl.load(a_ptrs, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptrs, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
-        if UPCAST:                            # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers
-            s = tl.dot(a.to(tl.float32), b.to(tl.float32))
+        if ALIGNED:                           # per-product cuts on CUDA cores (no MX scales: ``supported``)
+            if i * CHUNK < K:                 # a padding chunk would cut acc again at its own leading bit
+                acc = _aligned_add(acc, a, b, 23 - DROP, RNE)
         else:
-            s = tl.dot(a, b)                  # the chunk's sum, float32
-        if SCALING == 3:                      # MX: powers of two, exact on the chunk sum
-            blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K: the chunk sum is 0 whatever the scale
-            sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
-            sb = tl.load(sb_ptrs + blk * s_sbk, mask=mn, other=1.0)
-            s = s * (sa[:, None] * sb[None, :])
-        acc = _add_acc(acc, s, DROP, RNE, EXACT)
+            if UPCAST:                        # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers
+                s = tl.dot(a.to(tl.float32), b.to(tl.float32))
+            else:
+                s = tl.dot(a, b)              # the chunk's sum, float32
+            if SCALING == 3:                  # MX: powers of two, exact on the chunk sum
+                blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K: the chunk sum is 0 whatever the scale
+                sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
+                sb = tl.load(sb_ptrs + blk * s_sbk, mask=mn, other=1.0)
+                s = s * (sa[:, None] * sb[None, :])
+            acc = _add_acc(acc, s, DROP, RNE, EXACT)
         if PROMOTE > 0:
             if (i + 1) % PROMOTE == 0:
                 if SCALING == 2:              # block scales: float32(acc) * float32(inv_a * inv_b), then the add
@@ -173,8 +208,14 @@ def supported(arith) -> Optional[str]:
         return f"out_format {arith.out_format!r}"
     if arith.reduction_order != "fixed":
         return "a random reduction order"
-    if arith.acc_alignment != "exact":
-        return "an aligning adder (per-product cuts): the definition computes it"
+    if arith.acc_alignment == "max_exponent":
+        if arith.in_scaling == "mx":
+            return "an aligning adder with MX scales (scaled products can leave float32's range)"
+        if arith.acc_mantissa_bits + 1 + (arith.chunk + 1).bit_length() > 24:
+            return (f"an aligning adder of {arith.acc_mantissa_bits} bits over chunks of {arith.chunk}: its sum of "
+                    f"cut terms can pass 2**24 (not float32-exact)")
+        if arith.in_format not in ALIGNED_FORMATS:
+            return f"an aligning adder on {arith.in_format!r} (products not exact in float32)"
     if arith.in_scaling == "block" and arith.promote_every != arith.scale_block:
         return "block scales need promote_every == scale_block"
     if arith.in_scaling == "mx" and arith.scale_block % arith.chunk:
@@ -260,7 +301,7 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
                   PROMOTE=0 if arith.promote_every is None else arith.promote_every // arith.chunk,
                   HAS_BIAS=bias is not None, OUT_BF16=bf16,
                   SATURATE=arith.overflow == "saturate", BF16_MAX=BF16_MAX,
-                  UPCAST=_interpreting())
+                  UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent")
     args = (a, b, c, sa, sb, bias_t, (m, n, k, nblk), consts)
     if config is None:
         config = INTERPRET_CONFIG if _interpreting() else _tune(args)
@@ -274,7 +315,7 @@ def _tune(args) -> tuple:
     key = (a.shape[0], dims, tuple(sorted(consts.items())), a.stride(), b.stride())
     if key not in _TUNED:
         times = {}
-        for cfg in CONFIGS:
+        for cfg in ALIGNED_CONFIGS if consts["ALIGNED"] else CONFIGS:
             try:
                 times[cfg] = triton.testing.do_bench(lambda: _launch(*args, cfg), warmup=5, rep=20)
             except Exception:                 # out of shared memory or registers on this GPU: not a candidate
