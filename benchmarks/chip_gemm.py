@@ -8,8 +8,8 @@ output everywhere. The weight is a linear's (N x K, used transposed). Each figur
 event timings after warm-up calls; the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
 fp8_fast_accum and fp8_promote128 use the aligning adder fitted to the H200 (per-product cuts, ``acc_alignment:
-max_exponent``), which no tensor-core dot computes: the kernel declines them (None) and the definition runs; these
-exact-chunk-sum variants (chunk 32) are what the kernel can do.
+max_exponent``), which no tensor-core dot computes: the kernel cuts every product on CUDA cores (the ``_aligned``
+rows); the exact-chunk-sum variants (chunk 32) are what a tensor-core dot per chunk can do.
 
     python benchmarks/chip_gemm.py --out $OUT/chip_gemm.json
 """
@@ -37,6 +37,11 @@ PROFILES = {
     "mxfp8": GemmArith(in_format="fp8_e4m3", in_scaling="mx", scale_block=32, chunk=32, acc_mantissa_bits=23,
                        acc_rounding="rne", out_format="bf16"),
 }
+# the shipped conf/chip fp8 profiles: the aligning adder (per-product cuts on CUDA cores, no tensor-core dot)
+PROFILES["fp8_fast_accum_aligned"] = GemmArith(**{**PROFILES["fp8_fast_accum"].__dict__,
+                                                  "acc_alignment": "max_exponent"})
+PROFILES["fp8_promote128_aligned"] = GemmArith(**{**PROFILES["fp8_promote128"].__dict__,
+                                                  "acc_alignment": "max_exponent"})
 
 
 def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
@@ -48,9 +53,9 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     """Dequantization multipliers for profile ``name``: 0-dim, per 128-block (B's as a view of an N-major
     tensor, as a linear's weight scales are stored) or MX powers of two."""
     g = torch.Generator(device=dev).manual_seed(0)
-    if name == "fp8_fast_accum":
+    if name.startswith("fp8_fast_accum"):
         return torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
-    blk = 128 if name == "fp8_promote128" else 32
+    blk = 128 if name.startswith("fp8_promote128") else 32
     nb = -(-k // blk)
     ia = torch.rand(m, nb, device=dev, generator=g) + 0.5
     ib = (torch.rand(n, nb, device=dev, generator=g) + 0.5).t()
@@ -59,7 +64,12 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     return ia, ib
 
 
-def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str]) -> dict:
+def _chip(a, w, ia, ib, arith, pipe: bool):
+    cg.PIPELINE = pipe                        # read at launch: the next chunk's dot issued before this one's rounding
+    return cg.chip_gemm(a, w.t(), ia, ib, arith)
+
+
+def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str], pipeline: bool) -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     a = e4m3_grid(torch.randn(m, k, device=dev) * 50)
@@ -77,7 +87,9 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
     for name in profiles:
         ia, ib = scales(name, m, k, n, dev)
         arith = PROFILES[name]
-        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: cg.chip_gemm(a, w.t(), ia, ib, arith)
+        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: _chip(a, w, ia, ib, arith, False)
+        if pipeline and arith.acc_alignment == "exact":
+            variants[f"chip_{name}_pipe"] = lambda arith=arith, ia=ia, ib=ib: _chip(a, w, ia, ib, arith, True)
     for vname, fn in variants.items():
         try:
             t0, before = time.perf_counter(), set(cg._TUNED)
@@ -116,6 +128,8 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list of {list(PROFILES)}")
     p.add_argument("--out", default=None, help="JSON path for the figures")
+    p.add_argument("--pipeline", action="store_true", help="also time the exact profiles with the next chunk's dot "
+                   "issued before this chunk's rounding (chip_gemm.PIPELINE)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("chip_gemm.py needs CUDA")
@@ -126,7 +140,7 @@ def main() -> None:
     rows = []
     for s in shapes:
         k, n = SHAPES[s]
-        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles))
+        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles, a.pipeline))
         print(f"[{time.perf_counter() - t0:.0f}s] {s}: " + ", ".join(
             f"{v}={d['ratio_to_bf16']:.2f}x" for v, d in rows[-1].items() if isinstance(d, dict) and
             "ratio_to_bf16" in d), flush=True)
