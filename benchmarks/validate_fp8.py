@@ -34,18 +34,20 @@ SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "dow
 STATS = ("rel_rms", "rel_max", "rel_p999", "abs_rms", "abs_max", "abs_p999")
 GRID = dict(chunk=(4, 8, 16, 32, 64, 128), bits=(12, 13, 14, 15, 23), rounding=("toward_zero", "rne"),
             promote=(None, 128))
-FIXED = {   # the settings run on every shape (name -> chunk, bits, rounding, promote)
-    "fast_accum_c4": (4, 13, "toward_zero", None),        # conf/chip/fp8_fast_accum.yaml
-    "fast_accum_c32": (32, 13, "toward_zero", None),      # the same at a tensor-core chunk (the kernel's)
+FIXED = {   # the settings run on every shape (name -> chunk, bits, rounding, promote[, alignment])
+    "fast_accum_aligned_c32": (32, 13, "toward_zero", None, "max_exponent"),   # conf/chip/fp8_fast_accum.yaml
+    "promote128_aligned_c32": (32, 13, "toward_zero", 128, "max_exponent"),    # fp8_promote128, tensor scales
+    "fast_accum_c4": (4, 13, "toward_zero", None),        # exact chunk sums, as first fitted
+    "fast_accum_c32": (32, 13, "toward_zero", None),      # the same at a tensor-core chunk
     "promote128_c4": (4, 13, "toward_zero", 128),
     "promote128_c32": (32, 13, "toward_zero", 128),
     "fp32_c32": (32, 23, "rne", None),
 }
 
 
-def arith_of(chunk, bits, rounding, promote) -> GemmArith:
+def arith_of(chunk, bits, rounding, promote, alignment="exact") -> GemmArith:
     return GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=chunk, acc_mantissa_bits=bits,
-                     acc_rounding=rounding, promote_every=promote, out_format="fp32")
+                     acc_rounding=rounding, promote_every=promote, out_format="fp32", acc_alignment=alignment)
 
 
 def draw(kind: str, m: int, k: int, n: int, dev, seed: int) -> tuple:
@@ -82,7 +84,8 @@ def stats(y: torch.Tensor, ref: torch.Tensor) -> dict:
 def definition(ca, cb, ia, ib, arith, budget=8e9) -> torch.Tensor:
     """``accumulate.accumulate`` on the GPU (float64 chunk sums), M in pieces of at most ``budget`` bytes."""
     nc = -(-ca.shape[-1] // arith.chunk)
-    rows = max(1, int(budget // (nc * cb.shape[-1] * 8 * 2)))
+    per_row = cb.shape[-1] * 8 * (arith.chunk * 4 if arith.acc_alignment == "max_exponent" else nc * 2)
+    rows = max(1, int(budget // per_row))
     return torch.cat([accumulate.accumulate(ca[i:i + rows], cb, arith, ia, ib) for i in range(0, ca.shape[0], rows)])
 
 
