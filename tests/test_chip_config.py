@@ -78,3 +78,17 @@ def test_a_chip_run_is_its_own_arm_and_resumes_only_under_its_chip():
     assert setting_fingerprint(p) == setting_fingerprint(c)  # the same setting: compared with the same baseline
     del p["chip"]
     assert run_fingerprint(p) == run_fingerprint(OmegaConf.to_container(plain, resolve=True))
+
+
+def test_resume_finds_a_chip_run_by_its_own_fingerprint():
+    """resume=true looks a run up by the fingerprint of its composed config: it must be the one the run wrote
+    (chip and device included), or a chip run is never preferred over a chip-less twin's folder."""
+    from noisebench.record import run_fingerprint
+    from noisebench.train.rundirs import _fingerprint_of
+    wrote = {}
+    for name, overrides in (("chip", ["chip=fp8_fast_accum"]), ("plain", []), ("cuda", ["device=cuda"])):
+        cfg = compose(overrides)
+        wrote[name] = run_fingerprint({k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items()
+                                       if k != "hydra"})
+        assert _fingerprint_of(cfg) == wrote[name], name
+    assert len(set(wrote.values())) == 3

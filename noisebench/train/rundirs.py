@@ -151,8 +151,9 @@ def find_resumable(results_dir: str, testbed: str, experiment: str, seed,
 def _fingerprint_of(root) -> str | None:
     """The run fingerprint of a composed Hydra config (its task part), None when it cannot be resolved yet."""
     try:
+        # every key but Hydra's own, as the runner hashes the job's config (run_setting picks what matters)
         cfg = {k: OmegaConf.to_container(root[k], resolve=True) if isinstance(root[k], DictConfig) else root[k]
-               for k in ("testbed", "trainer", "eval", "noise", "aqn", "mitigation", "seed") if k in root}
+               for k in root if k != "hydra"}
         return run_fingerprint(cfg)
     except Exception:  # noqa: BLE001 -- a config that does not resolve fails later with its own clear error
         return None
