@@ -64,12 +64,7 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     return ia, ib
 
 
-def _chip(a, w, ia, ib, arith, pipe: bool):
-    cg.PIPELINE = pipe                        # read at launch: the next chunk's dot issued before this one's rounding
-    return cg.chip_gemm(a, w.t(), ia, ib, arith)
-
-
-def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str], pipeline: bool) -> dict:
+def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str]) -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     a = e4m3_grid(torch.randn(m, k, device=dev) * 50)
@@ -87,9 +82,7 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
     for name in profiles:
         ia, ib = scales(name, m, k, n, dev)
         arith = PROFILES[name]
-        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: _chip(a, w, ia, ib, arith, False)
-        if pipeline and arith.acc_alignment == "exact":
-            variants[f"chip_{name}_pipe"] = lambda arith=arith, ia=ia, ib=ib: _chip(a, w, ia, ib, arith, True)
+        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: cg.chip_gemm(a, w.t(), ia, ib, arith)
     for vname, fn in variants.items():
         try:
             t0, before = time.perf_counter(), set(cg._TUNED)
@@ -128,8 +121,6 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list of {list(PROFILES)}")
     p.add_argument("--out", default=None, help="JSON path for the figures")
-    p.add_argument("--pipeline", action="store_true", help="also time the exact profiles with the next chunk's dot "
-                   "issued before this chunk's rounding (chip_gemm.PIPELINE)")
     a = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("chip_gemm.py needs CUDA")
@@ -140,7 +131,7 @@ def main() -> None:
     rows = []
     for s in shapes:
         k, n = SHAPES[s]
-        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles, a.pipeline))
+        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles))
         print(f"[{time.perf_counter() - t0:.0f}s] {s}: " + ", ".join(
             f"{v}={d['ratio_to_bf16']:.2f}x" for v, d in rows[-1].items() if isinstance(d, dict) and
             "ratio_to_bf16" in d), flush=True)

@@ -103,7 +103,7 @@ def ulp_limit(case) -> float:
 
 def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
     """Per case: share of elements bitwise equal to the definition (NaN equal to NaN), the largest difference in
-    accumulator ulps (ulp of the definition's value at the accumulator's width). ``nan``: one NaN code in A's row 3
+    accumulator ulps (at the accumulator's width, in the binade of the larger of the two values). ``nan``: one NaN code in A's row 3
     and one in B's column 5 (that row and column of the product must be NaN)."""
     gen = torch.Generator().manual_seed(0)
     out = []
@@ -117,7 +117,9 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
         y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
         assert y is not None and y.shape == ref.shape
         y = y.float()
-        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref).exponent - 1 - arith.acc_mantissa_bits)
+        # an accumulator ulp at the larger of the two values' binades: one ulp across a power of two is one ulp
+        big = torch.maximum(y.abs(), ref.abs()).nan_to_num(0.0)
+        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(big).exponent - 1 - arith.acc_mantissa_bits)
         diff = (y - ref).abs().nan_to_num(0.0)
         same = (y == ref) | (y.isnan() & ref.isnan())
         out.append(dict(case=list(case), equal=same.double().mean().item(),

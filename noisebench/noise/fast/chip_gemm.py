@@ -38,8 +38,6 @@ ALIGNED_SMALL = (16, 16, 4, 2)                # ``chip.gemm``'s fixed tile for s
 ALIGNED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")   # code products exact in float32
 INTERPRET_CONFIG = (32, 32, 4, 1)
 _TUNED: dict = {}
-# issue the next chunk's dot before rounding this one (benchmarks/chip_gemm.py --pipeline compares); same results
-PIPELINE = os.environ.get("NOISEBENCH_CHIP_PIPELINE", "0") == "1"
 
 
 def _interpreting() -> bool:
@@ -134,8 +132,8 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
                       SCALING: tl.constexpr, SBLOCK: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr,
                       RNE: tl.constexpr, EXACT: tl.constexpr, PROMOTE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr,
-                      UPCAST: tl.constexpr, ALIGNED: tl.constexpr, PIPE: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, GROUP_M: tl.constexpr):
+                      UPCAST: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     """C[b] = A[b] @ B[b] under the chip arithmetic (module docstring). PROMOTE: chunks per promotion (0: never).
     SCALING 0 none, 1 tensor (0-dim scales at the end), 2 block (scales at promotion), 3 mx (per chunk sum)."""
     pid = tl.program_id(0)
@@ -159,28 +157,15 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
     n_chunks = tl.cdiv(K, CHUNK)
     if PROMOTE > 0:                           # whole promotion groups; chunks past K are zeros and change nothing
         n_chunks = tl.cdiv(n_chunks, PROMOTE) * PROMOTE
-    s_next = tl.zeros((BM, BN), dtype=tl.float32)
-    if PIPE:                                  # chunk 0's dot before the loop: chunk i + 1's overlaps i's rounding
-        a = tl.load(a_ptrs, mask=mm[:, None] & (rk[None, :] < K), other=0.0)
-        b = tl.load(b_ptrs, mask=(rk[:, None] < K) & mn[None, :], other=0.0)
-        s_next = _chunk_dot(a, b, UPCAST)
     for i in range(0, n_chunks):
-        if PIPE:
-            s = s_next
-            kk = (i + 1) * CHUNK + rk
-            a = tl.load(a_ptrs + CHUNK * s_ak, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_ptrs + CHUNK * s_bk, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
-            s_next = _chunk_dot(a, b, UPCAST)
-        else:
-            kk = i * CHUNK + rk
-            a = tl.load(a_ptrs, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
-            b = tl.load(b_ptrs, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
+        kk = i * CHUNK + rk
+        a = tl.load(a_ptrs, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
         if ALIGNED:                           # per-product cuts on CUDA cores (no MX scales: ``supported``)
             if i * CHUNK < K:                 # a padding chunk would cut acc again at its own leading bit
                 acc = _aligned_add(acc, a, b, 23 - DROP, RNE)
         else:
-            if not PIPE:
-                s = _chunk_dot(a, b, UPCAST)  # the chunk's sum, float32
+            s = _chunk_dot(a, b, UPCAST)      # the chunk's sum, float32
             if SCALING == 3:                  # MX: powers of two, exact on the chunk sum
                 blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K: the chunk sum is 0 whatever the scale
                 sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
@@ -322,8 +307,7 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
                   PROMOTE=0 if arith.promote_every is None else arith.promote_every // arith.chunk,
                   HAS_BIAS=bias is not None, OUT_BF16=bf16,
                   SATURATE=arith.overflow == "saturate", BF16_MAX=BF16_MAX,
-                  UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent",
-                  PIPE=PIPELINE and arith.acc_alignment != "max_exponent")
+                  UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent")
     args = (a, b, c, sa, sb, bias_t, (m, n, k, nblk), consts)
     if config is None:
         config = INTERPRET_CONFIG if _interpreting() else _tune(args)
