@@ -121,6 +121,29 @@ def test_codes_are_on_the_element_grid_and_dequantize_to_the_values():
     assert torch.equal(F.dequantize(codes, inv, -1), F.quantize_mx(a, "fp8_e4m3"))
 
 
+def test_a_block_of_tiny_values_gets_a_finite_scale():
+    """A block whose amax is a float32 subnormal (attention probabilities of far-off keys beside masked zeros) made
+    max / amax overflow float32 and its zeros 0 * inf = NaN codes: fp8_promote128's rollouts sampled NaN on the
+    H200. The amax is floored at 1e-12 (torchao's float8 EPS): finite codes, zeros kept, inv = 1e-12 / 448."""
+    a = torch.zeros(3, 256)
+    a[0, :2] = torch.tensor([1e-40, -3e-41])           # block 0 of row 0: two subnormals among zeros
+    a[1, 128:130] = torch.tensor([2e-13, 5e-13])        # below the floor, normal
+    a[2] = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    block = GemmArith(in_format="fp8_e4m3", in_scaling="block", scale_block=128, promote_every=128)
+    for name, arith in (("tensor", GemmArith(in_format="fp8_e4m3", in_scaling="tensor")), ("block", block)):
+        rows = a[:1] if name == "tensor" else a
+        codes, inv = quantize_codes(rows, arith, -1)
+        assert torch.isfinite(codes).all() and torch.isfinite(inv).all(), name
+        assert torch.equal(codes[rows == 0], torch.zeros_like(codes[rows == 0])), name
+    codes, inv = quantize_codes(a, block, -1)
+    s_floor = np.float32(448 / 1e-12)                   # the float32 scale of a floored block
+    assert inv[0, 0].item() == inv[1, 1].item() == np.float32(1 / s_floor)
+    want = F.quantize((a[1, 128:130].double() * float(s_floor)).float(), "fp8_e4m3")
+    assert torch.equal(codes[1, 128:130], want) and want.abs().min().item() > 0
+    s_normal = (448 / a[2].abs().reshape(2, 128).amax(-1).double()).float()       # unchanged above the floor
+    assert torch.equal(inv[2], (1 / s_normal.double()).float())
+
+
 def _max_rel(arith, a, b):
     (ca, ia), (cb, ib) = quantize_codes(a, arith, -1), quantize_codes(b, arith, -2)
     exact = (ca.double() @ cb.double()) * ia.double() * ib.double()      # the quantized inputs' exact product

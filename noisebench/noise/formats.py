@@ -20,6 +20,7 @@ from torch import Tensor
 ROUNDINGS = ("nearest", "stochastic", "toward_zero")
 OVERFLOWS = ("saturate", "inf")      # past max: clamp to it (``satfinite``), or +-inf (NaN in formats without inf)
 SCALINGS = ("none", "tensor", "block", "mx")
+AMAX_EPS = 1e-12                    # smallest amax a tensor/block scale divides by (torchao float8's EPS)
 SR_BITS = 52                         # random bits per stochastic rounding: P(up) = ceil(f * 2**52) / 2**52, exactly f
                                      # whenever the dropped fraction f has <= 52 bits (float32 inputs, normal range)
 
@@ -225,7 +226,8 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
     """``x`` as a chip stores a GEMM input, in the code domain: (codes, inv), float32 codes on ``fmt``'s grid (what
     the matrix unit multiplies) and the float32 dequantization multiplier (value = codes * inv, applied outside it).
 
-    ``none``: ``quantize(x)``, inv None. ``tensor``: one scale s = max / amax (float32, 1 where amax is 0), codes =
+    ``none``: ``quantize(x)``, inv None. ``tensor``: one scale s = max / max(amax, AMAX_EPS) (float32, 1 where amax
+    is 0), codes =
     q(float32(x * s)), inv = float32(1 / s), 0-dim. ``block``: such a scale per block of ``block`` elements along
     ``dim``, inv of ``x``'s shape with ``dim`` of length ceil(n / block). ``mx``: the E8M0 scale 2**shared_exp per
     block (``mx_shared_exponent``; NaN beyond E8M0's range), codes = q(x / 2**shared_exp), inv = 2**shared_exp.
@@ -250,7 +252,9 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
         q = quantize(scaled, f, rounding, overflow, gen)
         inv = torch.where(torch.isnan(se), se, pow2(se0)).float()          # 2**-127 is a float32 subnormal: exact
     else:
-        s = torch.where(amax > 0, (f.max / amax).float().double(), torch.ones_like(amax))   # float32 s
+        # amax floored at AMAX_EPS as torchao's float8 recipe does: a block of tiny values (attention probabilities
+        # of far-off keys) would make max / amax overflow float32, and its zeros 0 * inf = NaN codes
+        s = torch.where(amax > 0, (f.max / amax.clamp(min=AMAX_EPS)).float().double(), torch.ones_like(amax))
         q = quantize((xb * s).float(), f, rounding, overflow, gen)
         inv = (1.0 / s).float()
     codes = q.float()
