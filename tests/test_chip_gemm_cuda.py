@@ -103,8 +103,8 @@ def ulp_limit(case) -> float:
 
 def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
     """Per case: share of elements bitwise equal to the definition (NaN equal to NaN), the largest difference in
-    accumulator ulps (at the accumulator's width, in the binade of the larger of the two values). ``nan``: one NaN code in A's row 3
-    and one in B's column 5 (that row and column of the product must be NaN)."""
+    accumulator ulps (at the accumulator's width, in the binade of the larger of the two values). ``nan``: one NaN
+    code in A's row 3 and one in B's column 5 (that row and column of the product must be NaN)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for case in cases:

@@ -204,9 +204,6 @@ def _torch_grads(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor], g: Ten
     return tuple(next(got) if n else None for n in needs)
 
 
-_SMALL_TILE = (64, 64, 4, 3)   # a training step's GEMMs change shape every call (decode, attention): no autotuning
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel():
     """The Triton chip GEMM module, imported once; None without Triton (the definition then runs)."""
@@ -230,8 +227,7 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
             ca, inv_a = quantize_codes(a, arith, -1, gen)
             cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
-            small = kernel.ALIGNED_SMALL if arith.acc_alignment == "max_exponent" else _SMALL_TILE
-            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else small)
+            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else kernel.small_config(arith))
             if y is not None:
                 return y.float()
     return _definition_gemm(a, b, arith, gen, bias, qb=qb)

@@ -227,10 +227,10 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
     the matrix unit multiplies) and the float32 dequantization multiplier (value = codes * inv, applied outside it).
 
     ``none``: ``quantize(x)``, inv None. ``tensor``: one scale s = max / max(amax, AMAX_EPS) (float32, 1 where amax
-    is 0), codes =
-    q(float32(x * s)), inv = float32(1 / s), 0-dim. ``block``: such a scale per block of ``block`` elements along
-    ``dim``, inv of ``x``'s shape with ``dim`` of length ceil(n / block). ``mx``: the E8M0 scale 2**shared_exp per
-    block (``mx_shared_exponent``; NaN beyond E8M0's range), codes = q(x / 2**shared_exp), inv = 2**shared_exp.
+    is 0), codes = q(float32(x * s)), inv = float32(1 / s), 0-dim. ``block``: such a scale per block of ``block``
+    elements along ``dim``, inv of ``x``'s shape with ``dim`` of length ceil(n / block). ``mx``: the E8M0 scale
+    2**shared_exp per block (``mx_shared_exponent``; NaN beyond E8M0's range), codes = q(x / 2**shared_exp),
+    inv = 2**shared_exp.
     float32 products and quotients are computed in float64 and rounded once, which is the float32 operation itself
     (a 2p+2-bit intermediate rounds +, *, / correctly) and holds on every device."""
     _check("scaling", scaling, SCALINGS)

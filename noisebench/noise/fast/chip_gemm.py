@@ -12,6 +12,10 @@ The add into the accumulator is exact-then-rounded, as the definition's float64 
 hardware's round-toward-zero add (``add.rz``: truncating a truncation is the truncation), round-to-nearest through
 TwoSum's error term, which decides the ties the float32 add hid. Accumulators wider than float32 (more than 23
 bits) are not supported (the caller falls back to the definition), nor chunks that are not a tensor-core K.
+
+The aligning adder (``acc_alignment: max_exponent``) cuts each product before the sum, which no tensor-core
+instruction does: for it the kernel forms the chunk's [BM, chunk, BN] products on CUDA cores and cuts and sums them
+in float32/int32 (``_aligned_add``), exact for FP8/FP6/FP4 codes, so that path equals the definition bitwise.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4),
            (128, 256, 8, 3))
 # the aligning adder holds a [BM, chunk, BN] float32 tile of products: small tiles
 ALIGNED_CONFIGS = ((16, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2))
-ALIGNED_SMALL = (16, 16, 4, 2)                # ``chip.gemm``'s fixed tile for shapes not worth timing
+# fixed tiles for shapes not worth timing (a training step's GEMMs change shape every call: decode, attention)
+SMALL_CONFIG, ALIGNED_SMALL_CONFIG = (64, 64, 4, 3), (16, 16, 4, 2)
 ALIGNED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")   # code products exact in float32
 INTERPRET_CONFIG = (32, 32, 4, 1)
 _TUNED: dict = {}
@@ -227,6 +232,11 @@ def supported(arith) -> Optional[str]:
     if arith.in_scaling == "mx" and arith.scale_block % arith.chunk:
         return "mx scales need chunk to divide scale_block"
     return None
+
+
+def small_config(arith) -> tuple:
+    """The fixed (BM, BN, num_warps, num_stages) for ``arith`` where timing the configs costs more than it saves."""
+    return ALIGNED_SMALL_CONFIG if arith.acc_alignment == "max_exponent" else SMALL_CONFIG
 
 
 def _exact_mode(arith, exact: Optional[int]) -> int:
