@@ -5,6 +5,7 @@ interleaved rounds. Prints each profile's median seconds and its ratio to clean 
 
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --rounds 3
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --rounds 1 --profile-ops 25
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --floor
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--profile-ops", type=int, default=0,
                    help="instead of timing: torch.profiler's top N ops of one chip step per profile")
+    p.add_argument("--floor", action="store_true",
+                   help="instead: what exact chunk sums cost before any rounding (float64 chunk sums in one "
+                        "batched matmul against the clean float32 GEMM) at the model's GEMM shapes")
     a = p.parse_args()
     known = profiles()
     a.names = list(known) if a.profiles == "all" else a.profiles.split(",")
@@ -69,9 +73,37 @@ def step(model, prompts, a) -> float:
     return time.perf_counter() - t0
 
 
+def seconds(fn):
+    def timed() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    return timed
+
+
+def floor(a, chunk: int = 32) -> None:
+    """The chunk sums alone, exact (float64, as ``accumulate.accumulate`` keeps them): all chunks of a GEMM in one
+    batched MKL call, [K/chunk, M, chunk] @ [K/chunk, chunk, N], against the clean float32 GEMM. A lower bound on
+    any CPU path that keeps the definition's exact chunk sums in MKL, before the accumulator's rounding."""
+    rows = (("generation", a.batch), ("fwd/bwd", a.batch * (a.prompt + a.new)))
+    shapes = {"q/o": (128, 128), "gate/up": (128, 384), "down": (384, 128), "lm_head": (128, 512)}
+    print(f"{'rows':<16}{'K x N':<12}{'clean ms':>10}{'chunk sums ms':>15}{'x clean':>9}")
+    for label, m in rows:
+        for k, n in shapes.values():
+            a32, b32 = torch.randn(m, k), torch.randn(k, n)
+            a64 = a32.double().view(m, k // chunk, chunk).transpose(0, 1)
+            b64 = b32.double().view(k // chunk, chunk, n)
+            t = common.interleave({"clean": seconds(lambda: a32 @ b32), "sums": seconds(lambda: torch.bmm(a64, b64))},
+                                  rounds=51, warmup=3)
+            c, f = statistics.median(t["clean"]) * 1e3, statistics.median(t["sums"]) * 1e3
+            print(f"{label + ' ' + str(m):<16}{f'{k} x {n}':<12}{c:>10.4f}{f:>15.4f}{f / c:>9.2f}")
+
+
 def main() -> None:
     a = parse()
     torch.set_num_threads(a.threads)
+    if a.floor:
+        return floor(a)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHARPEN))
     prompts = torch.randint(1, 512, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))
