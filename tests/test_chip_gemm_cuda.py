@@ -101,12 +101,10 @@ def ulp_limit(case) -> float:
     return 1.0 if case[3] <= 13 else 4.0
 
 
-def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False,
-            config=None) -> list[dict]:
+def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
     """Per case: share of elements bitwise equal to the definition (NaN equal to NaN), the largest difference in
     accumulator ulps (at the accumulator's width, in the binade of the larger of the two values). ``nan``: one NaN
-    code in A's row 3 and one in B's column 5 (that row and column of the product must be NaN). ``config``: the
-    kernel's tile (default: its own choice)."""
+    code in A's row 3 and one in B's column 5 (that row and column of the product must be NaN)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for case in cases:
@@ -116,7 +114,7 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
             ca[..., 3, k // 2] = float("nan")
             cb[..., k - 1, 5] = float("nan")
         ref = _definition(ca, cb, ia, ib, arith, bias).float()
-        y = cg.chip_gemm(ca, cb, ia, ib, arith, bias, config=config)
+        y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
         assert y is not None and y.shape == ref.shape
         y = y.float()
         # an accumulator ulp at the larger of the two values' binades: one ulp across a power of two is one ulp
@@ -134,16 +132,6 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
 @needs_cuda
 def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
     for r in compare(EXACT_CASES, True, "cuda"):
-        assert r["equal"] == 1.0, r
-
-
-@needs_codes_api
-@needs_cuda
-@pytest.mark.parametrize("config", [c for c in cg.CONFIGS if len(c) > 4 and c[4] == 2])
-def test_two_chunks_per_iteration_match_the_definition_bitwise_cuda(config):
-    """Tiles that issue two chunks' dots per loop iteration add them in the same order (K = 320: an odd count of
-    32-chunks, so the last iteration's second chunk is padding)."""
-    for r in compare(EXACT_CASES, True, "cuda", config=config):
         assert r["equal"] == 1.0, r
 
 
@@ -197,7 +185,7 @@ def test_interpreter_matches_the_definition():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
-    for r in res["exact"] + res["exact_two_chunks"]:
+    for r in res["exact"]:
         assert r["equal"] == 1.0, r
     for r in res["random"]:
         assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
@@ -209,7 +197,6 @@ def test_interpreter_matches_the_definition():
 
 if __name__ == "__main__":   # the interpreter's run: TRITON_INTERPRET=1 python tests/test_chip_gemm_cuda.py
     print(json.dumps(dict(exact=compare(EXACT_CASES, True, "cpu"),
-                          exact_two_chunks=compare(EXACT_CASES, True, "cpu", config=cg.INTERPRET_CONFIG + (2,)),
                           random=compare(RANDOM_CASES, False, "cpu", m=32, k=1536, n=32),
                           aligned=compare(ALIGNED_CASES, False, "cpu", m=40, k=544, n=36),
                           aligned_nan=compare(ALIGNED_CASES[:2], False, "cpu", m=20, k=160, n=12, nan=True))))

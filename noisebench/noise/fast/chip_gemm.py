@@ -33,11 +33,9 @@ SCALINGS = {"none": 0, "tensor": 1, "block": 2, "mx": 3}
 BF16_EXACT = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
               "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1")
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
-# (BM, BN, num_warps, num_stages[, chunks per iteration]): three float32 tiles live per program (chunk sum,
-# accumulator, total), a fourth with two chunks per iteration (the second chunk's dot issued before the first's
-# rounding)
+# (BM, BN, num_warps, num_stages): three float32 tiles live per program (chunk sum, accumulator, total)
 CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4), (64, 256, 8, 3),
-           (128, 256, 8, 3), (128, 128, 8, 3, 2), (64, 128, 4, 4, 2), (128, 64, 4, 4, 2), (64, 256, 8, 3, 2))
+           (128, 256, 8, 3))
 # the aligning adder holds a [BM, chunk, BN] float32 tile of products: small tiles
 ALIGNED_CONFIGS = ((16, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2))
 # fixed tiles for shapes not worth timing (a training step's GEMMs change shape every call: decode, attention)
@@ -124,36 +122,6 @@ def _aligned_add(acc, a, b, BITS: tl.constexpr, RNE: tl.constexpr):
 
 
 @triton.jit
-def _add_chunk(acc, s, i, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK, SCALING: tl.constexpr,
-               SBLOCK: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr, RNE: tl.constexpr,
-               EXACT: tl.constexpr):
-    """acc + chunk ``i``'s sum ``s`` (times its MX scales), rounded as the accumulator rounds."""
-    if SCALING == 3:                          # MX: powers of two, exact on the chunk sum
-        blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K: the chunk sum is 0 whatever the scale
-        sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
-        sb = tl.load(sb_ptrs + blk * s_sbk, mask=mn, other=1.0)
-        s = s * (sa[:, None] * sb[None, :])
-    return _add_acc(acc, s, DROP, RNE, EXACT)
-
-
-@triton.jit
-def _promote(acc, total, i, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, PROMOTE: tl.constexpr, SCALING: tl.constexpr):
-    """After chunk ``i``: at the end of a promotion group, acc into the float32 total (block scales applied), and
-    acc cleared."""
-    if PROMOTE > 0:
-        if (i + 1) % PROMOTE == 0:
-            if SCALING == 2:                  # block scales: float32(acc) * float32(inv_a * inv_b), then the add
-                g = i // PROMOTE
-                sa = tl.load(sa_ptrs + g * s_sak, mask=mm, other=1.0)
-                sb = tl.load(sb_ptrs + g * s_sbk, mask=mn, other=1.0)
-                total = total + acc * (sa[:, None] * sb[None, :])
-            else:
-                total = total + acc
-            acc = tl.zeros(acc.shape, dtype=tl.float32)
-    return acc, total
-
-
-@triton.jit
 def _chunk_dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:                                # Triton's interpreter multiplies bf16 tiles as raw 16-bit integers
         s = tl.dot(a.to(tl.float32), b.to(tl.float32))
@@ -169,10 +137,9 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
                       SCALING: tl.constexpr, SBLOCK: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr,
                       RNE: tl.constexpr, EXACT: tl.constexpr, PROMOTE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr,
-                      UPCAST: tl.constexpr, ALIGNED: tl.constexpr, CPI: tl.constexpr, BM: tl.constexpr,
-                      BN: tl.constexpr, GROUP_M: tl.constexpr):
+                      UPCAST: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      GROUP_M: tl.constexpr):
     """C[b] = A[b] @ B[b] under the chip arithmetic (module docstring). PROMOTE: chunks per promotion (0: never).
-    CPI: chunks per loop iteration (2: both dots issued before the first chunk's rounding).
     SCALING 0 none, 1 tensor (0-dim scales at the end), 2 block (scales at promotion), 3 mx (per chunk sum)."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
@@ -195,32 +162,33 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
     n_chunks = tl.cdiv(K, CHUNK)
     if PROMOTE > 0:                           # whole promotion groups; chunks past K are zeros and change nothing
         n_chunks = tl.cdiv(n_chunks, PROMOTE) * PROMOTE
-    if CPI > 1:                               # whole iterations; the chunks past K are zeros and change nothing
-        n_chunks = tl.cdiv(n_chunks, CPI) * CPI
-    for i in range(0, n_chunks, CPI):
-        a = tl.load(a_ptrs, mask=mm[:, None] & ((i * CHUNK + rk)[None, :] < K), other=0.0)
-        b = tl.load(b_ptrs, mask=((i * CHUNK + rk)[:, None] < K) & mn[None, :], other=0.0)
+    for i in range(0, n_chunks):
+        kk = i * CHUNK + rk
+        a = tl.load(a_ptrs, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
         if ALIGNED:                           # per-product cuts on CUDA cores (no MX scales: ``supported``)
             if i * CHUNK < K:                 # a padding chunk would cut acc again at its own leading bit
                 acc = _aligned_add(acc, a, b, 23 - DROP, RNE)
-            acc, total = _promote(acc, total, i, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, PROMOTE, SCALING)
         else:
             s = _chunk_dot(a, b, UPCAST)      # the chunk's sum, float32
-            if CPI == 2:                      # the next chunk's dot is issued before this chunk's rounding
-                a2 = tl.load(a_ptrs + CHUNK * s_ak, mask=mm[:, None] & ((i * CHUNK + CHUNK + rk)[None, :] < K),
-                             other=0.0)
-                b2 = tl.load(b_ptrs + CHUNK * s_bk, mask=((i * CHUNK + CHUNK + rk)[:, None] < K) & mn[None, :],
-                             other=0.0)
-                s2 = _chunk_dot(a2, b2, UPCAST)
-            acc = _add_chunk(acc, s, i, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK, SCALING, SBLOCK, CHUNK, DROP,
-                             RNE, EXACT)
-            acc, total = _promote(acc, total, i, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, PROMOTE, SCALING)
-            if CPI == 2:
-                acc = _add_chunk(acc, s2, i + 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK, SCALING, SBLOCK,
-                                 CHUNK, DROP, RNE, EXACT)
-                acc, total = _promote(acc, total, i + 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, PROMOTE, SCALING)
-        a_ptrs += CPI * CHUNK * s_ak
-        b_ptrs += CPI * CHUNK * s_bk
+            if SCALING == 3:                  # MX: powers of two, exact on the chunk sum
+                blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K: the chunk sum is 0 whatever the scale
+                sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
+                sb = tl.load(sb_ptrs + blk * s_sbk, mask=mn, other=1.0)
+                s = s * (sa[:, None] * sb[None, :])
+            acc = _add_acc(acc, s, DROP, RNE, EXACT)
+        if PROMOTE > 0:
+            if (i + 1) % PROMOTE == 0:
+                if SCALING == 2:              # block scales: float32(acc) * float32(inv_a * inv_b), then the add
+                    g = i // PROMOTE
+                    sa = tl.load(sa_ptrs + g * s_sak, mask=mm, other=1.0)
+                    sb = tl.load(sb_ptrs + g * s_sbk, mask=mn, other=1.0)
+                    total = total + acc * (sa[:, None] * sb[None, :])
+                else:
+                    total = total + acc
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+        a_ptrs += CHUNK * s_ak
+        b_ptrs += CHUNK * s_bk
     y = total if PROMOTE > 0 else acc
     if SCALING == 1:
         y = y * (tl.load(sa_ptr) * tl.load(sb_ptr))
@@ -285,12 +253,11 @@ def _batched(x: Tensor, batch: tuple, tail: int) -> Tensor:
 
 
 def _launch(a, b, c, sa, sb, bias, dims, consts, cfg):
-    bm, bn, warps, stages, *more = cfg
-    cpi = 1 if consts["ALIGNED"] or not more else more[0]
+    bm, bn, warps, stages = cfg
     M, N, K, nblk = dims
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), a.shape[0])
     _chip_gemm_kernel[grid](a, b, c, sa, sb, bias, M, N, K, nblk, *a.stride(), *b.stride(), *c.stride(),
-                            *sa.stride(), *sb.stride(), **consts, CPI=cpi, BM=bm, BN=bn, GROUP_M=8, num_warps=warps,
+                            *sa.stride(), *sb.stride(), **consts, BM=bm, BN=bn, GROUP_M=8, num_warps=warps,
                             num_stages=stages, enable_fp_fusion=False)   # no FMA: the definition rounds twice
 
 
@@ -306,8 +273,8 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
         inv_a, inv_b: dequantization multipliers as ``accumulate.quantize_codes`` gives them: None (``none``),
             0-dim (``tensor``), [..., M, ceil(K/blk)] and [..., ceil(K/blk), N] (``block``, ``mx``).
         bias: [N], added to the float32 result before the output rounding.
-        config: (BM, BN, num_warps, num_stages[, chunks per loop iteration: 1 or 2]); default: the fastest of
-            ``CONFIGS`` for this shape, timed on the first call (a fixed small tile in the interpreter).
+        config: (BM, BN, num_warps, num_stages); default: the fastest of ``CONFIGS`` for this shape, timed on the
+            first call (a fixed small tile in the interpreter).
         exact: how the add into the accumulator rounds (``_add_acc``); default exact (1 or 2), plain for 23-bit RNE.
 
     Returns:
