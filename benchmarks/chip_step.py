@@ -27,6 +27,12 @@ TINY_SHARPEN = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                     rope_theta=10000.0, rms_norm_eps=1e-6, use_sliding_window=False, hidden_act="silu")
 
 
+# the clean step's matrix products (GEMMs and CPU attention), for --profile-ops' share of the step
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
 def profiles() -> dict:
     out = {}
     for p in sorted((REPO / "conf" / "chip").glob("*.yaml")):
@@ -86,17 +92,18 @@ def floor(a, chunk: int = 32) -> None:
     batched MKL call, [K/chunk, M, chunk] @ [K/chunk, chunk, N], against the clean float32 GEMM. A lower bound on
     any CPU path that keeps the definition's exact chunk sums in MKL, before the accumulator's rounding."""
     rows = (("generation", a.batch), ("fwd/bwd", a.batch * (a.prompt + a.new)))
-    shapes = {"q/o": (128, 128), "gate/up": (128, 384), "down": (384, 128), "lm_head": (128, 512)}
-    print(f"{'rows':<16}{'K x N':<12}{'clean ms':>10}{'chunk sums ms':>15}{'x clean':>9}")
+    h, f, v = TINY_SHARPEN["hidden_size"], TINY_SHARPEN["intermediate_size"], TINY_SHARPEN["vocab_size"]
+    shapes = {"q/o": (h, h), "gate/up": (h, f), "down": (f, h), "lm_head": (h, v)}
+    print(f"{'rows':<16}{'GEMM':<9}{'K x N':<12}{'clean ms':>10}{'chunk sums ms':>15}{'x clean':>9}")
     for label, m in rows:
-        for k, n in shapes.values():
+        for name, (k, n) in shapes.items():
             a32, b32 = torch.randn(m, k), torch.randn(k, n)
             a64 = a32.double().view(m, k // chunk, chunk).transpose(0, 1)
             b64 = b32.double().view(k // chunk, chunk, n)
             t = common.interleave({"clean": seconds(lambda: a32 @ b32), "sums": seconds(lambda: torch.bmm(a64, b64))},
                                   rounds=51, warmup=3)
-            c, f = statistics.median(t["clean"]) * 1e3, statistics.median(t["sums"]) * 1e3
-            print(f"{label + ' ' + str(m):<16}{f'{k} x {n}':<12}{c:>10.4f}{f:>15.4f}{f / c:>9.2f}")
+            c, s = statistics.median(t["clean"]) * 1e3, statistics.median(t["sums"]) * 1e3
+            print(f"{label + ' ' + str(m):<16}{name:<9}{f'{k} x {n}':<12}{c:>10.4f}{s:>15.4f}{s / c:>9.2f}")
 
 
 def main() -> None:
@@ -118,6 +125,13 @@ def main() -> None:
 
     modes = {n: ChipMode(a.known[n]) for n in a.names}
     if a.profile_ops:
+        run(None)()
+        with torch.profiler.profile() as prof:
+            run(None)()
+        ops = prof.key_averages()
+        gemm = sum(e.self_cpu_time_total for e in ops if e.key in GEMM_OPS)
+        print(f"== clean: GEMMs and attention {gemm / sum(e.self_cpu_time_total for e in ops):.0%} of the step's "
+              f"self CPU time")
         for name, mode in modes.items():
             run(mode)()
             with torch.profiler.profile() as prof:
