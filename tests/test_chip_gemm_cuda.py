@@ -95,10 +95,12 @@ def _definition(ca, cb, ia, ib, arith, bias):
 
 
 def ulp_limit(case) -> float:
-    """Largest difference allowed on random codes, in accumulator ulps: 1 for a narrow accumulator; a 23-bit one
-    is as fine as the float32 chunk sums' own rounding, which adds up over K/chunk adds (2 measured in the
-    interpreter at K=1536)."""
-    return 1.0 if case[3] <= 13 else 4.0
+    """Largest difference allowed on random codes, in accumulator ulps at the output's binade. A narrow
+    accumulator may round one partial sum the other way when the float32 chunk sums differ in their last bit;
+    that one ulp, taken where the running sum was a binade above the output, counts as two (1.31 measured on
+    the H200 at K=1536, 13 bits, toward zero). A 23-bit one is as fine as the float32 chunk sums' own rounding,
+    which adds up over K/chunk adds (2 measured in the interpreter at K=1536)."""
+    return 2.0 if case[3] <= 13 else 4.0
 
 
 def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
