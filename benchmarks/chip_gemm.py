@@ -1,8 +1,8 @@
 """Speed of the chip GEMM kernel (``noisebench.noise.fast.chip_gemm``) against cuBLAS bf16 in the same process.
 
 Qwen2.5-1.5B's linear shapes at ``--tokens`` rows: cuBLAS bf16 (``torch.matmul``), torch._scaled_mm fp8 with fast
-accumulation on and off (where this torch and GPU have it), and the kernel for three chip profiles:
-``fp8_fast_accum`` (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128``
+accumulation on and off (where this torch and GPU have it), and the kernel for four chip profiles: ``gpu_bf16``
+(the reference: bf16 inputs, chunk 32, float32 RNE accumulator: one float32 add per chunk), ``fp8_fast_accum`` (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128``
 (128-element block scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE accumulator); bf16
 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
 event timings after warm-up calls; the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
@@ -29,6 +29,8 @@ from noisebench.noise.fast import chip_gemm as cg
 SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "down": (8960, 1536),
           "lm_head": (1536, 151936)}   # name -> (K, N)
 PROFILES = {
+    "gpu_bf16": GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=23, acc_rounding="rne", out_format="bf16",
+                          overflow="inf"),
     "fp8_fast_accum": GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=32, acc_mantissa_bits=13,
                                 acc_rounding="toward_zero", out_format="bf16"),
     "fp8_promote128": GemmArith(in_format="fp8_e4m3", in_scaling="block", scale_block=128, chunk=32,
@@ -53,6 +55,8 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     """Dequantization multipliers for profile ``name``: 0-dim, per 128-block (B's as a view of an N-major
     tensor, as a linear's weight scales are stored) or MX powers of two."""
     g = torch.Generator(device=dev).manual_seed(0)
+    if name == "gpu_bf16":
+        return None, None
     if name.startswith("fp8_fast_accum"):
         return torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
     blk = 128 if name.startswith("fp8_promote128") else 32
