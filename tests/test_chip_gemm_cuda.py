@@ -1,8 +1,9 @@
 """The chip GEMM kernel (``noisebench.noise.fast.chip_gemm``) against the definition (``accumulate.accumulate``).
 
 Bitwise where the tensor core's chunk sums are exact (small-integer codes: every partial sum is an integer below
-2**24); on random fp8 codes the share of equal elements and the largest difference in accumulator ulps. On CUDA
-directly; on CPU through Triton's interpreter in a child process (TRITON_INTERPRET must be set before Triton loads).
+2**24); on random fp8 codes the share of equal elements and the largest difference in accumulator ulps of
+sum |a b|. On CUDA directly; on CPU through Triton's interpreter in a child process (TRITON_INTERPRET must be set
+before Triton loads).
 """
 from __future__ import annotations
 
@@ -94,19 +95,20 @@ def _definition(ca, cb, ia, ib, arith, bias):
     return y if arith.out_format == "fp32" else formats.quantize(y, arith.out_format, "nearest", arith.overflow)
 
 
-def ulp_limit(case) -> float:
-    """Largest difference allowed on random codes, in accumulator ulps at the output's binade. A narrow
-    accumulator may round one partial sum the other way when the float32 chunk sums differ in their last bit;
-    that one ulp, taken where the running sum was a binade above the output, counts as two (1.31 measured on
-    the H200 at K=1536, 13 bits, toward zero). A 23-bit one is as fine as the float32 chunk sums' own rounding,
-    which adds up over K/chunk adds (2 measured in the interpreter at K=1536)."""
-    return 2.0 if case[3] <= 13 else 4.0
+# Largest difference allowed on random codes, in accumulator ulps of sum_k |a_k b_k| (``compare``): one. A partial
+# sum is at most sum_k |a_k b_k|, so a narrow accumulator rounding one step the other way (where the float32 chunk
+# sums differ in their last bit) costs at most one unit, and the tensor core's inexact chunk sums of whole-range e4m3
+# codes a fraction. Measured at K=1536: H200 0.055 (13 bits, toward zero; 1.31 ulps of the output's own binade) and
+# 0.37 (MX, 23 bits, RNE: 32768 of the output's ulps where cancellation left it near 0); the interpreter 0 and 0.44.
+ULP_LIMIT = 1.0
 
 
 def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = False) -> list[dict]:
     """Per case: share of elements bitwise equal to the definition (NaN equal to NaN), the largest difference in
-    accumulator ulps (at the accumulator's width, in the binade of the larger of the two values). ``nan``: one NaN
-    code in A's row 3 and one in B's column 5 (that row and column of the product must be NaN)."""
+    accumulator ulps of sum_k |a_k b_k| (the scaled products' magnitudes, float64), which bounds every partial sum: a
+    difference the chunk sums or the accumulator's steps make is measured against what was summed, not against
+    what cancellation leaves of the output (an output near 0 makes any such difference millions of its own ulps).
+    ``nan``: one NaN code in A's row 3 and one in B's column 5 (that row and column of the product must be NaN)."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for case in cases:
@@ -119,9 +121,9 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
         y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
         assert y is not None and y.shape == ref.shape
         y = y.float()
-        # an accumulator ulp at the larger of the two values' binades: one ulp across a power of two is one ulp
-        big = torch.maximum(y.abs(), ref.abs()).nan_to_num(0.0)
-        ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(big).exponent - 1 - arith.acc_mantissa_bits)
+        mag = torch.matmul(formats.dequantize(ca.abs(), None if ia is None else ia.abs(), -1).double(),
+                           formats.dequantize(cb.abs(), None if ib is None else ib.abs(), -2).double())
+        ulp = (mag.float() * 2.0 ** -arith.acc_mantissa_bits).clamp_min(torch.finfo(torch.float32).tiny)
         diff = (y - ref).abs().nan_to_num(0.0)
         same = (y == ref) | (y.isnan() & ref.isnan())
         out.append(dict(case=list(case), equal=same.double().mean().item(),
@@ -142,7 +144,7 @@ def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
 def test_random_fp8_codes_nearly_match_the_definition_cuda():
     for r in compare(RANDOM_CASES, False, "cuda", m=128, k=1536, n=128):
         print(r)
-        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
+        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ULP_LIMIT, r
 
 
 @needs_codes_api
@@ -190,7 +192,7 @@ def test_interpreter_matches_the_definition():
     for r in res["exact"]:
         assert r["equal"] == 1.0, r
     for r in res["random"]:
-        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ulp_limit(r["case"]), r
+        assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ULP_LIMIT, r
     for r in res["aligned"]:
         assert r["equal"] == 1.0 and r["nan"] == 0.0, r
     for r in res["aligned_nan"]:
