@@ -219,8 +219,8 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
     (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
     tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
-    most an accumulator ulp of sum |a b|); the aligning adder's per-product cuts it computes exactly, bitwise the definition
-    (tests/test_chip_gemm_cuda.py)."""
+    most an accumulator ulp of sum |a b|); the aligning adder's per-product cuts it computes exactly, bitwise the
+    definition (tests/test_chip_gemm_cuda.py)."""
     kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
     if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
         if kernel.supported(arith) is None:
