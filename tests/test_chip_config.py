@@ -92,3 +92,23 @@ def test_resume_finds_a_chip_run_by_its_own_fingerprint():
                                        if k != "hydra"})
         assert _fingerprint_of(cfg) == wrote[name], name
     assert len(set(wrote.values())) == 3
+
+
+def test_the_plan_names_the_chip_and_warns_of_the_aligning_adder_on_the_cpu():
+    """A laptop user learns before the run that the shipped FP8 profiles cut every product on the CPU; the exact
+    adder, a GPU and no chip get no warning."""
+    from noisebench.train.builders import slow_chip_note
+    from noisebench.train.plan import plan_lines
+
+    def chip_lines(overrides):
+        return [line for line in plan_lines(compose(overrides)) if line.startswith(("chip", "    "))]
+
+    lines = chip_lines(["chip=fp8_promote128", "device=cpu"])
+    assert "fp8_promote128: fp8_e4m3 inputs (block scales), chunk 32, 13-bit toward_zero accumulator, promoted " \
+           "every 128, max_exponent alignment; phases ['all']" in lines[0]
+    assert "warning:" in lines[1] and "chip.acc_alignment=exact" in lines[1]
+    assert len(chip_lines(["chip=fp8_promote128", "device=cpu", "chip.acc_alignment=exact"])) == 1
+    assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cuda") is None
+    assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cpu") is not None
+    assert slow_chip_note(compose([]), "cpu") is None
+    assert chip_lines([]) == ["chip            none (torch's arithmetic)"]

@@ -65,6 +65,17 @@ def make_chip(cfg: DictConfig):
     return ChipMode(ChipProfile.from_dict(OmegaConf.to_container(cfg.chip, resolve=True)), seed=int(cfg.seed))
 
 
+def slow_chip_note(cfg: DictConfig, device: str) -> str | None:
+    """A warning before a run whose chip profile will be very slow where it runs: the aligning adder on the CPU
+    (every product cut in float64 torch calls), else None."""
+    chip = cfg.get("chip")
+    if chip is None or device != "cpu" or chip.get("acc_alignment") != "max_exponent":
+        return None
+    return (f"chip {chip.get('name')} uses the aligning adder (acc_alignment=max_exponent), which cuts every product: "
+            f"on the CPU its GEMMs are orders of magnitude slower than clean (docs/chips.md, Speed). Run it on a GPU, "
+            f"or add chip.acc_alignment=exact for a faster, coarser emulation")
+
+
 def injector_hooks(cfg: DictConfig) -> str:
     """Where the run's injector puts its module hooks: on the attached models alone (the trainer attaches policy and
     reference model, the evaluator each checkpoint it loads), so every other module call skips torch's hook path and

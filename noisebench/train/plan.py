@@ -12,7 +12,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from noisebench.train.builders import noise_spec, per_device_batch
+from noisebench.train.builders import noise_spec, per_device_batch, slow_chip_note
 from noisebench.train.distributed import rank, sharding_problem, strategy, world_size
 
 
@@ -63,6 +63,25 @@ def _rollout_lines(cfg: DictConfig, spec) -> list[str]:
     return lines
 
 
+def _names(values) -> list[str]:
+    return [str(getattr(v, "value", v)) for v in values]   # enum members of the structured config as their names
+
+
+def _chip_lines(cfg: DictConfig) -> list[str]:
+    chip = cfg.get("chip")
+    if chip is None:
+        return ["chip            none (torch's arithmetic)"]
+    c = OmegaConf.to_container(chip, resolve=True)
+    promoted = f"promoted every {c['promote_every']}" if c.get("promote_every") else "never promoted"
+    phases = c.get("phases") or ["all"]
+    lines = [f"chip            {c.get('name')}: {c.get('in_format')} inputs ({c.get('in_scaling', 'none')} scales), "
+             f"chunk {c.get('chunk', 32)}, {c.get('acc_mantissa_bits', 23)}-bit {c.get('acc_rounding', 'rne')} "
+             f"accumulator, {promoted}, {c.get('acc_alignment', 'exact')} alignment; phases {_names(phases)}"]
+    device = str(cfg.device) if str(cfg.device) != "auto" else ("cuda" if _gpus() else "cpu")
+    note = slow_chip_note(cfg, device)
+    return lines + ([f"                warning: {note}"] if note else [])
+
+
 def plan_lines(cfg: DictConfig, spec=None) -> list[str]:
     t, e, tb = cfg.trainer, cfg.eval, cfg.testbed
     world = world_size()
@@ -80,7 +99,8 @@ def plan_lines(cfg: DictConfig, spec=None) -> list[str]:
     lines = [
         f"experiment      {cfg.experiment} (seed {cfg.seed})",
         f"testbed         {tb.name}: model {_model_source(tb)}; data {_data_source(tb)}; eval task {tb.eval_task}",
-        f"noise           {n.type} scale {n.scale} ops {list(n.ops)} phases {list(n.phases)}; {seed}",
+        f"noise           {_names([n.type])[0]} scale {n.scale} ops {_names(n.ops)} phases {_names(n.phases)}; {seed}",
+        *_chip_lines(cfg),
         f"aqn             {'on' if cfg.aqn.enabled else 'off'}",
         f"steps           {steps} x {t.prompts_per_step} prompts x {t.num_generations} generations "
         f"= {int(t.prompts_per_step) * int(t.num_generations)} completions a step; "

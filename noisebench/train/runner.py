@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from noisebench.record import RECORD_NAME, write_record
 from noisebench.train.builders import (make_aqn, make_chip, make_evaluator, make_injector, make_trainer, noise_spec,
-                                       pick_device, skip_evaluation)
+                                       pick_device, skip_evaluation, slow_chip_note)
 from noisebench.train.callbacks import NoisebenchCallback
 from noisebench.train.distributed import is_main_process, rank, sharding_problem
 from noisebench.train.outcome import signal_name
@@ -68,6 +68,9 @@ def run(cfg: DictConfig, run_dir: str | os.PathLike, leaderboard: bool = False, 
         raise ValueError(problem)
     aqn = make_aqn(cfg)
     device = pick_device(str(cfg.device))
+    note = slow_chip_note(cfg, device)
+    if note and is_main_process():
+        log.warning(note)
     cfg.device = device  # the record's config holds the device that ran (part of the setting runs are compared in)
     set_seed(int(cfg.seed))
 
