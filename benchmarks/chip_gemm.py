@@ -125,7 +125,17 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list of {list(PROFILES)}")
     p.add_argument("--out", default=None, help="JSON path for the figures")
+    p.add_argument("--configs", default=None,
+                   help="tiles the tuner tries instead of chip_gemm.CONFIGS, 'BM,BN,warps,stages;...'")
     a = p.parse_args()
+    if a.configs:
+        try:
+            tiles = tuple(tuple(int(v) for v in c.split(",")) for c in a.configs.split(";"))
+        except ValueError:
+            tiles = ()
+        if not tiles or any(len(t) != 4 for t in tiles):
+            p.error(f"--configs: {a.configs!r} is not 'BM,BN,warps,stages;...'")
+        cg.CONFIGS = tiles
     if not torch.cuda.is_available():
         raise SystemExit("chip_gemm.py needs CUDA")
     shapes, profiles = a.shapes.split(","), a.profiles.split(",")
