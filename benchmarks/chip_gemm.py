@@ -2,9 +2,10 @@
 
 Qwen2.5-1.5B's linear shapes at ``--tokens`` rows: cuBLAS bf16 (``torch.matmul``), torch._scaled_mm fp8 with fast
 accumulation on and off (where this torch and GPU have it), and the kernel for four chip profiles: ``gpu_bf16``
-(the reference: bf16 inputs, chunk 32, float32 RNE accumulator: one float32 add per chunk), ``fp8_fast_accum`` (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128``
-(128-element block scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE accumulator); bf16
-output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
+(the reference: bf16 inputs, chunk 32, float32 RNE accumulator: one float32 add per chunk), ``fp8_fast_accum``
+(tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128`` (128-element block
+scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE
+accumulator); bf16 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
 event timings after warm-up calls; the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
 fp8_fast_accum and fp8_promote128 use the aligning adder fitted to the H200 (per-product cuts, ``acc_alignment:

@@ -71,12 +71,14 @@ def _chip_lines(cfg: DictConfig) -> list[str]:
     chip = cfg.get("chip")
     if chip is None:
         return ["chip            none (torch's arithmetic)"]
-    c = OmegaConf.to_container(chip, resolve=True)
-    promoted = f"promoted every {c['promote_every']}" if c.get("promote_every") else "never promoted"
-    phases = c.get("phases") or ["all"]
-    lines = [f"chip            {c.get('name')}: {c.get('in_format')} inputs ({c.get('in_scaling', 'none')} scales), "
-             f"chunk {c.get('chunk', 32)}, {c.get('acc_mantissa_bits', 23)}-bit {c.get('acc_rounding', 'rne')} "
-             f"accumulator, {promoted}, {c.get('acc_alignment', 'exact')} alignment; phases {_names(phases)}"]
+    from noisebench.noise.chip import ChipProfile
+
+    prof = ChipProfile.from_dict(OmegaConf.to_container(chip, resolve=True))   # the engine's reading, defaults too
+    a = prof.arith
+    promoted = f"promoted every {a.promote_every}" if a.promote_every else "never promoted"
+    lines = [f"chip            {prof.name}: {a.in_format} inputs ({a.in_scaling} scales), chunk {a.chunk}, "
+             f"{a.acc_mantissa_bits}-bit {a.acc_rounding} accumulator, {promoted}, {a.acc_alignment} alignment; "
+             f"phases {_names(prof.phases)}"]
     device = str(cfg.device) if str(cfg.device) != "auto" else ("cuda" if _gpus() else "cpu")
     note = slow_chip_note(cfg, device)
     return lines + ([f"                warning: {note}"] if note else [])
