@@ -69,7 +69,8 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     return ia, ib
 
 
-def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str]) -> dict:
+def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[str],
+                kernels: tuple = ("auto",)) -> dict:
     dev = torch.device("cuda")
     torch.manual_seed(0)
     a = e4m3_grid(torch.randn(m, k, device=dev) * 50)
@@ -87,7 +88,9 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
     for name in profiles:
         ia, ib = scales(name, m, k, n, dev)
         arith = PROFILES[name]
-        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib: cg.chip_gemm(a, w.t(), ia, ib, arith)
+        for kern in kernels:
+            variants[f"chip_{name}" + ("" if kern == "auto" else f"_{kern}")] = (
+                lambda arith=arith, ia=ia, ib=ib, kern=kern: cg.chip_gemm(a, w.t(), ia, ib, arith, kernel=kern))
     for vname, fn in variants.items():
         try:
             t0, before = time.perf_counter(), set(cg._TUNED)
@@ -126,6 +129,9 @@ def main() -> None:
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     p.add_argument("--profiles", default=",".join(PROFILES), help=f"comma list of {list(PROFILES)}")
     p.add_argument("--out", default=None, help="JSON path for the figures")
+    p.add_argument("--kernels", default="auto",
+                   help="comma list of chip_gemm kernels: auto (Gluon on Hopper where it covers the profile), "
+                        "triton, hopper; each but auto adds rows named chip_<profile>_<kernel>")
     p.add_argument("--configs", default=None,
                    help="tiles the tuner tries instead of chip_gemm.CONFIGS, 'BM,BN,warps,stages;...'")
     a = p.parse_args()
@@ -142,16 +148,19 @@ def main() -> None:
     shapes, profiles = a.shapes.split(","), a.profiles.split(",")
     for bad in [s for s in shapes if s not in SHAPES] + [q for q in profiles if q not in PROFILES]:
         p.error(f"unknown shape or profile {bad!r}")
+    for bad in [x for x in a.kernels.split(",") if x not in ("auto", "triton", "hopper")]:
+        p.error(f"--kernels: unknown {bad!r}; valid: auto, triton, hopper")
     t0 = time.perf_counter()
     rows = []
     for s in shapes:
         k, n = SHAPES[s]
-        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles))
+        rows.append(bench_shape(s, a.tokens, k, n, a.reps, profiles, tuple(a.kernels.split(","))))
         print(f"[{time.perf_counter() - t0:.0f}s] {s}: " + ", ".join(
             f"{v}={d['ratio_to_bf16']:.2f}x" for v, d in rows[-1].items() if isinstance(d, dict) and
             "ratio_to_bf16" in d), flush=True)
     names = [v for v in rows[0] if isinstance(rows[0][v], dict)]
     print(f"\nGPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {cg.triton.__version__}\n")
+    print("chip_<profile>: the kernel chip_gemm picks (auto: the Gluon kernel on Hopper where it covers the profile)")
     print(table(rows, names))
     summary = {}
     for v in names:
