@@ -83,6 +83,32 @@ def cuda_us(fn: Callable[[], object], reps: int = 50) -> float:
     return statistics.median(times)
 
 
+def graph_us(fn: Callable[[], object], reps: int = 20, inner: int = 10) -> float:
+    """Median device microseconds of one ``fn`` call without the host's launch work: ``inner`` calls captured in a
+    CUDA graph, each replay timed by CUDA events (3 untimed calls first, on a side stream as capture wants)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / inner)
+    return statistics.median(times)
+
+
 # --- flags --------------------------------------------------------------------------------------------------------
 
 

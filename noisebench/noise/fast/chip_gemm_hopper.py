@@ -25,10 +25,10 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .chip_round import _add_acc, _round_rne
 
-# (BM, BN, num_warps, stages): the accumulator, the chunk sum being added and the one in flight live in registers
-# (128, 256) spills: four float32 tiles of 128 values a thread
-CONFIGS = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 128, 8, 4), (128, 64, 8, 4), (64, 256, 8, 3), (64, 128, 4, 6),
-           (64, 64, 4, 6))
+# (BM, BN, num_warps, stages, chunks a stage): the accumulator, the chunk sum being added and the one in flight live
+# in registers ((128, 256) spills: four float32 tiles of 128 values a thread); 4-tuples are one chunk a stage
+CONFIGS = ((64, 128, 4, 4, 1), (64, 128, 4, 3, 2), (64, 128, 4, 2, 4), (128, 128, 8, 4, 1), (128, 128, 8, 3, 2),
+           (128, 128, 8, 2, 4), (64, 64, 4, 4, 2), (128, 64, 8, 3, 2), (64, 256, 8, 2, 2))
 
 
 @gluon.constexpr_function
@@ -48,25 +48,29 @@ def _mma_layout(BM, BN, num_warps):
 
 
 @gluon.jit
-def _load(a_desc, b_desc, a_s, b_s, bars, slot, chunk, off_m, off_n, pred,
-          CHUNK: gl.constexpr, B_T: gl.constexpr):
-    """TMA of chunk ``chunk``'s A and B tiles into ring slot ``slot`` (past K: TMA's zero fill)."""
+def _load(a_desc, b_desc, a_s, b_s, bars, stage, off_m, off_n, pred,
+          CHUNK: gl.constexpr, CPS: gl.constexpr, STAGES: gl.constexpr, B_T: gl.constexpr):
+    """TMA of stage ``stage``'s CPS chunks (A and B tiles of CHUNK along K each) into its ring slot, one barrier for
+    the stage (past K: TMA's zero fill)."""
+    slot = stage % STAGES
     bar = bars.index(slot)
-    mbarrier.expect(bar, a_desc.block_type.nbytes + b_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(a_desc, [off_m, chunk * CHUNK], bar, a_s.index(slot), pred=pred)
-    if B_T:
-        tma.async_copy_global_to_shared(b_desc, [off_n, chunk * CHUNK], bar, b_s.index(slot), pred=pred)
-    else:
-        tma.async_copy_global_to_shared(b_desc, [chunk * CHUNK, off_n], bar, b_s.index(slot), pred=pred)
+    mbarrier.expect(bar, CPS * (a_desc.block_type.nbytes + b_desc.block_type.nbytes), pred=pred)
+    for j in gl.static_range(CPS):
+        k = (stage * CPS + j) * CHUNK
+        tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_s.index(slot * CPS + j), pred=pred)
+        if B_T:
+            tma.async_copy_global_to_shared(b_desc, [off_n, k], bar, b_s.index(slot * CPS + j), pred=pred)
+        else:
+            tma.async_copy_global_to_shared(b_desc, [k, off_n], bar, b_s.index(slot * CPS + j), pred=pred)
 
 
 @gluon.jit
-def _mma(a_s, b_s, slot, spare, B_T: gl.constexpr):
-    """Chunk sum of ring slot ``slot`` into fresh registers (``spare``'s are reused, its value ignored), async."""
+def _mma(a_s, b_s, buf, spare, B_T: gl.constexpr):
+    """Chunk sum of buffer ``buf`` into fresh registers (``spare``'s are reused, its value ignored), async."""
     if B_T:
-        out = warpgroup_mma(a_s.index(slot), b_s.index(slot).permute((1, 0)), spare, use_acc=False, is_async=True)
+        out = warpgroup_mma(a_s.index(buf), b_s.index(buf).permute((1, 0)), spare, use_acc=False, is_async=True)
     else:
-        out = warpgroup_mma(a_s.index(slot), b_s.index(slot), spare, use_acc=False, is_async=True)
+        out = warpgroup_mma(a_s.index(buf), b_s.index(buf), spare, use_acc=False, is_async=True)
     return out
 
 
@@ -102,9 +106,10 @@ def _chip_gemm_hopper(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, 
                       RNE: gl.constexpr, EXACT: gl.constexpr, PROMOTE: gl.constexpr, HAS_BIAS: gl.constexpr,
                       OUT_BF16: gl.constexpr, SATURATE: gl.constexpr, BF16_MAX: gl.constexpr,
                       B_T: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, STAGES: gl.constexpr,
-                      GROUP_M: gl.constexpr, num_warps: gl.constexpr):
+                      CPS: gl.constexpr, GROUP_M: gl.constexpr, num_warps: gl.constexpr):
     """C = A @ B under the chip arithmetic (``chip_gemm._chip_gemm_kernel``'s constants); B_T: B is given as its
-    [N, K] transpose (a linear's weight)."""
+    [N, K] transpose (a linear's weight). A ring of STAGES stages of CPS chunks each: one barrier wait and one
+    refill per stage, one async wgmma per chunk."""
     layout: gl.constexpr = _mma_layout(BM, BN, num_warps)
     pid = gl.program_id(0)
     n_m, n_n = gl.cdiv(M, BM), gl.cdiv(N, BN)
@@ -120,16 +125,17 @@ def _chip_gemm_hopper(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, 
     sa_ptrs = sa_ptr + rm.to(gl.int64) * s_sam
     sb_ptrs = sb_ptr + rn.to(gl.int64) * s_sbn
 
-    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
-    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    a_s = gl.allocate_shared_memory(a_desc.dtype, [STAGES * CPS] + a_desc.block_type.shape, a_desc.layout)
+    b_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES * CPS] + b_desc.block_type.shape, b_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     n_chunks = gl.cdiv(K, CHUNK)
     if PROMOTE > 0:                           # whole promotion groups; chunks past K are zeros and change nothing
         n_chunks = gl.cdiv(n_chunks, PROMOTE) * PROMOTE
+    n_stages = gl.cdiv(n_chunks, CPS)         # a last stage's chunks past n_chunks are loaded, never summed
     for i in gl.static_range(STAGES):
-        _load(a_desc, b_desc, a_s, b_s, bars, i, i, off_m, off_n, i < n_chunks, CHUNK, B_T)
+        _load(a_desc, b_desc, a_s, b_s, bars, i, off_m, off_n, i < n_stages, CHUNK, CPS, STAGES, B_T)
 
     acc = gl.zeros((BM, BN), gl.float32, layout)
     total = gl.zeros((BM, BN), gl.float32, layout)
@@ -137,13 +143,13 @@ def _chip_gemm_hopper(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, 
     mbarrier.wait(bars.index(0), 0)
     part = _mma(a_s, b_s, 0, spare, B_T)
     for i in range(1, n_chunks):
-        slot = i % STAGES
-        mbarrier.wait(bars.index(slot), (i // STAGES) & 1)
-        nxt = _mma(a_s, b_s, slot, spare, B_T)                     # chunk i on the tensor core ...
+        if i % CPS == 0:                      # chunk i opens a stage: wait for its loads
+            mbarrier.wait(bars.index((i // CPS) % STAGES), (i // (CPS * STAGES)) & 1)
+        nxt = _mma(a_s, b_s, i % (CPS * STAGES), spare, B_T)          # chunk i on the tensor core ...
         done = warpgroup_mma_wait(num_outstanding=1, deps=(part, ))  # ... while chunk i - 1 is added
-        prev = (i - 1) % STAGES                                      # its slot is free: refill it
-        _load(a_desc, b_desc, a_s, b_s, bars, prev, i - 1 + STAGES, off_m, off_n, i - 1 + STAGES < n_chunks,
-              CHUNK, B_T)
+        if i % CPS == 0:                      # chunk i - 1 closed its stage: its slot is free, refill it
+            _load(a_desc, b_desc, a_s, b_s, bars, i // CPS - 1 + STAGES, off_m, off_n,
+                  i // CPS - 1 + STAGES < n_stages, CHUNK, CPS, STAGES, B_T)
         acc, total = _consume(acc, total, done, i - 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
                               SCALING, SBLOCK, CHUNK, DROP, RNE, EXACT, PROMOTE)
         spare = done
@@ -190,8 +196,9 @@ def usable(a: Tensor, b: Tensor, arith) -> Optional[str]:
 def launch(a: Tensor, b: Tensor, c: Tensor, sa: Tensor, sb: Tensor, bias: Tensor, dims: tuple, consts: dict,
            cfg: tuple) -> None:
     """``chip_gemm._launch``'s arguments (a [1, M, K], b [1, K, N], c [1, M, N] bf16 codes) on this kernel;
-    ``cfg`` = (BM, BN, num_warps, stages)."""
-    bm, bn, warps, stages = cfg
+    ``cfg`` = (BM, BN, num_warps, stages[, chunks a stage])."""
+    bm, bn, warps, stages = cfg[:4]
+    cps = cfg[4] if len(cfg) > 4 else 1
     m, n, k, nblk = dims
     chunk = consts["CHUNK"]
     a2, b2, c2 = a[0], b[0], c[0]
@@ -209,5 +216,5 @@ def launch(a: Tensor, b: Tensor, c: Tensor, sa: Tensor, sb: Tensor, bias: Tensor
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _chip_gemm_hopper[grid](a_desc, b_desc, c2, sa, sb, bias, m, n, k, nblk, c2.stride(0), c2.stride(1),
                             sa.stride(-2), sa.stride(-1), sb.stride(-2), sb.stride(-1), **kw, B_T=b_t, BM=bm, BN=bn,
-                            STAGES=stages, GROUP_M=8, num_warps=warps,
+                            STAGES=stages, CPS=cps, GROUP_M=8, num_warps=warps,
                             enable_fp_fusion=False)   # no FMA: the definition rounds twice
