@@ -193,7 +193,6 @@ def test_hopper_kernel_equals_the_triton_kernel_bitwise_cuda():
             y_t = cg.chip_gemm(ca, cb, ia, ib, arith, bias, kernel="triton")
             same = (y_h == y_t) | (y_h.isnan() & y_t.isnan())
             assert bool(same.all()), (case, m, k, n, transposed, same.double().mean().item())
-            assert y_h[m // 2].isnan().all() and (m == 1 or not y_h[m // 2 + 1].isnan().any())
             checked += 1
     assert checked == 3 * len(cases) == 33
 

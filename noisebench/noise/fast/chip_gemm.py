@@ -19,6 +19,7 @@ in float32/int32 (``_aligned_add``), exact for FP8/FP6/FP4 codes, so that path e
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -200,6 +201,12 @@ def small_config(arith) -> tuple:
     return ALIGNED_SMALL_CONFIG if arith.acc_alignment == "max_exponent" else SMALL_CONFIG
 
 
+@functools.lru_cache(maxsize=None)
+def _ones(dev: torch.device) -> Tensor:
+    """The unit scales of an unscaled GEMM (one per device, not a fill kernel per call)."""
+    return torch.ones(1, 1, 1, dtype=torch.float32, device=dev)
+
+
 def _exact_mode(arith, exact: Optional[int]) -> int:
     if exact is not None:
         return exact
@@ -269,7 +276,7 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
     elif arith.in_scaling == "tensor":
         sa, sb, nblk = inv_a.float().reshape(1, 1, 1), inv_b.float().reshape(1, 1, 1), 1
     else:
-        sa = sb = torch.ones(1, 1, 1, dtype=torch.float32, device=dev)
+        sa = sb = _ones(dev)
         nblk = 1
     bf16 = arith.out_format == "bf16"
     c = torch.empty(a.shape[0], m, n, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)

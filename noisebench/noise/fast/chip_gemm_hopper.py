@@ -13,6 +13,7 @@ batched operands (attention's bmm), on compute capability 9.x, with TMA-aligned 
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -175,10 +176,15 @@ def _chip_gemm_hopper(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, 
         gl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(dev: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(dev)
+
+
 def usable(a: Tensor, b: Tensor, arith) -> Optional[str]:
     """None when this kernel computes ``a @ b`` (bf16 codes: a [1, M, K], b [1, K, N]) under ``arith``; else why
     not (``chip_gemm`` then launches its Triton kernel)."""
-    if not (a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9):
+    if not (a.is_cuda and _capability(a.device)[0] == 9):
         return "not a Hopper GPU"
     if arith.acc_alignment == "max_exponent":
         return "the aligning adder"
