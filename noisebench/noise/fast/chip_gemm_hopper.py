@@ -28,8 +28,8 @@ from .chip_round import _add_acc, _round_rne
 
 # (BM, BN, num_warps, stages, chunks a stage): the accumulator, the chunk sum being added and the one in flight live
 # in registers ((128, 256) spills: four float32 tiles of 128 values a thread); 4-tuples are one chunk a stage
-CONFIGS = ((64, 128, 4, 4, 1), (64, 128, 4, 3, 2), (64, 128, 4, 2, 4), (128, 128, 8, 4, 1), (128, 128, 8, 3, 2),
-           (128, 128, 8, 2, 4), (64, 64, 4, 4, 2), (128, 64, 8, 3, 2), (64, 256, 8, 2, 2))
+CONFIGS = ((64, 128, 4, 4, 1), (64, 128, 4, 3, 2), (128, 128, 8, 4, 1), (128, 128, 8, 3, 2), (64, 64, 4, 4, 2),
+           (128, 64, 8, 3, 2), (64, 256, 8, 2, 2))
 
 
 @gluon.constexpr_function
@@ -66,6 +66,22 @@ def _load(a_desc, b_desc, a_s, b_s, bars, stage, off_m, off_n, pred,
 
 
 @gluon.jit
+def _stage_wait(bars, i, CPS: gl.constexpr, STAGES: gl.constexpr):
+    """Before chunk i's wgmma: where i opens a stage, wait for that stage's loads."""
+    if i % CPS == 0:
+        mbarrier.wait(bars.index((i // CPS) % STAGES), (i // (CPS * STAGES)) & 1)
+
+
+@gluon.jit
+def _refill(a_desc, b_desc, a_s, b_s, bars, i, n_stages, off_m, off_n,
+            CHUNK: gl.constexpr, CPS: gl.constexpr, STAGES: gl.constexpr, B_T: gl.constexpr):
+    """After chunk i - 1's wgmma is done: where it closed a stage, that slot is free; load the stage STAGES on."""
+    if i % CPS == 0:
+        stage = i // CPS - 1 + STAGES
+        _load(a_desc, b_desc, a_s, b_s, bars, stage, off_m, off_n, stage < n_stages, CHUNK, CPS, STAGES, B_T)
+
+
+@gluon.jit
 def _mma(a_s, b_s, buf, spare, B_T: gl.constexpr):
     """Chunk sum of buffer ``buf`` into fresh registers (``spare``'s are reused, its value ignored), async."""
     if B_T:
@@ -90,7 +106,7 @@ def _consume(acc, total, s, c, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
     if PROMOTE > 0:
         if (c + 1) % PROMOTE == 0:
             if SCALING == 2:                  # block scales: float32(acc) * float32(inv_a * inv_b), then the add
-                g = c // PROMOTE
+                g = gl.minimum(c // PROMOTE, NBLK - 1)   # a padding chunk's group: 0 times a real scale
                 sa = gl.load(sa_ptrs + g * s_sak, mask=mm, other=1.0)
                 sb = gl.load(sb_ptrs + g * s_sbk, mask=mn, other=1.0)
                 total = total + acc * (sa[:, None] * sb[None, :])
@@ -134,29 +150,43 @@ def _chip_gemm_hopper(a_desc, b_desc, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, 
     n_chunks = gl.cdiv(K, CHUNK)
     if PROMOTE > 0:                           # whole promotion groups; chunks past K are zeros and change nothing
         n_chunks = gl.cdiv(n_chunks, PROMOTE) * PROMOTE
+    # an even count, for the loop's pairs: a padding chunk sums to +0, and acc + 0 == acc for every acc the adds
+    # can leave (never -0: they start from +0 and round x - x to +0)
+    n_chunks = gl.cdiv(n_chunks, 2) * 2
     n_stages = gl.cdiv(n_chunks, CPS)         # a last stage's chunks past n_chunks are loaded, never summed
     for i in gl.static_range(STAGES):
         _load(a_desc, b_desc, a_s, b_s, bars, i, off_m, off_n, i < n_stages, CHUNK, CPS, STAGES, B_T)
 
     acc = gl.zeros((BM, BN), gl.float32, layout)
     total = gl.zeros((BM, BN), gl.float32, layout)
-    spare = gl.zeros((BM, BN), gl.float32, layout)
+    # Chunks in pairs, two register tiles: the pair's first wgmma runs while the previous pair's second sum is
+    # added, its second while the first sum is added; every wgmma is waited for within its own iteration, and each
+    # writes the tile whose sum was just added. A wgmma still in flight across the loop's back edge, or a copy of
+    # its tile, makes ptxas serialise every wgmma (C7514).
     mbarrier.wait(bars.index(0), 0)
-    part = _mma(a_s, b_s, 0, spare, B_T)
-    for i in range(1, n_chunks):
-        if i % CPS == 0:                      # chunk i opens a stage: wait for its loads
-            mbarrier.wait(bars.index((i // CPS) % STAGES), (i // (CPS * STAGES)) & 1)
-        nxt = _mma(a_s, b_s, i % (CPS * STAGES), spare, B_T)          # chunk i on the tensor core ...
-        done = warpgroup_mma_wait(num_outstanding=1, deps=(part, ))  # ... while chunk i - 1 is added
-        if i % CPS == 0:                      # chunk i - 1 closed its stage: its slot is free, refill it
-            _load(a_desc, b_desc, a_s, b_s, bars, i // CPS - 1 + STAGES, off_m, off_n,
-                  i // CPS - 1 + STAGES < n_stages, CHUNK, CPS, STAGES, B_T)
-        acc, total = _consume(acc, total, done, i - 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
+    p0 = _mma(a_s, b_s, 0, gl.zeros((BM, BN), gl.float32, layout), B_T)
+    _stage_wait(bars, 1, CPS, STAGES)
+    p1 = _mma(a_s, b_s, 1 % (CPS * STAGES), gl.zeros((BM, BN), gl.float32, layout), B_T)
+    d0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0, ))
+    _refill(a_desc, b_desc, a_s, b_s, bars, 1, n_stages, off_m, off_n, CHUNK, CPS, STAGES, B_T)
+    acc, total = _consume(acc, total, d0, 0, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
+                          SCALING, SBLOCK, CHUNK, DROP, RNE, EXACT, PROMOTE)
+    d1 = warpgroup_mma_wait(num_outstanding=0, deps=(p1, ))
+    _refill(a_desc, b_desc, a_s, b_s, bars, 2, n_stages, off_m, off_n, CHUNK, CPS, STAGES, B_T)
+    for c in range(2, n_chunks, 2):          # chunks c and c + 1
+        _stage_wait(bars, c, CPS, STAGES)
+        p0 = _mma(a_s, b_s, c % (CPS * STAGES), d0, B_T)
+        acc, total = _consume(acc, total, d1, c - 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
                               SCALING, SBLOCK, CHUNK, DROP, RNE, EXACT, PROMOTE)
-        spare = done
-        part = nxt
-    done = warpgroup_mma_wait(num_outstanding=0, deps=(part, ))
-    acc, total = _consume(acc, total, done, n_chunks - 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
+        _stage_wait(bars, c + 1, CPS, STAGES)
+        p1 = _mma(a_s, b_s, (c + 1) % (CPS * STAGES), d1, B_T)
+        d0 = warpgroup_mma_wait(num_outstanding=1, deps=(p0, ))
+        _refill(a_desc, b_desc, a_s, b_s, bars, c + 1, n_stages, off_m, off_n, CHUNK, CPS, STAGES, B_T)
+        acc, total = _consume(acc, total, d0, c, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
+                              SCALING, SBLOCK, CHUNK, DROP, RNE, EXACT, PROMOTE)
+        d1 = warpgroup_mma_wait(num_outstanding=0, deps=(p1, ))
+        _refill(a_desc, b_desc, a_s, b_s, bars, c + 2, n_stages, off_m, off_n, CHUNK, CPS, STAGES, B_T)
+    acc, total = _consume(acc, total, d1, n_chunks - 1, sa_ptrs, sb_ptrs, s_sak, s_sbk, mm, mn, NBLK,
                           SCALING, SBLOCK, CHUNK, DROP, RNE, EXACT, PROMOTE)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
