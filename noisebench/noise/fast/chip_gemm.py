@@ -29,13 +29,6 @@ import triton.testing
 import triton.language as tl
 from torch import Tensor
 
-from .chip_round import _add_acc, _round_rne
-
-try:                                          # Gluon (Triton >= 3.5): the Hopper kernel that overlaps wgmma and adds
-    from . import chip_gemm_hopper as hopper
-except ImportError:
-    hopper = None
-
 CHUNKS = (16, 32, 64, 128)                   # tensor-core K tiles of a bf16 dot
 SCALINGS = {"none": 0, "tensor": 1, "block": 2, "mx": 3}
 BF16_EXACT = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
@@ -55,6 +48,52 @@ _TUNED: dict = {}
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _round_rne(x, DROP: tl.constexpr):
+    """float32 ``x`` rounded to 23 - DROP stored mantissa bits, to nearest even, on its bit pattern."""
+    iv = x.to(tl.int32, bitcast=True)
+    iv = (iv + (((iv >> DROP) & 1) + ((1 << (DROP - 1)) - 1))) & (-(1 << DROP))
+    return iv.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _add_acc(acc, s, DROP: tl.constexpr, RNE: tl.constexpr, EXACT: tl.constexpr):
+    """acc + s rounded to 23 - DROP stored mantissa bits (RNE or toward zero). EXACT: 0 a float32 add then the
+    rounding (a double rounding), 1 ``add.rz`` then truncation (toward zero only; CUDA), 2 TwoSum's error term
+    decides what the float32 add hid (ties for RNE, a value just under a grid point for toward zero)."""
+    # one return at the end: Triton 3.6 compiles the statements after a return inside a constexpr `if` too
+    if EXACT == 1:
+        out = tl.inline_asm_elementwise("add.rz.f32 $0, $1, $2;", "=r,r,r", [acc, s], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+        if DROP > 0:
+            out = (out.to(tl.int32, bitcast=True) & (-(1 << DROP))).to(tl.float32, bitcast=True)
+    else:
+        x = acc + s
+        if RNE and DROP == 0:                 # the float32 add is the rounding
+            out = x
+        else:
+            iv = x.to(tl.int32, bitcast=True)
+            if EXACT == 2:                    # TwoSum (Knuth): x + err == acc + s exactly
+                bb = x - acc
+                err = (acc - (x - bb)) + (s - bb)
+                away = ((err > 0) & (x > 0)) | ((err < 0) & (x < 0))
+                toward = ((err < 0) & (x > 0)) | ((err > 0) & (x < 0))
+            if RNE:
+                half = 1 << (DROP - 1)
+                bias = ((iv >> DROP) & 1) + (half - 1)
+                if EXACT == 2:
+                    tie = (iv & ((1 << DROP) - 1)) == half
+                    bias = tl.where(tie & away, half, tl.where(tie & toward, 0, bias))
+                iv = (iv + bias) & (-(1 << DROP))
+            else:
+                kept = iv & (-(1 << DROP))
+                if EXACT == 2:                # x on the grid but the exact sum just inside it: one step down
+                    kept = tl.where((kept == iv) & toward, kept - (1 << DROP), kept)
+                iv = kept
+            out = iv.to(tl.float32, bitcast=True)
+    return out
 
 
 @triton.jit
@@ -231,7 +270,7 @@ def _launch(a, b, c, sa, sb, bias, dims, consts, cfg):
 
 def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor], arith,
               bias: Optional[Tensor] = None, *, config: Optional[tuple] = None,
-              exact: Optional[int] = None, kernel: str = "auto") -> Optional[Tensor]:
+              exact: Optional[int] = None) -> Optional[Tensor]:
     """``codes_a @ codes_b`` (+ bias) under ``arith`` (``accumulate.GemmArith``), as ``accumulate.accumulate`` then
     the bias and the output rounding define it; None when the kernel does not cover ``arith`` (``supported``).
 
@@ -244,8 +283,6 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
         config: (BM, BN, num_warps, num_stages); default: the fastest of ``CONFIGS`` for this shape, timed on the
             first call (a fixed small tile in the interpreter).
         exact: how the add into the accumulator rounds (``_add_acc``); default exact (1 or 2), plain for 23-bit RNE.
-        kernel: ``auto`` (the Gluon kernel of ``chip_gemm_hopper`` where it covers the call: Hopper GPUs, exact
-            chunk adds, one batch; else the Triton kernel) | ``triton`` | ``hopper`` (an error where it cannot run).
 
     Returns:
         [..., M, N], bfloat16 for ``out_format`` bf16 (RNE), else float32.
@@ -289,29 +326,21 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
                   SATURATE=arith.overflow == "saturate", BF16_MAX=BF16_MAX,
                   UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent")
     args = (a, b, c, sa, sb, bias_t, (m, n, k, nblk), consts)
-    if kernel not in ("auto", "triton", "hopper"):
-        raise ValueError(f"chip_gemm: kernel={kernel!r}; valid choices: ['auto', 'triton', 'hopper']")
-    why = "Triton has no Gluon" if hopper is None else ("the interpreter" if _interpreting() else
-                                                         hopper.usable(a, b, arith))
-    if kernel == "hopper" and why is not None:
-        raise ValueError(f"chip_gemm: kernel='hopper' cannot run this call: {why}")
-    launch, configs = ((hopper.launch, hopper.CONFIGS) if kernel != "triton" and why is None else
-                       (_launch, ALIGNED_CONFIGS if consts["ALIGNED"] else CONFIGS))
     if config is None:
-        config = INTERPRET_CONFIG if _interpreting() else _tune(args, launch, configs)
-    launch(*args, config)
+        config = INTERPRET_CONFIG if _interpreting() else _tune(args)
+    _launch(*args, config)
     return c.reshape(*lead, n)
 
 
-def _tune(args, launch, configs) -> tuple:
-    """The fastest of ``configs`` for this shape, arithmetic and kernel (timed once, then cached)."""
+def _tune(args) -> tuple:
+    """The fastest of ``CONFIGS`` for this shape and arithmetic (timed once, then cached)."""
     a, b, _, _, _, _, dims, consts = args
-    key = (launch.__module__, a.shape[0], dims, tuple(sorted(consts.items())), a.stride(), b.stride())
+    key = (a.shape[0], dims, tuple(sorted(consts.items())), a.stride(), b.stride())
     if key not in _TUNED:
         times = {}
-        for cfg in configs:
+        for cfg in ALIGNED_CONFIGS if consts["ALIGNED"] else CONFIGS:
             try:
-                times[cfg] = triton.testing.do_bench(lambda: launch(*args, cfg), warmup=5, rep=20)
+                times[cfg] = triton.testing.do_bench(lambda: _launch(*args, cfg), warmup=5, rep=20)
             except Exception:                 # out of shared memory or registers on this GPU: not a candidate
                 continue
         _TUNED[key] = min(times, key=times.get)
