@@ -6,7 +6,7 @@ accumulation on and off (where this torch and GPU have it), and the kernel for f
 (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128`` (128-element block
 scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE
 accumulator); bf16 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
-event timings of a CUDA graph replaying 10 calls (device time: the host's launch work, 80-130 us a call, which the
+event timings of a CUDA graph replaying 10 calls (device time: the host's launch work, 70-165 us a call, which the
 per-call figures ``call_ms`` also hold, is left out; calls over 50 ms are timed per call only) after warm-up calls;
 the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
