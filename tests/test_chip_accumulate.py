@@ -353,3 +353,22 @@ def test_aligning_adder_reproduces_the_h200_fast_accumulation_error():
     wide = GemmArith(**{**aligned.__dict__, "acc_mantissa_bits": 40})
     y = accumulate(ca, cb, wide, ia, ib)
     assert torch.equal(y, ((ca.double() @ cb.double()).float() * (ia.float() * ib.float())))
+
+
+@pytest.mark.parametrize("bits", [6, 7, 10, 13])
+def test_a_nan_code_stays_nan_through_a_narrow_nearest_accumulator(bits):
+    """A NaN with its payload bits set (a GPU's canonical 0x7FFFFFFF, or all ones) once lost its NaN-ness in the
+    nearest-even rounding: the carry ran through the exponent into the sign, leaving 0 and a finite row. Every
+    output of the NaN's row is NaN, the other rows are untouched, under every accumulator width and either
+    rounding."""
+    g = torch.Generator().manual_seed(5)
+    ca = torch.randint(-8, 9, (3, 64), generator=g).float()
+    cb = torch.randint(-8, 9, (64, 5), generator=g).float()
+    for pattern in (0x7FFFFFFF, -1, 0x7FC00000):            # canonical CUDA NaN, all ones, torch's quiet NaN
+        bad = ca.clone()
+        bad[1, 21] = torch.tensor(pattern, dtype=torch.int32).view(torch.float32)
+        for rounding in ("rne", "toward_zero"):
+            arith = GemmArith(in_format="fp32", chunk=16, acc_mantissa_bits=bits, acc_rounding=rounding)
+            y = accumulate(bad, cb, arith)
+            assert y[1].isnan().all(), (hex(pattern & 0xFFFFFFFF), rounding, y[1])
+            assert torch.equal(y[[0, 2]], accumulate(ca, cb, arith)[[0, 2]])

@@ -137,6 +137,10 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
 def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
     for r in compare(EXACT_CASES, True, "cuda"):
         assert r["equal"] == 1.0, r
+    # a NaN code's row and column stay NaN through every accumulator (the tensor core's canonical NaN once
+    # carried to -0 in the nearest-even rounding of narrow accumulators)
+    for r in compare(EXACT_CASES, True, "cuda", m=20, k=160, n=12, nan=True):
+        assert r["equal"] == 1.0 and r["nan"] > 0.0, r
 
 
 @needs_codes_api
@@ -191,6 +195,8 @@ def test_interpreter_matches_the_definition():
     res = json.loads(run.stdout.strip().splitlines()[-1])
     for r in res["exact"]:
         assert r["equal"] == 1.0, r
+    for r in res["exact_nan"]:
+        assert r["equal"] == 1.0 and r["nan"] > 0.0, r
     for r in res["random"]:
         assert r["equal"] >= 0.99 and r["max_acc_ulps"] <= ULP_LIMIT, r
     for r in res["aligned"]:
@@ -201,6 +207,7 @@ def test_interpreter_matches_the_definition():
 
 if __name__ == "__main__":   # the interpreter's run: TRITON_INTERPRET=1 python tests/test_chip_gemm_cuda.py
     print(json.dumps(dict(exact=compare(EXACT_CASES, True, "cpu"),
+                          exact_nan=compare(EXACT_CASES, True, "cpu", m=20, k=160, n=12, nan=True),
                           random=compare(RANDOM_CASES, False, "cpu", m=32, k=1536, n=32),
                           aligned=compare(ALIGNED_CASES, False, "cpu", m=40, k=544, n=36),
                           aligned_nan=compare(ALIGNED_CASES[:2], False, "cpu", m=20, k=160, n=12, nan=True))))

@@ -189,6 +189,7 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
     per = (arith.promote_every // ch) if promote else 0
     aligned = arith.acc_alignment == "max_exponent"
+    finite = all(bool(torch.isfinite(t).all()) for t in (a64, b64, ia, ib) if t is not None)
     for pos, c in enumerate(seq):
         if aligned:
             prods = a_ch[c].unsqueeze(-1) * b_ch[c].unsqueeze(-3)          # [..., M, chunk, N], exact
@@ -201,9 +202,14 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                 part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
             acc.add_(part)
         if drop > 0 and not aligned:      # mask the dropped bits; RNE first adds half an ulp less one + the kept LSB
+            # a NaN's payload bits can carry through the exponent into the sign (RNE turned a full-payload NaN into
+            # 0): NaN stays NaN. NaN needs a NaN or inf code, so finite codes skip the check
+            nan = acc.isnan() if rne and not finite else None
             if rne:
                 iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
             iv.bitwise_and_(~((1 << drop) - 1))
+            if nan is not None:
+                acc.masked_fill_(nan, float("nan"))
         if promote and (pos + 1 == nc or seq[pos + 1] // per != c // per):
             term = acc.float()
             if scales is not None:

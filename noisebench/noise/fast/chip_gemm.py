@@ -86,7 +86,8 @@ def _add_acc(acc, s, DROP: tl.constexpr, RNE: tl.constexpr, EXACT: tl.constexpr)
                 if EXACT == 2:
                     tie = (iv & ((1 << DROP) - 1)) == half
                     bias = tl.where(tie & away, half, tl.where(tie & toward, 0, bias))
-                iv = (iv + bias) & (-(1 << DROP))
+                # a NaN's payload can carry through the exponent into the sign (0x7FFFFFFF -> -0): NaN stays NaN
+                iv = tl.where(x != x, iv, (iv + bias) & (-(1 << DROP)))
             else:
                 kept = iv & (-(1 << DROP))
                 if EXACT == 2:                # x on the grid but the exact sum just inside it: one step down
