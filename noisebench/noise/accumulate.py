@@ -202,8 +202,8 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                 part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
             acc.add_(part)
         if drop > 0 and not aligned:      # mask the dropped bits; RNE first adds half an ulp less one + the kept LSB
-            # a NaN's payload bits can carry through the exponent into the sign (RNE turned a full-payload NaN into
-            # 0): NaN stays NaN. NaN needs a NaN or inf code, so finite codes skip the check
+            # RNE's carry would run a NaN's payload bits through the exponent into the sign (a full-payload NaN
+            # becomes 0): NaN stays NaN. NaN needs a NaN or inf code, so finite codes skip the check
             nan = acc.isnan() if rne and not finite else None
             if rne:
                 iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
