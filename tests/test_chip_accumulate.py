@@ -357,10 +357,9 @@ def test_aligning_adder_reproduces_the_h200_fast_accumulation_error():
 
 @pytest.mark.parametrize("bits", [6, 7, 10, 13])
 def test_a_nan_code_stays_nan_through_a_narrow_nearest_accumulator(bits):
-    """A NaN with its payload bits set (a GPU's canonical 0x7FFFFFFF, or all ones) once lost its NaN-ness in the
-    nearest-even rounding: the carry ran through the exponent into the sign, leaving 0 and a finite row. Every
-    output of the NaN's row is NaN, the other rows are untouched, under every accumulator width and either
-    rounding."""
+    """A NaN with its payload bits set (a GPU's canonical 0x7FFFFFFF, or all ones) is where nearest-even rounding on
+    the bit pattern can carry through the exponent into the sign, leaving 0 and a finite row. Every output of the
+    NaN's row is NaN, the other rows are untouched, under every accumulator width and either rounding."""
     g = torch.Generator().manual_seed(5)
     ca = torch.randint(-8, 9, (3, 64), generator=g).float()
     cb = torch.randint(-8, 9, (64, 5), generator=g).float()

@@ -137,8 +137,8 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
 def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
     for r in compare(EXACT_CASES, True, "cuda"):
         assert r["equal"] == 1.0, r
-    # a NaN code's row and column stay NaN through every accumulator (the tensor core's canonical NaN once
-    # carried to -0 in the nearest-even rounding of narrow accumulators)
+    # a NaN code's row and column stay NaN through every accumulator (the tensor core's canonical NaN is one whose
+    # payload a narrow accumulator's nearest-even rounding can carry into the sign)
     for r in compare(EXACT_CASES, True, "cuda", m=20, k=160, n=12, nan=True):
         assert r["equal"] == 1.0 and r["nan"] > 0.0, r
 

@@ -189,7 +189,10 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
     per = (arith.promote_every // ch) if promote else 0
     aligned = arith.acc_alignment == "max_exponent"
-    finite = all(bool(torch.isfinite(t).all()) for t in (a64, b64, ia, ib) if t is not None)
+    # RNE on the bit pattern can carry a NaN's payload through the exponent into the sign; NaN needs a NaN or inf
+    # code or scale, so only then does each rounding keep its NaNs (one check a call, not one a chunk)
+    guard_nan = rne and drop > 0 and not aligned and not all(
+        bool(torch.isfinite(t).all()) for t in (a64, b64, ia, ib) if t is not None)
     for pos, c in enumerate(seq):
         if aligned:
             prods = a_ch[c].unsqueeze(-1) * b_ch[c].unsqueeze(-3)          # [..., M, chunk, N], exact
@@ -202,9 +205,7 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                 part.mul_(ia[..., c:c + 1]).mul_(ib[..., c:c + 1, :])
             acc.add_(part)
         if drop > 0 and not aligned:      # mask the dropped bits; RNE first adds half an ulp less one + the kept LSB
-            # RNE's carry would run a NaN's payload bits through the exponent into the sign (a full-payload NaN
-            # becomes 0): NaN stays NaN. NaN needs a NaN or inf code, so finite codes skip the check
-            nan = acc.isnan() if rne and not finite else None
+            nan = acc.isnan() if guard_nan else None
             if rne:
                 iv.add_(((iv >> drop) & 1).add_((1 << (drop - 1)) - 1))
             iv.bitwise_and_(~((1 << drop) - 1))

@@ -54,7 +54,7 @@ def _info(module: nn.Module) -> Tuple[int, bool]:
     if info is not None and info[0] is STATE.spec:
         return info[1]
     if torch.compiler.is_compiling():  # a cache filled while tracing makes Dynamo guard on its size: a recompile
-        return module_info(STATE.spec, None, module)    # for every class met later (transformers 5.25 meets some)
+        return module_info(STATE.spec, None, module)    # for every class met later
     cls = type(module)
     got = _CLASS_INFO.get(cls)
     if got is None:
