@@ -112,13 +112,20 @@ def test_codes_are_on_the_element_grid_and_dequantize_to_the_values():
         arith = _case(name)
         codes, inv = quantize_codes(a, arith, -1)
         assert torch.equal(F.quantize(codes, "fp8_e4m3"), codes) and codes.abs().max().item() <= 448
-        assert torch.equal(quantize_input(a, arith, -1), F.dequantize(codes, inv, -1))
+        assert torch.equal(quantize_input(a, arith, -1), F.dequantize(codes, inv, -1, arith.scale_block))
     codes, inv = quantize_codes(a, _case("tensor_tz"), -1)
     assert codes.abs().max().item() == 448 and inv.dim() == 0 and inv.dtype == torch.float32
     assert inv.item() == np.float32(1 / np.float32(448 / np.float32(a.abs().max().item())))
     codes, inv = quantize_codes(a, _case("mx_fp8"), -1)                 # E8M0: powers of two
     assert torch.equal(torch.frexp(inv)[0], torch.full_like(inv, 0.5))
-    assert torch.equal(F.dequantize(codes, inv, -1), F.quantize_mx(a, "fp8_e4m3"))
+    assert torch.equal(F.dequantize(codes, inv, -1, 32), F.quantize_mx(a, "fp8_e4m3"))
+    # a short last block: 200 elements in 7 blocks of 32 (repeating each scale ceil(200 / 7) = 29 times was wrong)
+    a = torch.randn(3, 200, generator=g) * torch.linspace(0.01, 100, 200)
+    codes, inv = quantize_codes(a, _case("mx_fp8"), -1)
+    assert inv.shape == (3, 7)
+    assert torch.equal(F.dequantize(codes, inv, -1, 32), F.quantize_mx(a, "fp8_e4m3"))
+    with pytest.raises(ValueError, match="block length"):
+        F.dequantize(codes, inv, -1)
 
 
 def test_a_block_of_tiny_values_gets_a_finite_scale():

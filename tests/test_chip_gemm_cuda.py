@@ -121,8 +121,8 @@ def compare(cases, exact: bool, device: str, m=48, k=320, n=40, nan: bool = Fals
         y = cg.chip_gemm(ca, cb, ia, ib, arith, bias)
         assert y is not None and y.shape == ref.shape
         y = y.float()
-        mag = torch.matmul(formats.dequantize(ca.abs(), None if ia is None else ia.abs(), -1).double(),
-                           formats.dequantize(cb.abs(), None if ib is None else ib.abs(), -2).double())
+        mag = torch.matmul(formats.dequantize(ca.abs(), None if ia is None else ia.abs(), -1, case[1]).double(),
+                           formats.dequantize(cb.abs(), None if ib is None else ib.abs(), -2, case[1]).double())
         ulp = (mag.float() * 2.0 ** -arith.acc_mantissa_bits).clamp_min(torch.finfo(torch.float32).tiny)
         diff = (y - ref).abs().nan_to_num(0.0)
         same = (y == ref) | (y.isnan() & ref.isnan())
@@ -172,6 +172,108 @@ def test_aligning_adder_matches_the_definition_bitwise_cuda():
         assert r["equal"] == 1.0 and r["nan"] == 0.0, r
     for r in compare(ALIGNED_CASES[:2], False, "cuda", nan=True):
         assert r["equal"] == 1.0 and r["nan"] > 0.0, r
+
+
+needs_sm90 = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                                reason="needs an sm_90 GPU (FP8 wgmma)")
+# (A's format, B's format, in_scaling, promote_every, out_format, bias): fp8_fast_accum forward and backward
+# (gradient e5m2 against an e4m3 operand, either side), fp8_promote128, promotion every 64
+NATIVE_CASES = [
+    ("fp8_e4m3", "fp8_e4m3", "tensor", None, "fp32", False),
+    ("fp8_e5m2", "fp8_e4m3", "tensor", None, "bf16", True),
+    ("fp8_e4m3", "fp8_e5m2", "none", None, "fp32", False),
+    ("fp8_e5m2", "fp8_e5m2", "none", None, "fp32", False),
+    ("fp8_e4m3", "fp8_e4m3", "block", 128, "bf16", True),
+    ("fp8_e5m2", "fp8_e4m3", "block", 128, "fp32", False),
+    ("fp8_e4m3", "fp8_e4m3", "tensor", 64, "fp32", False),
+]
+
+
+def _wide_codes(shape, fmt, gen):
+    """Codes over ``fmt``'s whole range: N(0, 1) times 2**U{-14..8} (subnormal codes, both signs), 5% zeros."""
+    x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-14, 9, shape, generator=gen).float())
+    return formats.quantize(x.masked_fill(torch.rand(*shape, generator=gen) < 0.05, 0.0), fmt)
+
+
+def native_compare(case, m, k, n, tiles, nan=False) -> list[dict]:
+    """The native FP8 kernel at each tile in ``tiles`` against the definition on the same codes: share of equal
+    elements (NaN equal to NaN) and the largest absolute difference."""
+    fa, fb, scaling, promote, out, with_bias = case
+    arith = accumulate.GemmArith(in_format=fa, in_scaling=scaling, scale_block=promote or 32, chunk=32,
+                                 acc_mantissa_bits=13, acc_rounding="toward_zero", promote_every=promote,
+                                 out_format=out, acc_alignment="max_exponent")
+    gen = torch.Generator().manual_seed(k + n)
+    ca, cb = _wide_codes((m, k), fa, gen), _wide_codes((k, n), fb, gen)
+    if nan:
+        ca[3, k // 2] = float("nan")
+        cb[k - 1, 5] = float("nan")
+    ia = ib = None
+    if scaling == "tensor":
+        ia, ib = torch.rand((), generator=gen) + 0.1, torch.rand((), generator=gen) + 0.1
+    elif scaling == "block":
+        nb = -(-k // promote)
+        ia, ib = torch.rand(m, nb, generator=gen) + 0.1, torch.rand(nb, n, generator=gen) + 0.1
+    bias = torch.randn(n, generator=gen) * 10 if with_bias else None
+    move = (lambda t: None if t is None else t.cuda())
+    ca, cb, ia, ib, bias = map(move, (ca, cb, ia, ib, bias))
+    ref = _definition(ca, cb, ia, ib, arith, bias).float()
+    out_rows = []
+    for tile in tiles:
+        if promote and promote % tile[2]:
+            continue
+        y = cg.chip_gemm(ca, cb, ia, ib, arith, bias, native=True, b_format=fb, config=tile).float()
+        same = (y == ref) | (y.isnan() & ref.isnan())
+        out_rows.append(dict(case=list(case), shape=[m, k, n], tile=list(tile), equal=same.double().mean().item(),
+                             nan=y.isnan().double().mean().item(),
+                             max_abs=(y - ref).abs().nan_to_num(0.0).max().item()))
+    return out_rows
+
+
+@needs_codes_api
+@needs_sm90
+def test_native_fp8_fast_accumulation_is_the_aligning_adder_cuda():
+    """The GPU's own FP8 fast accumulation equals the aligning adder's definition (chunk 32, 13 bits, toward zero)
+    element for element: every tile on the forward case, two on the rest; ragged K (not a multiple of 32 or of a
+    tile's K), K = 8960, NaN codes. This is the measurement ``native_supported`` rests on."""
+    small = cg.small_config(None, True)
+    for i, case in enumerate(NATIVE_CASES):
+        tiles = cg.NATIVE_CONFIGS if i == 0 else (small, cg.NATIVE_CONFIGS[0])
+        for m, k, n in ((96, 1536, 80), (40, 200, 72), (64, 8960, 48)):
+            for r in native_compare(case, m, k, n, tiles):
+                print(r)
+                assert r["equal"] == 1.0 and r["nan"] == 0.0, r
+        for r in native_compare(case, 20, 160, 12, (small,), nan=True):
+            assert r["equal"] == 1.0 and r["nan"] > 0.0, r
+    from noisebench.noise import chip
+    assert chip.native_verified("fp8_e4m3", "fp8_e4m3", torch.cuda.current_device())
+    assert chip.native_verified("fp8_e5m2", "fp8_e4m3", torch.cuda.current_device())
+
+
+def test_native_path_is_declined_where_it_is_not_the_adder():
+    base = accumulate.GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=32, acc_mantissa_bits=13,
+                                acc_rounding="toward_zero", acc_alignment="max_exponent", out_format="bf16")
+    assert cg.native_supported(base, "fp8_e4m3", "fp8_e4m3", torch.device("cpu")) is not None
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        dev = torch.device("cuda")
+        assert cg.native_supported(base, "fp8_e4m3", "fp8_e5m2", dev) is None
+        for change in (dict(acc_mantissa_bits=14), dict(acc_rounding="rne"), dict(acc_alignment="exact"),
+                       dict(chunk=16), dict(in_scaling="mx"), dict(overflow="inf"), dict(promote_every=96)):
+            arith = accumulate.GemmArith(**{**base.__dict__, **change})
+            assert cg.native_supported(arith, "fp8_e4m3", "fp8_e4m3", dev) is not None, change
+        assert cg.native_supported(base, "bf16", "fp8_e4m3", dev) is not None
+
+
+def test_mx_codes_are_scaled_per_block_along_k():
+    """MX runs as scaled codes (``_mx_scaled``): equal to the dequantized operand, a short last block included."""
+    gen = torch.Generator().manual_seed(3)
+    for k in (64, 200):
+        nb = -(-k // 32)
+        ca = formats.quantize(torch.randn(5, k, generator=gen) * 100, "fp8_e4m3")
+        ia = 2.0 ** torch.randint(-4, 5, (5, nb), generator=gen).float()
+        cb = formats.quantize(torch.randn(k, 7, generator=gen) * 100, "fp8_e4m3")
+        ib = 2.0 ** torch.randint(-4, 5, (nb, 7), generator=gen).float()
+        assert torch.equal(cg._mx_scaled(ca[None], ia[None], -1, 32)[0], formats.dequantize(ca, ia, -1, 32))
+        assert torch.equal(cg._mx_scaled(cb[None], ib[None], -2, 32)[0], formats.dequantize(cb, ib, -2, 32))
 
 
 def test_unsupported_arithmetic_returns_none():

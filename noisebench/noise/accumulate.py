@@ -104,7 +104,7 @@ def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
 def quantize_input(x: Tensor, arith: GemmArith, k_dim: int, gen: Optional[torch.Generator] = None) -> Tensor:
     """A GEMM operand's values as the chip stores it (codes * inv, float32), scales along ``k_dim``."""
     codes, inv = quantize_codes(x, arith, k_dim, gen)
-    return formats.dequantize(codes, inv, k_dim)
+    return formats.dequantize(codes, inv, k_dim, arith.scale_block)
 
 
 def chunk_order(arith: GemmArith, k: int, gen: Optional[torch.Generator] = None) -> Optional[Tensor]:

@@ -265,14 +265,18 @@ def quantize_scaled_codes(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1
     return codes, inv.squeeze(-1).movedim(-1, dim)
 
 
-def dequantize(codes: Tensor, inv: Optional[Tensor], dim: int = -1) -> Tensor:
+def dequantize(codes: Tensor, inv: Optional[Tensor], dim: int = -1, block: Optional[int] = None) -> Tensor:
     """Values codes * inv (a float32 multiply), ``inv`` as ``quantize_scaled_codes`` gives it: None, 0-dim, or
-    per block along ``dim`` (each repeated over its block, the last block cut to ``codes``' length)."""
+    per ``block`` elements along ``dim`` (each repeated over its block, the last block cut to ``codes``' length;
+    the block length is needed: 200 elements in 7 blocks may be blocks of 29 to 33)."""
     if inv is None:
         return codes
     if inv.dim() and inv.shape[dim] != codes.shape[dim]:
         n = codes.shape[dim]
-        inv = inv.repeat_interleave(-(-n // inv.shape[dim]), dim=dim).narrow(dim, 0, n)
+        if block is None or -(-n // block) != inv.shape[dim]:
+            raise ValueError(f"dequantize: {inv.shape[dim]} scales along dim {dim} of {n} elements need their "
+                             f"block length (block={block})")
+        inv = inv.repeat_interleave(block, dim=dim).narrow(dim, 0, n)
     return (codes.double() * inv.double()).float()
 
 
@@ -287,7 +291,7 @@ def quantize_scaled(x: Tensor, fmt, scaling: str = "tensor", dim: int = -1, bloc
     if scaling == "mx":
         return quantize_mx(x, fmt, dim, block, rounding, overflow, gen)
     codes, inv = quantize_scaled_codes(x, fmt, scaling, dim, block, rounding, overflow, gen)
-    return dequantize(codes, inv, dim).to(_out_dtype(x))
+    return dequantize(codes, inv, dim, block).to(_out_dtype(x))
 
 
 def decode(codes: Tensor, fmt) -> Tensor:
