@@ -103,3 +103,22 @@ def test_gemm_is_the_same_on_the_device(arith, order):
     (ca, ia), (cb, ib) = quantize_codes(a, arith, -1), quantize_codes(b, arith, -2)
     dev = [None if t is None else t.to(DEV) for t in (ca, ia, cb, ib)]
     _same(accumulate(ca, cb, arith, ia, ib, perm), accumulate(dev[0], dev[2], arith, dev[1], dev[3], perm))
+
+
+@pytest.mark.parametrize("name", ["fp8_fast_accum", "fp8_promote128"])
+def test_engine_gemms_of_the_fp8_profiles_are_the_cpu_definition(name):
+    """``chip.gemm`` and ``chip.chip_grads`` on the device (the emulating kernel, or an sm_90 tensor core's own
+    FP8 fast accumulation where ``chip.native_verified``) give the CPU definition's bits: the aligning adder's sums
+    are exact, so nothing may differ. Forward at a tuned size (>= 2**22 outputs) and the two backward GEMMs with
+    e5m2 gradients against e4m3 operands."""
+    from noisebench.noise import chip
+    profile = chip.ChipProfile.from_dict(yaml.safe_load((REPO / "conf" / "chip" / f"{name}.yaml").read_text()))
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 512, 256, generator=g) * torch.exp(torch.randn(8, 512, 1, generator=g))
+    w = torch.randn(1024, 256, generator=g) / 16
+    _same(chip.gemm(a, w.t(), profile.arith), chip.gemm(a.to(DEV), w.t().to(DEV), profile.arith))
+    x, b, grad = a[:2, :96], w.t()[:, :320], torch.randn(2, 96, 320, generator=g) * 1e-3
+    want = chip.chip_grads(x, b, grad, profile)
+    got = chip.chip_grads(x.to(DEV), b.to(DEV), grad.to(DEV), profile)
+    for c, d in zip(want, got):
+        _same(c, d)
