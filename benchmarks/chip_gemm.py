@@ -4,8 +4,8 @@ Qwen2.5-1.5B's linear shapes at ``--tokens`` rows: cuBLAS bf16 (``torch.matmul``
 accumulation on and off (where this torch and GPU have it), and the kernel for four chip profiles: ``gpu_bf16``
 (the reference: bf16 inputs, chunk 32, float32 RNE accumulator: one float32 add per chunk), ``fp8_fast_accum``
 (tensor scales, chunk 32, 13-bit accumulator, toward zero, never promoted), ``fp8_promote128`` (128-element block
-scales, promoted every 128; chunk 32, 13 bits toward zero) and ``mxfp8`` (MX scales, chunk 32, 23-bit RNE
-accumulator); bf16 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
+scales, promoted every 128; chunk 32, 13 bits toward zero), ``mxfp8`` and ``mxfp4`` (MX scales, chunk 32, 23-bit
+RNE accumulator) and ``approx_exp_acc10``'s GEMM (bf16, chunk 16, 10-bit RNE accumulator); bf16 output everywhere. The weight is a linear's (N x K, used transposed). Each figure is the median of ``--reps`` CUDA
 event timings of a CUDA graph replaying 10 calls (device time: the host's launch work, 70-165 us a call, which the
 per-call figures ``call_ms`` also hold, is left out; calls over 50 ms are timed per call only) after warm-up calls;
 the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
@@ -28,6 +28,7 @@ import time
 import torch
 
 from common import cuda_us, graph_us
+from noisebench.noise import formats
 from noisebench.noise.accumulate import GemmArith
 from noisebench.noise.fast import chip_gemm as cg
 
@@ -44,6 +45,9 @@ PROFILES = {
     "mxfp8": GemmArith(in_format="fp8_e4m3", in_scaling="mx", scale_block=32, chunk=32, acc_mantissa_bits=23,
                        acc_rounding="rne", out_format="bf16"),
 }
+PROFILES["mxfp4"] = GemmArith(**{**PROFILES["mxfp8"].__dict__, "in_format": "fp4_e2m1"})
+PROFILES["approx_exp_acc10"] = GemmArith(in_format="bf16", chunk=16, acc_mantissa_bits=10, acc_rounding="rne",
+                                         out_format="bf16", overflow="inf")
 # the shipped conf/chip fp8 profiles: the aligning adder (per-product cuts on CUDA cores, no tensor-core dot)
 PROFILES["fp8_fast_accum_aligned"] = GemmArith(**{**PROFILES["fp8_fast_accum"].__dict__,
                                                   "acc_alignment": "max_exponent"})
@@ -59,11 +63,16 @@ def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.bfloat16)
 
 
+def codes(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """``x``'s codes in ``fmt`` as bf16 (e4m3 values for the fp8 profiles)."""
+    return x.bfloat16() if fmt == "bf16" else formats.quantize(x.float(), fmt).to(torch.bfloat16)
+
+
 def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     """Dequantization multipliers for profile ``name``: 0-dim, per 128-block (B's as a view of an N-major
     tensor, as a linear's weight scales are stored) or MX powers of two."""
     g = torch.Generator(device=dev).manual_seed(0)
-    if name == "gpu_bf16":
+    if name in ("gpu_bf16", "approx_exp_acc10"):
         return None, None
     if name.startswith("fp8_fast_accum"):
         return torch.tensor(0.01, device=dev), torch.tensor(0.002, device=dev)
@@ -71,7 +80,7 @@ def scales(name: str, m: int, k: int, n: int, dev) -> tuple:
     nb = -(-k // blk)
     ia = torch.rand(m, nb, device=dev, generator=g) + 0.5
     ib = (torch.rand(n, nb, device=dev, generator=g) + 0.5).t()
-    if name == "mxfp8":
+    if name.startswith("mx"):
         ia, ib = torch.exp2(torch.round(ia * 4 - 4)), torch.exp2(torch.round(ib * 4 - 4))
     return ia, ib
 
@@ -97,7 +106,10 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
         if native and cg.native_supported(arith, arith.in_format, arith.in_format, dev) is not None:
             row[f"chip_{name}"] = dict(error=cg.native_supported(arith, arith.in_format, arith.in_format, dev))
             continue
-        x, y = (a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)) if native else (a, w)
+        if arith.in_format == "fp8_e4m3":
+            x, y = (a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)) if native else (a, w)
+        else:
+            x, y = codes(a, arith.in_format), codes(w, arith.in_format)
         variants[f"chip_{name}"] = (lambda arith=arith, ia=ia, ib=ib, x=x, y=y, native=native:
                                     cg.chip_gemm(x, y.t(), ia, ib, arith, native=native))
     for vname, fn in variants.items():
