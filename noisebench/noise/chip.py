@@ -222,7 +222,7 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
     most an accumulator ulp of sum |a b|); the aligning adder's per-product cuts it computes exactly, bitwise the
     definition (tests/test_chip_gemm_cuda.py), and on an sm_90 GPU whose FP8 fast accumulation passed
-    ``native_verified`` it runs on that tensor core. ``b_format``: the format ``qb``'s codes are in where it is not
+    ``native_verified`` it runs on that tensor core (bitwise the same). ``b_format``: the format ``qb``'s codes are in where it is not
     ``arith.in_format`` (a backward GEMM's other operand)."""
     kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
     if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
@@ -231,7 +231,7 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
             cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
             fb = b_format or arith.in_format
             native = (NATIVE[0] and kernel.native_supported(arith, arith.in_format, fb, a.device) is None
-                      and native_verified(arith.in_format, fb, a.device.index or 0))
+                      and _native_ready(arith.in_format, fb, a.device.index or 0))
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
             y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, native=native, b_format=fb,
                                  config=None if big else kernel.small_config(arith, native))
@@ -240,13 +240,22 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     return _definition_gemm(a, b, arith, gen, bias, qb=qb)
 
 
-NATIVE = [True]           # the GPU's own FP8 fast accumulation where it is verified (tests switch it off)
+NATIVE = [True]           # the GPU's own FP8 fast accumulation where verified; False: the emulating kernel
+_VERIFIED: dict = {}      # (A's format, B's format, device index) -> native_verified's answer
 
 
-@functools.lru_cache(maxsize=None)
+def _native_ready(a_format: str, b_format: str, index: int) -> bool:
+    key = (a_format, b_format, index)
+    if key not in _VERIFIED:
+        if torch.cuda.is_current_stream_capturing():   # the check syncs: a graph captured first emulates
+            return False
+        _VERIFIED[key] = native_verified(a_format, b_format, index)
+    return _VERIFIED[key]
+
+
 def native_verified(a_format: str, b_format: str, index: int) -> bool:
     """Whether CUDA device ``index``'s FP8 fast accumulation (``chip_gemm._native_fp8_kernel``) equals the aligning
-    adder's definition bitwise, checked once per process and format pair: 64 x 1024 x 64 codes over the formats'
+    adder's definition bitwise (``chip.gemm`` asks once per process and format pair): 64 x 1024 x 64 codes over the formats'
     whole range (zeros, subnormals, both signs), the definition on the CPU. A GPU, driver or Triton whose tensor
     core sums otherwise keeps the emulating kernel, with a warning."""
     kernel = _kernel()
