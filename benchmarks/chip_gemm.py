@@ -12,9 +12,7 @@ the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
 fp8_fast_accum and fp8_promote128 use the aligning adder fitted to the H200 (per-product cuts, ``acc_alignment:
 max_exponent``), which no tensor-core dot computes: the kernel cuts every product on CUDA cores (the ``_aligned``
-rows); the exact-chunk-sum variants (chunk 32) are what a tensor-core dot per chunk can do. On an sm_90 GPU the
-``_native`` rows run the same two on the tensor core's own FP8 fast accumulation, which computes that adder
-(``chip_gemm.native_supported``; fp8 codes in, as the engine passes them there).
+rows); the exact-chunk-sum variants (chunk 32) are what a tensor-core dot per chunk can do.
 
     python benchmarks/chip_gemm.py --out $OUT/chip_gemm.json
 """
@@ -53,9 +51,6 @@ PROFILES["fp8_fast_accum_aligned"] = GemmArith(**{**PROFILES["fp8_fast_accum"]._
                                                   "acc_alignment": "max_exponent"})
 PROFILES["fp8_promote128_aligned"] = GemmArith(**{**PROFILES["fp8_promote128"].__dict__,
                                                   "acc_alignment": "max_exponent"})
-# the same two on an sm_90 tensor core's own FP8 fast accumulation (``chip_gemm.native_supported``), fp8 codes in
-PROFILES["fp8_fast_accum_native"] = PROFILES["fp8_fast_accum_aligned"]
-PROFILES["fp8_promote128_native"] = PROFILES["fp8_promote128_aligned"]
 
 
 def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
@@ -102,16 +97,9 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
                                                    use_fast_accum=fast))
     for name in profiles:
         ia, ib = scales(name, m, k, n, dev)
-        arith, native = PROFILES[name], name.endswith("_native")
-        if native and cg.native_supported(arith, arith.in_format, arith.in_format, dev) is not None:
-            row[f"chip_{name}"] = dict(error=cg.native_supported(arith, arith.in_format, arith.in_format, dev))
-            continue
-        if arith.in_format == "fp8_e4m3":
-            x, y = (a.to(torch.float8_e4m3fn), w.to(torch.float8_e4m3fn)) if native else (a, w)
-        else:
-            x, y = codes(a, arith.in_format), codes(w, arith.in_format)
-        variants[f"chip_{name}"] = (lambda arith=arith, ia=ia, ib=ib, x=x, y=y, native=native:
-                                    cg.chip_gemm(x, y.t(), ia, ib, arith, native=native))
+        arith = PROFILES[name]
+        x, y = (a, w) if arith.in_format == "fp8_e4m3" else (codes(a, arith.in_format), codes(w, arith.in_format))
+        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib, x=x, y=y: cg.chip_gemm(x, y.t(), ia, ib, arith)
     for vname, fn in variants.items():
         try:
             t0, before = time.perf_counter(), set(cg._TUNED)

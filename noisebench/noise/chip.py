@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -29,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from . import formats, transcendental
-from .accumulate import GemmArith, accumulate as accumulate_codes, gemm as _definition_gemm, quantize_codes
+from .accumulate import GemmArith, gemm as _definition_gemm, quantize_codes
 from .fast import dispatch
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
@@ -216,67 +215,22 @@ def _kernel():
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
-         bias: Optional[Tensor] = None, qb=None, b_format: Optional[str] = None) -> Tensor:
+         bias: Optional[Tensor] = None, qb=None) -> Tensor:
     """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
     (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
     tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
     most an accumulator ulp of sum |a b|); the aligning adder's per-product cuts it computes exactly, bitwise the
-    definition (tests/test_chip_gemm_cuda.py), and on an sm_90 GPU whose FP8 fast accumulation passed
-    ``native_verified`` it runs on that tensor core (bitwise the same). ``b_format``: the format ``qb``'s codes are in where it is not
-    ``arith.in_format`` (a backward GEMM's other operand)."""
+    definition (tests/test_chip_gemm_cuda.py)."""
     kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
     if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
         if kernel.supported(arith) is None:
             ca, inv_a = quantize_codes(a, arith, -1, gen)
             cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
-            fb = b_format or arith.in_format
-            native = (NATIVE[0] and kernel.native_supported(arith, arith.in_format, fb, a.device) is None
-                      and _native_ready(arith.in_format, fb, a.device.index or 0))
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
-            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, native=native, b_format=fb,
-                                 config=None if big else kernel.small_config(arith, native))
+            y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else kernel.small_config(arith))
             if y is not None:
                 return y.float()
     return _definition_gemm(a, b, arith, gen, bias, qb=qb)
-
-
-NATIVE = [True]           # the GPU's own FP8 fast accumulation where verified; False: the emulating kernel
-_VERIFIED: dict = {}      # (A's format, B's format, device index) -> native_verified's answer
-
-
-def _native_ready(a_format: str, b_format: str, index: int) -> bool:
-    key = (a_format, b_format, index)
-    if key not in _VERIFIED:
-        if torch.cuda.is_current_stream_capturing():   # the check syncs: a graph captured first emulates
-            return False
-        _VERIFIED[key] = native_verified(a_format, b_format, index)
-    return _VERIFIED[key]
-
-
-def native_verified(a_format: str, b_format: str, index: int) -> bool:
-    """Whether CUDA device ``index``'s FP8 fast accumulation (``chip_gemm._native_fp8_kernel``) equals the aligning
-    adder's definition bitwise (``chip.gemm`` asks once per process and format pair): 64 x 1024 x 64 codes over the formats'
-    whole range (zeros, subnormals, both signs), the definition on the CPU. A GPU, driver or Triton whose tensor
-    core sums otherwise keeps the emulating kernel, with a warning."""
-    kernel = _kernel()
-    arith = GemmArith(in_format=a_format, chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
-                      acc_alignment="max_exponent", out_format="fp32", overflow="saturate")
-    gen = torch.Generator().manual_seed(0)
-
-    def codes(shape, fmt):
-        x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-14, 9, shape, generator=gen).float())
-        return formats.quantize(x.masked_fill(torch.rand(*shape, generator=gen) < 0.05, 0.0), fmt)
-
-    ca, cb = codes((64, 1024), a_format), codes((1024, 64), b_format)
-    want = accumulate_codes(ca, cb, arith)
-    dev = torch.device("cuda", index)
-    got = kernel.chip_gemm(ca.to(dev), cb.to(dev), None, None, arith, native=True, b_format=b_format,
-                           config=kernel.small_config(arith, True))
-    same = bool(torch.equal(got.cpu(), want))
-    if not same:
-        warnings.warn(f"chip: the FP8 fast accumulation of {torch.cuda.get_device_name(dev)} ({a_format} x "
-                      f"{b_format}) differs from the aligning adder's definition; the emulating kernel runs instead")
-    return same
 
 
 def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optional[torch.Generator] = None,
@@ -290,10 +244,10 @@ def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optio
     arith, garith = profile.arith, profile.grad_arith
 
     def grad_left(lhs: Tensor, rhs: Tensor) -> Tensor:    # lhs is the gradient: rhs quantized as an input
-        return gemm(lhs, rhs, garith, gen, qb=quantize_codes(rhs, arith, -2, gen), b_format=arith.in_format)
+        return gemm(lhs, rhs, garith, gen, qb=quantize_codes(rhs, arith, -2, gen))
 
     def grad_right(lhs: Tensor, rhs: Tensor) -> Tensor:   # rhs is the gradient
-        return gemm(lhs, rhs, arith, gen, qb=quantize_codes(rhs, garith, -2, gen), b_format=garith.in_format)
+        return gemm(lhs, rhs, arith, gen, qb=quantize_codes(rhs, garith, -2, gen))
 
     ga = gb = None
     k, n = a.shape[-1], b.shape[-1]

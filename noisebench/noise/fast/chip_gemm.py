@@ -30,7 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNKS = (16, 32, 64, 128)                   # tensor-core K tiles of a bf16 dot
-SCALINGS = {"none": 0, "tensor": 1, "block": 2}   # the kernels' codes; ``mx`` runs as scaled codes
+SCALINGS = {"none": 0, "tensor": 1, "block": 2, "mx": 3}
 BF16_EXACT = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
               "mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1")
 BF16_MAX = float(torch.finfo(torch.bfloat16).max)
@@ -41,11 +41,6 @@ CONFIGS = ((128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4),
 ALIGNED_CONFIGS = ((16, 16, 4, 2), (32, 16, 4, 2), (16, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2))
 # fixed tiles for shapes not worth timing (a training step's GEMMs change shape every call: decode, attention)
 SMALL_CONFIG, ALIGNED_SMALL_CONFIG = (64, 64, 4, 3), (16, 16, 4, 2)
-# (BM, BN, BK, num_warps, num_stages) of the native FP8 kernel; BK divides every promotion it runs
-NATIVE_CONFIGS = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
-                  (128, 64, 128, 4, 4), (128, 128, 128, 4, 4))
-NATIVE_SMALL_CONFIG = (64, 64, 64, 4, 3)
-NATIVE_FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 ALIGNED_FORMATS = ("fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1")   # code products exact in float32
 INTERPRET_CONFIG = (32, 32, 4, 1)
 _TUNED: dict = {}
@@ -67,9 +62,14 @@ def _round_rne(x, DROP: tl.constexpr):
 def _add_acc(acc, s, DROP: tl.constexpr, RNE: tl.constexpr, EXACT: tl.constexpr):
     """acc + s rounded to 23 - DROP stored mantissa bits (RNE or toward zero). EXACT: 0 a float32 add then the
     rounding (a double rounding), 1 ``add.rz`` then truncation (toward zero only; CUDA), 2 TwoSum's error term
-    decides what the float32 add hid (ties for RNE, a value just under a grid point for toward zero)."""
+    decides what the float32 add hid (ties for RNE, a value just under a grid point for toward zero), 3 ``add.rn``
+    (23-bit RNE; CUDA): an add Triton cannot see, for it folds ``acc + tl.dot(a, b)`` into the dot, which then
+    adds acc inside the tensor core with the tensor core's own rounding, not the definition's."""
     # one return at the end: Triton 3.6 compiles the statements after a return inside a constexpr `if` too
-    if EXACT == 1:
+    if EXACT == 3:
+        out = tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=r,r,r", [acc, s], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    elif EXACT == 1:
         out = tl.inline_asm_elementwise("add.rz.f32 $0, $1, $2;", "=r,r,r", [acc, s], dtype=tl.float32,
                                         is_pure=True, pack=1)
         if DROP > 0:
@@ -138,29 +138,18 @@ def _chunk_dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _promote(total, acc, sa_ptrs, sb_ptrs, g, s_sak, s_sbk, mm, mn, SCALING: tl.constexpr):
-    """total + acc, the block's scales applied first for ``block`` scaling (as the definition promotes)."""
-    if SCALING == 2:
-        sa = tl.load(sa_ptrs + g * s_sak, mask=mm, other=1.0)
-        sb = tl.load(sb_ptrs + g * s_sbk, mask=mn, other=1.0)
-        out = total + acc * (sa[:, None] * sb[None, :])
-    else:
-        out = total + acc
-    return out
-
-
-@triton.jit
-def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NBLK,
                       s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
                       s_sab, s_sam, s_sak, s_sbb, s_sbk, s_sbn,
-                      SCALING: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr,
+                      SCALING: tl.constexpr, SBLOCK: tl.constexpr, CHUNK: tl.constexpr, DROP: tl.constexpr,
                       RNE: tl.constexpr, EXACT: tl.constexpr, PROMOTE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr,
                       UPCAST: tl.constexpr, ALIGNED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       GROUP_M: tl.constexpr):
     """C[b] = A[b] @ B[b] under the chip arithmetic (module docstring). PROMOTE: chunks per promotion (0: never).
-    SCALING 0 none (MX codes come scaled: ``chip_gemm``), 1 tensor (0-dim scales at the end), 2 block (scales at
-    promotion)."""
+    SCALING 0 none, 1 tensor (0-dim scales at the end), 2 block (scales at promotion), 3 mx (the codes scaled
+    before each chunk's dot: all of a chunk's products share one power of two, so the tensor core's sum is the
+    scaled sum of the codes' products wherever they stay in float32's normal range)."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
     n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
@@ -186,14 +175,26 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
         kk = i * CHUNK + rk
         a = tl.load(a_ptrs, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
         b = tl.load(b_ptrs, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
+        if SCALING == 3:                      # MX: the chunk's codes times their block's powers of two (exact)
+            blk = tl.minimum((i * CHUNK) // SBLOCK, NBLK - 1)   # past K the codes are 0 whatever the scale
+            sa = tl.load(sa_ptrs + blk * s_sak, mask=mm, other=1.0)
+            sb = tl.load(sb_ptrs + blk * s_sbk, mask=mn, other=1.0)
+            a = (a.to(tl.float32) * sa[:, None]).to(a.dtype)
+            b = (b.to(tl.float32) * sb[None, :]).to(b.dtype)
         if ALIGNED:                           # per-product cuts on CUDA cores (no MX scales: ``supported``)
             if i * CHUNK < K:                 # a padding chunk would cut acc again at its own leading bit
                 acc = _aligned_add(acc, a, b, 23 - DROP, RNE)
         else:
             acc = _add_acc(acc, _chunk_dot(a, b, UPCAST), DROP, RNE, EXACT)
         if PROMOTE > 0:
-            if (i + 1) % PROMOTE == 0:       # block scales: float32(acc) * float32(inv_a * inv_b), then the add
-                total = _promote(total, acc, sa_ptrs, sb_ptrs, i // PROMOTE, s_sak, s_sbk, mm, mn, SCALING)
+            if (i + 1) % PROMOTE == 0:
+                if SCALING == 2:              # block scales: float32(acc) * float32(inv_a * inv_b), then the add
+                    g = i // PROMOTE
+                    sa = tl.load(sa_ptrs + g * s_sak, mask=mm, other=1.0)
+                    sb = tl.load(sb_ptrs + g * s_sbk, mask=mn, other=1.0)
+                    total = total + acc * (sa[:, None] * sb[None, :])
+                else:
+                    total = total + acc
                 acc = tl.zeros((BM, BN), dtype=tl.float32)
         a_ptrs += CHUNK * s_ak
         b_ptrs += CHUNK * s_bk
@@ -213,87 +214,13 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
         tl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
 
 
-@triton.jit
-def _native_fp8_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
-                       s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
-                       s_sab, s_sam, s_sak, s_sbb, s_sbk, s_sbn,
-                       SCALING: tl.constexpr, PROMOTE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):
-    """C[b] = A[b] @ B[b] of fp8 codes on the tensor core's own fast accumulation (``native_supported``): each
-    ``tl.dot`` of BK elements chains BK / 32 FP8 wgmmas into the float32 accumulator, in K order. PROMOTE: elements
-    per promotion (0: never; a multiple of BK). SCALING 0 none, 1 tensor, 2 block (scales at promotion)."""
-    pid = tl.program_id(0)
-    bid = tl.program_id(1).to(tl.int64)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    a_row = a_ptr + bid * s_ab + rm[:, None].to(tl.int64) * s_am
-    b_col = b_ptr + bid * s_bb + rn[None, :].to(tl.int64) * s_bn
-    a_ptrs = a_row + rk[None, :] * s_ak
-    b_ptrs = b_col + rk[:, None] * s_bk
-    sa_ptrs = sa_ptr + bid * s_sab + rm.to(tl.int64) * s_sam
-    sb_ptrs = sb_ptr + bid * s_sbb + rn.to(tl.int64) * s_sbn
-    mm, mn = rm < M, rn < N
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    total = tl.zeros((BM, BN), dtype=tl.float32)
-    n_full = K // BK
-    for i in range(0, n_full):
-        a = tl.load(a_ptrs, mask=mm[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=mn[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)               # fast accumulation: max_num_imprecise_acc's sm_90 default
-        if PROMOTE > 0:
-            if ((i + 1) * BK) % PROMOTE == 0:
-                total = _promote(total, acc, sa_ptrs, sb_ptrs, ((i + 1) * BK) // PROMOTE - 1, s_sak, s_sbk, mm, mn,
-                                 SCALING)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-        a_ptrs += BK * s_ak
-        b_ptrs += BK * s_bk
-    # the rest of K one 32-element wgmma at a time: a chunk of padding past K would cut acc once more
-    r32 = tl.arange(0, 32)
-    for k0 in range(n_full * BK, K, 32):
-        kk = k0 + r32
-        a = tl.load(a_row + kk[None, :] * s_ak, mask=mm[:, None] & (kk[None, :] < K), other=0.0)
-        b = tl.load(b_col + kk[:, None] * s_bk, mask=(kk[:, None] < K) & mn[None, :], other=0.0)
-        acc = tl.dot(a, b, acc)
-        if PROMOTE > 0:
-            if (k0 + 32) % PROMOTE == 0:
-                total = _promote(total, acc, sa_ptrs, sb_ptrs, (k0 + 32) // PROMOTE - 1, s_sak, s_sbk, mm, mn,
-                                 SCALING)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if PROMOTE > 0:
-        if (tl.cdiv(K, 32) * 32) % PROMOTE != 0:   # the last, partial promotion group
-            total = _promote(total, acc, sa_ptrs, sb_ptrs, K // PROMOTE, s_sak, s_sbk, mm, mn, SCALING)
-        y = total
-    else:
-        y = acc
-    if SCALING == 1:
-        y = y * (tl.load(sa_ptr) * tl.load(sb_ptr))
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
-    c_ptrs = c_ptr + bid * s_cb + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
-    if OUT_BF16:
-        if SATURATE:
-            y = tl.where(y > BF16_MAX, BF16_MAX, tl.where(y < -BF16_MAX, -BF16_MAX, y))
-        y = tl.where(y != y, y, _round_rne(y, 16))
-        tl.store(c_ptrs, y.to(tl.bfloat16), mask=mm[:, None] & mn[None, :])
-    else:
-        tl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
-
-
 def supported(arith) -> Optional[str]:
     """None when the kernel computes ``arith``; else why not (the caller then uses the definition)."""
     if arith.chunk not in CHUNKS:
         return f"chunk {arith.chunk} is not a tensor-core K ({CHUNKS})"
     if arith.acc_mantissa_bits > 23:
         return f"a {arith.acc_mantissa_bits}-bit accumulator is wider than float32's"
-    if arith.in_scaling not in (*SCALINGS, "mx"):
+    if arith.in_scaling not in SCALINGS:
         return f"in_scaling {arith.in_scaling!r}"
     if arith.in_format not in BF16_EXACT:
         return f"in_format {arith.in_format!r} codes are not all bf16 values"
@@ -316,34 +243,8 @@ def supported(arith) -> Optional[str]:
     return None
 
 
-def native_supported(arith, a_format: str, b_format: str, device: torch.device) -> Optional[str]:
-    """None when this GPU's own FP8 fast accumulation computes ``arith`` (``_native_fp8_kernel``); else why not.
-
-    The H200's FP8 wgmma, measured element for element against the definition, is the aligning adder of
-    conf/chip/fp8_fast_accum.yaml: 32 products and the accumulator aligned to the largest exponent, cut to 13
-    fraction bits toward zero (docs/chips.md). So on sm_90 that arithmetic, and the same adder promoted every
-    multiple of 64, runs on the tensor core itself. Callers still confirm it per process against the definition
-    (``noise/chip.py``): other Hopper parts, drivers or Triton versions are not measured."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
-        return "not an sm_90 GPU (the adder was measured on an H200)"
-    if (arith.acc_alignment, arith.chunk, arith.acc_mantissa_bits, arith.acc_rounding) != (
-            "max_exponent", 32, 13, "toward_zero"):
-        return "not the FP8 wgmma's adder (max_exponent, chunk 32, 13 bits, toward zero)"
-    if a_format not in NATIVE_FP8 or b_format not in NATIVE_FP8:
-        return f"formats {a_format!r} x {b_format!r} are not fp8 e4m3/e5m2"
-    if arith.in_scaling not in ("none", "tensor", "block"):
-        return f"in_scaling {arith.in_scaling!r}"
-    if arith.promote_every is not None and arith.promote_every % 64:
-        return f"promote_every {arith.promote_every} is not a multiple of 64"
-    if arith.overflow != "saturate" or arith.out_format not in ("fp32", "bf16") or arith.reduction_order != "fixed":
-        return "infinite codes, another output format or a random order"
-    return None
-
-
-def small_config(arith, native: bool = False) -> tuple:
-    """The fixed tile for ``arith`` where timing the configs costs more than it saves."""
-    if native:
-        return NATIVE_SMALL_CONFIG
+def small_config(arith) -> tuple:
+    """The fixed (BM, BN, num_warps, num_stages) for ``arith`` where timing the configs costs more than it saves."""
     return ALIGNED_SMALL_CONFIG if arith.acc_alignment == "max_exponent" else SMALL_CONFIG
 
 
@@ -358,7 +259,9 @@ def _exact_mode(arith, exact: Optional[int]) -> int:
         return exact
     if arith.acc_rounding == "toward_zero":
         return 2 if _interpreting() else 1    # no inline PTX in the interpreter
-    return 0 if arith.acc_mantissa_bits == 23 else 2
+    if arith.acc_mantissa_bits == 23:
+        return 0 if _interpreting() else 3
+    return 2
 
 
 def _batched(x: Tensor, batch: tuple, tail: int) -> Tensor:
@@ -366,45 +269,30 @@ def _batched(x: Tensor, batch: tuple, tail: int) -> Tensor:
     return x.expand(*batch, *x.shape[x.dim() - tail:]).reshape(-1, *x.shape[x.dim() - tail:])
 
 
-def _grid(a, dims, bm, bn) -> tuple:
-    return (triton.cdiv(dims[0], bm) * triton.cdiv(dims[1], bn), a.shape[0])
-
-
 def _launch(a, b, c, sa, sb, bias, dims, consts, cfg):
     bm, bn, warps, stages = cfg
-    _chip_gemm_kernel[_grid(a, dims, bm, bn)](
-        a, b, c, sa, sb, bias, *dims, *a.stride(), *b.stride(), *c.stride(), *sa.stride(), *sb.stride(), **consts,
-        BM=bm, BN=bn, GROUP_M=8, num_warps=warps, num_stages=stages,
-        enable_fp_fusion=False)               # no FMA: the definition rounds twice
-
-
-def _launch_native(a, b, c, sa, sb, bias, dims, consts, cfg):
-    bm, bn, bk, warps, stages = cfg
-    _native_fp8_kernel[_grid(a, dims, bm, bn)](
-        a, b, c, sa, sb, bias, *dims, *a.stride(), *b.stride(), *c.stride(), *sa.stride(), *sb.stride(), **consts,
-        BM=bm, BN=bn, BK=bk, GROUP_M=8, num_warps=warps, num_stages=stages, enable_fp_fusion=False)
+    M, N, K, nblk = dims
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn), a.shape[0])
+    _chip_gemm_kernel[grid](a, b, c, sa, sb, bias, M, N, K, nblk, *a.stride(), *b.stride(), *c.stride(),
+                            *sa.stride(), *sb.stride(), **consts, BM=bm, BN=bn, GROUP_M=8, num_warps=warps,
+                            num_stages=stages, enable_fp_fusion=False)   # no FMA: the definition rounds twice
 
 
 def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: Optional[Tensor], arith,
               bias: Optional[Tensor] = None, *, config: Optional[tuple] = None,
-              exact: Optional[int] = None, native: bool = False,
-              b_format: Optional[str] = None) -> Optional[Tensor]:
+              exact: Optional[int] = None) -> Optional[Tensor]:
     """``codes_a @ codes_b`` (+ bias) under ``arith`` (``accumulate.GemmArith``), as ``accumulate.accumulate`` then
     the bias and the output rounding define it; None when the kernel does not cover ``arith`` (``supported``).
 
     Args:
         codes_a, codes_b: [..., M, K] and [K, N] or [..., K, N] (batch dims broadcast), values on the input format's
-            grid in any float dtype (cast to bf16 or fp8 here, exactly). CUDA tensors (CPU ones under
-            TRITON_INTERPRET=1).
+            grid in any float dtype (cast to bf16 here, exactly). CUDA tensors (CPU ones under TRITON_INTERPRET=1).
         inv_a, inv_b: dequantization multipliers as ``accumulate.quantize_codes`` gives them: None (``none``),
             0-dim (``tensor``), [..., M, ceil(K/blk)] and [..., ceil(K/blk), N] (``block``, ``mx``).
         bias: [N], added to the float32 result before the output rounding.
-        config: the kernel's tile (``CONFIGS``' or ``NATIVE_CONFIGS``' form); default: the fastest for this shape,
-            timed on the first call (a fixed small tile in the interpreter).
-        exact: how the add into the accumulator rounds (``_add_acc``); default exact (1 or 2), plain for 23-bit RNE.
-        native: run the GPU's own FP8 fast accumulation where ``native_supported`` allows (the caller has checked
-            it against the definition on this device).
-        b_format: the format of ``codes_b`` where it differs from ``arith.in_format`` (a backward GEMM's gradient).
+        config: (BM, BN, num_warps, num_stages); default: the fastest of ``CONFIGS`` for this shape, timed on the
+            first call (a fixed small tile in the interpreter).
+        exact: how the add into the accumulator rounds (``_add_acc``); default exact (1 or 2; 3 for 23-bit RNE).
 
     Returns:
         [..., M, N], bfloat16 for ``out_format`` bf16 (RNE), else float32.
@@ -428,65 +316,41 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
         a, b = _batched(codes_a, batch, 2), _batched(codes_b, batch, 2)
         if scaled:
             inv_a, inv_b = _batched(inv_a, batch, 2), _batched(inv_b, batch, 2)
+    a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
     m, dev = a.shape[1], a.device
-    use_native = native and native_supported(arith, arith.in_format, b_format or arith.in_format, dev) is None
-    scaling = arith.in_scaling
-    if scaling == "mx":                       # powers of two shared by a chunk's products: scaled codes sum as
-        a, b = _mx_scaled(a, inv_a, -1, arith.scale_block), _mx_scaled(b, inv_b, -2, arith.scale_block)
-        scaling = "none"                      # the codes do, scaled (exact in bf16's and float32's normal range)
-    if use_native:
-        a, b = a.to(NATIVE_FP8[arith.in_format]), b.to(NATIVE_FP8[b_format or arith.in_format])
-    else:
-        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    if scaling == "block":
-        sa, sb = inv_a.float(), inv_b.float()
-    elif scaling == "tensor":
-        sa, sb = inv_a.float().reshape(1, 1, 1), inv_b.float().reshape(1, 1, 1)
+    if scaled:
+        sa, sb, nblk = inv_a.float(), inv_b.float(), inv_a.shape[-1]
+    elif arith.in_scaling == "tensor":
+        sa, sb, nblk = inv_a.float().reshape(1, 1, 1), inv_b.float().reshape(1, 1, 1), 1
     else:
         sa = sb = _ones(dev)
+        nblk = 1
     bf16 = arith.out_format == "bf16"
     c = torch.empty(a.shape[0], m, n, dtype=torch.bfloat16 if bf16 else torch.float32, device=dev)
     bias_t = bias.detach().float().contiguous() if bias is not None else c
-    consts = dict(SCALING=SCALINGS[scaling], PROMOTE=0 if arith.promote_every is None else arith.promote_every,
-                  HAS_BIAS=bias is not None, OUT_BF16=bf16, SATURATE=arith.overflow == "saturate",
-                  BF16_MAX=BF16_MAX)
-    if not use_native:
-        consts.update(CHUNK=arith.chunk, DROP=23 - arith.acc_mantissa_bits, RNE=arith.acc_rounding == "rne",
-                      EXACT=_exact_mode(arith, exact), PROMOTE=consts["PROMOTE"] // arith.chunk,
-                      UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent")
-    args = (a, b, c, sa, sb, bias_t, (m, n, k), consts)
+    consts = dict(SCALING=SCALINGS[arith.in_scaling], SBLOCK=arith.scale_block, CHUNK=arith.chunk,
+                  DROP=23 - arith.acc_mantissa_bits, RNE=arith.acc_rounding == "rne",
+                  EXACT=_exact_mode(arith, exact),
+                  PROMOTE=0 if arith.promote_every is None else arith.promote_every // arith.chunk,
+                  HAS_BIAS=bias is not None, OUT_BF16=bf16,
+                  SATURATE=arith.overflow == "saturate", BF16_MAX=BF16_MAX,
+                  UPCAST=_interpreting(), ALIGNED=arith.acc_alignment == "max_exponent")
+    args = (a, b, c, sa, sb, bias_t, (m, n, k, nblk), consts)
     if config is None:
-        config = INTERPRET_CONFIG if _interpreting() else _tune(args, use_native)
-    (_launch_native if use_native else _launch)(*args, config)
+        config = INTERPRET_CONFIG if _interpreting() else _tune(args)
+    _launch(*args, config)
     return c.reshape(*lead, n)
 
 
-def _mx_scaled(x: Tensor, inv: Tensor, k_dim: int, block: int) -> Tensor:
-    """MX codes times their blocks' scales along ``k_dim`` (-1 or -2 of a 3-D operand), float32."""
-    k = x.shape[k_dim]
-    full = inv.shape[k_dim] * block
-    if full != k:                             # the last block is short: pad to whole blocks, then cut
-        pad = (0, full - k) if k_dim == -1 else (0, 0, 0, full - k)
-        return _mx_scaled(torch.nn.functional.pad(x, pad), inv, k_dim, block).narrow(k_dim, 0, k)
-    if k_dim == -1:
-        return (x.unflatten(-1, (-1, block)) * inv.unsqueeze(-1)).flatten(-2)
-    return (x.unflatten(-2, (-1, block)) * inv.unsqueeze(-2)).flatten(-3, -2)
-
-
-def _tune(args, native: bool = False) -> tuple:
-    """The fastest tile for this shape and arithmetic (timed once, then cached)."""
+def _tune(args) -> tuple:
+    """The fastest of ``CONFIGS`` for this shape and arithmetic (timed once, then cached)."""
     a, b, _, _, _, _, dims, consts = args
-    key = (native, a.shape[0], dims, tuple(sorted(consts.items())), a.stride(), b.stride(), a.dtype, b.dtype)
+    key = (a.shape[0], dims, tuple(sorted(consts.items())), a.stride(), b.stride())
     if key not in _TUNED:
-        if native:                            # a tile's K must end at every promotion
-            tiles = [t for t in NATIVE_CONFIGS if not consts["PROMOTE"] or consts["PROMOTE"] % t[2] == 0]
-        else:
-            tiles = ALIGNED_CONFIGS if consts["ALIGNED"] else CONFIGS
-        launch = _launch_native if native else _launch
         times = {}
-        for cfg in tiles:
+        for cfg in ALIGNED_CONFIGS if consts["ALIGNED"] else CONFIGS:
             try:
-                times[cfg] = triton.testing.do_bench(lambda: launch(*args, cfg), warmup=5, rep=20)
+                times[cfg] = triton.testing.do_bench(lambda: _launch(*args, cfg), warmup=5, rep=20)
             except Exception:                 # out of shared memory or registers on this GPU: not a candidate
                 continue
         _TUNED[key] = min(times, key=times.get)
