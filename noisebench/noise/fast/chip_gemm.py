@@ -10,7 +10,9 @@ Where it differs from the definition: the tensor core sums a chunk's products in
 keeps few guard bits), so the kernel matches the definition bitwise only when the chunk sums are exact in float32.
 The add into the accumulator is exact-then-rounded, as the definition's float64 add is: toward zero through the
 hardware's round-toward-zero add (``add.rz``: truncating a truncation is the truncation), round-to-nearest through
-TwoSum's error term, which decides the ties the float32 add hid. Accumulators wider than float32 (more than 23
+TwoSum's error term, which decides the ties the float32 add hid, and a float32 accumulator (23 bits, nearest)
+through ``add.rn``, which Triton cannot fold into the dot as it folds ``acc + tl.dot(a, b)``. MX scales multiply
+a chunk's codes before its dot (one power of two for all its products). Accumulators wider than float32 (more than 23
 bits) are not supported (the caller falls back to the definition), nor chunks that are not a tensor-core K.
 
 The aligning adder (``acc_alignment: max_exponent``) cuts each product before the sum, which no tensor-core
