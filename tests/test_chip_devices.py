@@ -107,10 +107,9 @@ def test_gemm_is_the_same_on_the_device(arith, order):
 
 @pytest.mark.parametrize("name", ["fp8_fast_accum", "fp8_promote128"])
 def test_engine_gemms_of_the_fp8_profiles_are_the_cpu_definition(name):
-    """``chip.gemm`` and ``chip.chip_grads`` on the device (the emulating kernel, or an sm_90 tensor core's own
-    FP8 fast accumulation where ``chip.native_verified``) give the CPU definition's bits: the aligning adder's sums
-    are exact, so nothing may differ. Forward at a tuned size (>= 2**22 outputs) and the two backward GEMMs with
-    e5m2 gradients against e4m3 operands."""
+    """``chip.gemm`` and ``chip.chip_grads`` on the device (on CUDA the Triton kernel) give the CPU definition's
+    bits: the aligning adder's sums are exact, so nothing may differ. Forward at a tuned size (>= 2**22 outputs) and
+    the two backward GEMMs with e5m2 gradients against e4m3 operands."""
     from noisebench.noise import chip
     profile = chip.ChipProfile.from_dict(yaml.safe_load((REPO / "conf" / "chip" / f"{name}.yaml").read_text()))
     g = torch.Generator().manual_seed(5)
