@@ -1,6 +1,7 @@
 """The GEMM accumulation model (noisebench/noise/accumulate.py): bitwise against a scalar definition in exact
 rational arithmetic, and the published anchor reproduced on CPU at small M, N."""
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -378,3 +379,48 @@ def test_a_nan_code_stays_nan_through_a_narrow_nearest_accumulator(bits):
             y = accumulate(bad, cb, arith)
             assert y[1].isnan().all(), (hex(pattern & 0xFFFFFFFF), rounding, y[1])
             assert torch.equal(y[[0, 2]], accumulate(ca, cb, arith)[[0, 2]])
+
+
+H200_BITS = Path(__file__).resolve().parents[1] / "docs" / "data" / "h200_fp8_fast_accum_bits.npz"
+
+
+def test_the_unnormalized_adder_is_the_h200_fp8_tensor_core_bit_for_bit():
+    """Recorded H200 outputs (``docs/data/h200_fp8_fast_accum_bits.npz``: a plain Triton FP8 GEMM, 32-element wgmmas
+    into a float32 accumulator, whose bits equal cuBLAS's fast accumulation; e4m3 codes over the whole range and of
+    N(0, 1) * 100, K = 32, 64, 512, and two- and three-product probes; 128 x 128 outputs each) against the
+    definition: ``max_exponent_unnormalized`` gives every bit, the fitted ``max_exponent`` adder does not."""
+    data = np.load(H200_BITS)
+    names = sorted({k.rsplit("_", 1)[0] for k in data.files})
+    assert len(names) == 8
+    shares = {}
+    for alignment in ("max_exponent_unnormalized", "max_exponent"):
+        arith = GemmArith(in_format="fp8_e4m3", chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
+                          acc_alignment=alignment, out_format="fp32")
+        for n in names:
+            a, w = (torch.from_numpy(data[f"{n}_{t}"]).view(torch.float8_e4m3fn).float() for t in "aw")
+            y = torch.from_numpy(data[f"{n}_y"])
+            shares[alignment, n] = (accumulate(a, w.t(), arith) == y).double().mean().item()
+    assert all(shares["max_exponent_unnormalized", n] == 1.0 for n in names), shares
+    assert all(shares["max_exponent", n] < 0.99 for n in names), shares
+
+
+def test_the_unnormalized_adder_by_hand():
+    """Chunks worked by hand: the grid is 2**(E - 13), E the largest sum of the inputs' exponents; each product cut
+    to it toward zero; the sum cut to 14 significant bits; zeros give zero; NaN propagates."""
+    arith = GemmArith(in_format="fp8_e4m3", chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
+                      acc_alignment="max_exponent_unnormalized", out_format="fp32")
+    # 12 * 10 = 120: exponents 3 + 3 = 6, grid 2**-7, 15360 units; 0.0390625 * 0.75 (exponents -5 - 1) = 3.75 units
+    # -> 3; 15363 units fit 14 bits
+    a, b = torch.tensor([[12.0, 0.0390625]]), torch.tensor([[10.0], [0.75]])
+    assert accumulate(a, b, arith).item() == 120 + 3 * 2.0 ** -7
+    # 15 * 15 = 225 = 28800 units (a product's significand may reach 4: 15 bits) + 0.875 * 0.9375 = 105 units:
+    # 28905 needs 15 significant bits, cut to 14 -> 28904; the exact sum 225.8203125 is a float32
+    a, b = torch.tensor([[15.0, 0.875]]), torch.tensor([[15.0], [0.9375]])
+    assert accumulate(a, b, arith).item() == 225 + 104 * 2.0 ** -7
+    assert accumulate(torch.zeros(2, 64), torch.zeros(64, 3), arith).eq(0).all()
+    a = torch.ones(2, 64)
+    a[1, 5] = float("nan")
+    y = accumulate(a, torch.ones(64, 3), arith)
+    assert y[0].eq(64).all() and y[1].isnan().all()
+    with pytest.raises(ValueError, match="in_scaling=mx is not modelled"):
+        GemmArith(in_format="fp8_e4m3", in_scaling="mx", acc_alignment="max_exponent_unnormalized")

@@ -13,6 +13,7 @@ scale once at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -23,7 +24,7 @@ from . import formats
 
 ACC_ROUNDINGS = ("rne", "toward_zero")
 REDUCTION_ORDERS = ("fixed", "random")
-ACC_ALIGNMENTS = ("exact", "max_exponent")
+ACC_ALIGNMENTS = ("exact", "max_exponent", "max_exponent_unnormalized")
 _TILE = 1 << 16                      # outputs summed at once: acc and a chunk's sum stay in the L2 cache
 
 
@@ -48,7 +49,14 @@ class GemmArith:
     acc_alignment: ``exact`` (a chunk's products summed exactly, the sum added to the accumulator and rounded to
         ``acc_mantissa_bits``) | ``max_exponent`` (a tensor core's adder: the chunk's products and the accumulator
         aligned to the largest exponent among them and each cut to ``acc_mantissa_bits`` fraction bits below it,
-        toward zero or to nearest by ``acc_rounding``, then summed; Khattak & Mikaitis arXiv 2512.07004).
+        toward zero or to nearest by ``acc_rounding``, then summed; Khattak & Mikaitis arXiv 2512.07004) |
+        ``max_exponent_unnormalized`` (the adder as the H200's FP8 tensor core computes it, bit for bit on recorded
+        outputs: each product aligned by the sum of its inputs' exponents, unnormalized as the multiplier forms it,
+        a subnormal input counted at its format's smallest normal exponent, the accumulator by its leading bit;
+        each cut to ``acc_mantissa_bits`` fraction bits below the largest; the sum then cut to
+        ``acc_mantissa_bits + 1`` significant bits; ``aligned_sum_unnormalized``).
+    b_format: the format of B's codes where it is not ``in_format`` (a backward GEMM's other operand); the
+        unnormalized adder reads its smallest normal exponent, and ``gemm`` quantizes B to it.
     """
 
     in_format: str = "bf16"
@@ -63,10 +71,13 @@ class GemmArith:
     overflow: str = "saturate"
     reduction_order: str = "fixed"
     acc_alignment: str = "exact"
+    b_format: Optional[str] = None
 
     def __post_init__(self) -> None:
         formats.get(self.in_format)
         formats.get(self.out_format)
+        if self.b_format is not None:
+            formats.get(self.b_format)
         for key, value, valid in (("in_scaling", self.in_scaling, formats.SCALINGS),
                                   ("in_rounding", self.in_rounding, ("nearest", "stochastic")),
                                   ("acc_rounding", self.acc_rounding, ACC_ROUNDINGS),
@@ -85,6 +96,10 @@ class GemmArith:
             raise ValueError(f"GemmArith: in_scaling=block applies each block's scales when its partial sum is "
                              f"promoted, so promote_every must equal scale_block; got promote_every="
                              f"{self.promote_every}, scale_block={self.scale_block}")
+        if self.in_scaling == "mx" and self.acc_alignment == "max_exponent_unnormalized":
+            raise ValueError("GemmArith: acc_alignment=max_exponent_unnormalized with in_scaling=mx is not modelled "
+                             "(the H200 adder was measured on unscaled FP8 codes); valid: in_scaling none, tensor, "
+                             "block")
         if self.in_scaling == "mx" and self.scale_block % self.chunk:
             raise ValueError(f"GemmArith: in_scaling=mx scales each chunk's sum by its block's scales, so chunk must "
                              f"divide scale_block; got chunk={self.chunk}, scale_block={self.scale_block}")
@@ -138,6 +153,29 @@ def aligned_sum(acc: Tensor, prods: Tensor, bits: int, rne: bool) -> Tensor:
     return whole * formats.pow2(k)
 
 
+def code_exponents(codes: Tensor, fmt: str) -> Tensor:
+    """Each code's exponent as a multiplier reads it (float64): floor(log2 |c|), a subnormal at the format's
+    smallest normal exponent; zero far below any other (-10**4), so it never sets an alignment."""
+    e = (torch.frexp(codes.abs())[1] - 1).to(torch.float64).clamp_(min=formats.get(fmt).emin)
+    return e.masked_fill_(codes == 0, -1e4)
+
+
+def aligned_sum_unnormalized(acc: Tensor, prods: Tensor, e_prods: Tensor, bits: int, rne: bool) -> Tensor:
+    """acc + the sum of ``prods`` along dim -2 as the H200's FP8 adder computes it: E the largest of the products'
+    unnormalized exponents ``e_prods`` (the sums of their inputs' exponents: a product's significand is in
+    [1, 4)) and acc's leading bit; every term cut to a multiple of 2**(E - bits); the exact sum then cut to
+    bits + 1 significant bits. Toward zero (the hardware) or to nearest even."""
+    low = -1e4
+    e_acc = (torch.frexp(acc)[1] - 1).to(torch.float64).masked_fill_(acc == 0, low)
+    big = torch.maximum(e_prods.amax(-2), e_acc)
+    k = torch.where(big > low / 2, big - bits, torch.zeros_like(big))   # all terms 0: any scale does
+    cut = torch.round if rne else torch.trunc
+    whole = cut(prods * formats.pow2(-k).unsqueeze(-2)).sum(-2) + cut(acc * formats.pow2(-k))   # exact scalings
+    s = whole * formats.pow2(k)
+    ks = (torch.frexp(s)[1] - 1 - bits).to(torch.float64)                 # the sum's own bits + 1 kept
+    return cut(s * formats.pow2(-ks)) * formats.pow2(ks)
+
+
 def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
     """``ca @ cb`` of codes ([..., M, K] @ [..., K, N], ``quantize_codes``'s, scales ``inv_a``/``inv_b``) summed as
@@ -188,7 +226,10 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     promote = arith.promote_every is not None
     total = torch.zeros(acc.shape, dtype=torch.float32, device=ca.device) if promote else None
     per = (arith.promote_every // ch) if promote else 0
-    aligned = arith.acc_alignment == "max_exponent"
+    aligned = arith.acc_alignment != "exact"
+    if arith.acc_alignment == "max_exponent_unnormalized":       # the multiplier's exponents, per chunk
+        ea_ch = code_exponents(a64, arith.in_format).split(ch, -1)
+        eb_ch = code_exponents(b64, arith.b_format or arith.in_format).split(ch, -2)
     # RNE on the bit pattern can carry a NaN's payload through the exponent into the sign; NaN needs a NaN or inf
     # code or scale, so only then does each rounding keep its NaNs (one check a call, not one a chunk)
     guard_nan = rne and drop > 0 and not aligned and not all(
@@ -198,7 +239,11 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
             prods = a_ch[c].unsqueeze(-1) * b_ch[c].unsqueeze(-3)          # [..., M, chunk, N], exact
             if ia is not None:
                 prods = prods * ia[..., c:c + 1].unsqueeze(-1) * ib[..., c:c + 1, :].unsqueeze(-3)
-            acc.copy_(aligned_sum(acc, prods, arith.acc_mantissa_bits, rne))   # rounded as it adds
+            if arith.acc_alignment == "max_exponent":
+                acc.copy_(aligned_sum(acc, prods, arith.acc_mantissa_bits, rne))   # rounded as it adds
+            else:
+                e_prods = ea_ch[c].unsqueeze(-1) + eb_ch[c].unsqueeze(-3)
+                acc.copy_(aligned_sum_unnormalized(acc, prods, e_prods, arith.acc_mantissa_bits, rne))
         else:
             torch.matmul(a_ch[c], b_ch[c], out=part)
             if ia is not None:
@@ -233,7 +278,8 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     ca, inv_a = quantize_codes(a, arith, -1, gen)
-    cb, inv_b = qb if qb is not None else quantize_codes(b, arith, -2, gen)
+    b_arith = arith if arith.b_format is None else dataclasses.replace(arith, in_format=arith.b_format)
+    cb, inv_b = qb if qb is not None else quantize_codes(b, b_arith, -2, gen)
     y = accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()

@@ -41,7 +41,7 @@ _SPELLINGS = {F.linear: "linear", torch.matmul: "matmul", Tensor.matmul: "matmul
               Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", Tensor.bmm: "bmm", F.softmax: "softmax",
               torch.softmax: "softmax", Tensor.softmax: "softmax", F.silu: "silu", F.gelu: "gelu",
               torch.rsqrt: "rsqrt", Tensor.rsqrt: "rsqrt", F.scaled_dot_product_attention: "sdpa"}
-_ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith))
+_ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith) if f.name != "b_format")   # b_format: per GEMM
 _PROFILE_KEYS = ("name", "ops", "phases", "provenance", "exp_degree", "grad_format", "rsqrt_table_bits",
                  "rsqrt_newton")
 
@@ -243,11 +243,14 @@ def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optio
     Returns (grad_a, grad_b) in a's and b's dtypes (None where not needed)."""
     arith, garith = profile.arith, profile.grad_arith
 
+    left = dataclasses.replace(garith, b_format=arith.in_format)   # B's own format, for adders that read it
+    right = dataclasses.replace(arith, b_format=garith.in_format)
+
     def grad_left(lhs: Tensor, rhs: Tensor) -> Tensor:    # lhs is the gradient: rhs quantized as an input
-        return gemm(lhs, rhs, garith, gen, qb=quantize_codes(rhs, arith, -2, gen))
+        return gemm(lhs, rhs, left, gen, qb=quantize_codes(rhs, arith, -2, gen))
 
     def grad_right(lhs: Tensor, rhs: Tensor) -> Tensor:   # rhs is the gradient
-        return gemm(lhs, rhs, arith, gen, qb=quantize_codes(rhs, garith, -2, gen))
+        return gemm(lhs, rhs, right, gen, qb=quantize_codes(rhs, garith, -2, gen))
 
     ga = gb = None
     k, n = a.shape[-1], b.shape[-1]

@@ -18,7 +18,7 @@ InRounding = choices("InRounding", ["nearest", "stochastic"])
 AccRounding = choices("AccRounding", ["rne", "toward_zero"])
 Overflow = choices("Overflow", ["saturate", "inf"])
 ReductionOrder = choices("ReductionOrder", ["fixed", "random"])
-AccAlignment = choices("AccAlignment", ["exact", "max_exponent"])
+AccAlignment = choices("AccAlignment", ["exact", "max_exponent", "max_exponent_unnormalized"])
 ChipOp = choices("ChipOp", ["linear", "matmul", "bmm", "softmax", "silu", "gelu", "rsqrt"])
 ChipPhase = choices("ChipPhase", ["rollout", "reference", "train_forward", "train_backward", "eval", "all"])
 
@@ -45,7 +45,8 @@ class ChipConfig:
     out_format: ChipFormat = ChipFormat.fp32
     overflow: Overflow = Overflow.saturate
     reduction_order: ReductionOrder = ReductionOrder.fixed   # random: each call adds the K chunks in a drawn order
-    acc_alignment: AccAlignment = AccAlignment.exact   # max_exponent: products cut below the largest exponent, summed
+    acc_alignment: AccAlignment = AccAlignment.exact   # max_exponent: products cut below the largest exponent, summed;
+    # max_exponent_unnormalized: the H200's FP8 adder bit for bit (GemmArith)
     grad_format: Optional[ChipFormat] = None       # the gradient operand of backward GEMMs; null: in_format
     ops: List[ChipOp] = field(default_factory=lambda: ["linear", "matmul", "bmm"])  # + softmax/silu/gelu, rsqrt
     phases: List[ChipPhase] = field(default_factory=lambda: ["all"])

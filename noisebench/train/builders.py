@@ -69,9 +69,11 @@ def slow_chip_note(cfg: DictConfig, device: str) -> str | None:
     """A warning before a run whose chip profile will be very slow where it runs: the aligning adder on the CPU
     (every product cut in float64 torch calls), else None."""
     chip = cfg.get("chip")
-    if chip is None or device != "cpu" or chip.get("acc_alignment") != "max_exponent":
+    aligning = ("max_exponent", "max_exponent_unnormalized")
+    if chip is None or device != "cpu" or chip.get("acc_alignment") not in aligning:
         return None
-    return (f"chip {chip.get('name')} uses the aligning adder (acc_alignment=max_exponent), which cuts every product: "
+    return (f"chip {chip.get('name')} uses an aligning adder (acc_alignment={chip.get('acc_alignment')}), which cuts "
+            f"every product: "
             f"on the CPU its GEMMs are orders of magnitude slower than clean (docs/chips.md, Speed). Run it on a GPU, "
             f"or add chip.acc_alignment=exact for a faster, coarser emulation")
 

@@ -230,6 +230,8 @@ def supported(arith) -> Optional[str]:
         return f"out_format {arith.out_format!r}"
     if arith.reduction_order != "fixed":
         return "a random reduction order"
+    if arith.acc_alignment == "max_exponent_unnormalized":
+        return "the unnormalized aligning adder (the kernel cuts as max_exponent does)"
     if arith.acc_alignment == "max_exponent":
         if arith.in_scaling == "mx":
             return "an aligning adder with MX scales (scaled products can leave float32's range)"
