@@ -8,6 +8,7 @@ first ``--rows`` x ``--cols`` of the same codes: RMS and p99.9 comparable, a sub
 anchor, each with and without promotion every 128 (against fast accumulation off).
 
     python benchmarks/fit_fp8_adder.py                          # about 5 minutes on 2 CPU cores
+    python benchmarks/fit_fp8_adder.py --alignment max_exponent_unnormalized --chunks 32 --bits 13
 """
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from noisebench.noise.accumulate import GemmArith, accumulate
 STATS = ("rel_rms", "abs_rms", "rel_p999", "abs_p999", "rel_max", "abs_max")
 
 
+ALIGNMENT = ["max_exponent"]   # --alignment
+
+
 def adder(chunk: int, bits: int, promote=None) -> GemmArith:
     return GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=chunk, acc_mantissa_bits=bits,
-                     acc_rounding="toward_zero", acc_alignment="max_exponent", promote_every=promote)
+                     acc_rounding="toward_zero", acc_alignment=ALIGNMENT[0], promote_every=promote)
 
 
 def ratios(kind: str, m: int, k: int, n: int, arith: GemmArith, real: dict, rows=None, cols=None) -> dict:
@@ -48,7 +52,10 @@ def main() -> None:
     p.add_argument("--profile", default="32,13", help="chunk,bits of conf/chip/fp8_fast_accum.yaml")
     p.add_argument("--rows", type=int, default=128)
     p.add_argument("--cols", type=int, default=1024)
+    p.add_argument("--alignment", default="max_exponent", choices=["max_exponent", "max_exponent_unnormalized"],
+                   help="the adder: fitted (conf/chip's) or the H200's bit-exact one (docs/chips.md)")
     a = p.parse_args()
+    ALIGNMENT[0] = a.alignment
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rec = json.loads(Path(a.real).read_text())
     print(f"real figures: {rec['device']}, torch {rec['torch']}")
