@@ -13,6 +13,7 @@ largest sum of the two inputs' exponents, + 0 or 1), whether the accumulator joi
 outside it is rounded to float32.
 
     python benchmarks/fp8_adder_bits.py --out $OUT/fp8_adder_bits.json      # CUDA, sm_89 or later; ~1 min
+    python benchmarks/fp8_adder_bits.py --save docs/data/h200_fp8_fast_accum_bits.npz     # the recorded outputs
 """
 from __future__ import annotations
 
@@ -99,15 +100,66 @@ def codes(kind: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
     return formats.quantize(x, "fp8_e4m3")
 
 
+def recorded_sets() -> dict:
+    """The inputs saved with the hardware's outputs (``--save``): e4m3 codes of both kinds at K = 32, 64, 512 (256
+    rows each), and probes of two products (columns 0 and 1) and, at K = 64, a third in the second wgmma (column
+    32), over random positive e4m3 values with random signs on one product."""
+    sets = {}
+    for kind in ("wide", "normal"):
+        for k in (32, 64, 512):
+            gen = torch.Generator().manual_seed(100 + k)
+            sets[f"{kind}_{k}"] = (codes(kind, (256, k), gen), codes(kind, (256, k), gen))
+    vals = torch.arange(0, 256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[torch.isfinite(vals) & (vals > 0)]
+    gen = torch.Generator().manual_seed(1)
+
+    def pick():
+        return vals[torch.randint(0, len(vals), (512,), generator=gen)]
+
+    def sign():
+        return torch.where(torch.rand(512, generator=gen) < 0.5, -1.0, 1.0)
+
+    for name, k in (("pair", 32), ("pair_k64", 64)):
+        a, w = torch.zeros(512, k), torch.zeros(512, k)
+        a[:, 0] = pick()
+        a[:, 1] = pick() * sign()
+        w[:, 0] = pick()
+        w[:, 1] = pick()
+        if k == 64:
+            a[:, 32] = pick()
+            w[:, 32] = pick() * sign()
+        sets[name] = (a, w)
+    return sets
+
+
+def save(path: str, dev: torch.device, keep: int = 128) -> None:
+    """The hardware's outputs on ``recorded_sets`` (the Triton GEMM), the first ``keep`` x ``keep`` of each, with
+    their codes as e4m3 bytes: what ``tests/test_chip_accumulate.py`` checks the exact adder against."""
+    import numpy as np
+
+    arrs = {}
+    for name, (a, w) in recorded_sets().items():
+        y = triton_fp8(a.to(dev), w.to(dev)).cpu()
+        arrs[f"{name}_a"] = a[:keep].to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        arrs[f"{name}_w"] = w[:keep].to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+        arrs[f"{name}_y"] = y[:keep, :keep].numpy()
+    np.savez_compressed(path, **arrs)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ks", default="32,64,512,1536", help="comma list of K")
     p.add_argument("--size", type=int, default=64, help="M = N")
     p.add_argument("--out", default=None)
+    p.add_argument("--save", default=None, help="write the recorded sets' outputs here (.npz) and stop")
     a = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8_adder_bits.py needs a CUDA GPU with FP8 tensor cores (sm_89 or later)")
     dev = torch.device("cuda")
+    if a.save:
+        save(a.save, dev)
+        return
     definition = GemmArith(in_format="fp8_e4m3", chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
                            acc_alignment="max_exponent", out_format="fp32")
     grid = [g for g in itertools.product((12, 13, 14, 15), (16, 32), ("lead", "exp0", "exp1"), (True, False),
