@@ -26,10 +26,7 @@ import triton
 import triton.language as tl
 
 from noisebench.noise import formats
-from noisebench.noise.accumulate import GemmArith, accumulate
-
-EMIN = -6                                 # e4m3's smallest normal exponent: subnormal codes align as 2**-6
-
+from noisebench.noise.accumulate import GemmArith, accumulate, code_exponents
 
 @triton.jit
 def _fp8_gemm(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr):
@@ -66,8 +63,7 @@ def _lead(x: torch.Tensor) -> torch.Tensor:
 def model(ca, cb, bits: int, group: int, align: str, acc_in: bool, fin: str) -> torch.Tensor:
     """One adder model on float64 codes ca [M, K] @ cb [K, N]; float32 result."""
     low = torch.full((), -1e4, dtype=torch.float64, device=ca.device)
-    ea = torch.where(ca == 0, low, _lead(ca).clamp(min=EMIN))
-    eb = torch.where(cb == 0, low, _lead(cb).clamp(min=EMIN))
+    ea, eb = code_exponents(ca, "fp8_e4m3"), code_exponents(cb, "fp8_e4m3")
     acc = torch.zeros(ca.shape[0], cb.shape[1], dtype=torch.float64, device=ca.device)
     for c0 in range(0, ca.shape[1], group):
         p = ca[:, c0:c0 + group, None] * cb[None, c0:c0 + group, :]

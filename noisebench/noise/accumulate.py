@@ -147,9 +147,12 @@ def aligned_sum(acc: Tensor, prods: Tensor, bits: int, rne: bool) -> Tensor:
     sum spans at most bits + log2(chunk + 1) + 1 bits)."""
     big = torch.maximum(acc.abs(), prods.abs().amax(-2))
     _, e2 = torch.frexp(big)                        # big = m * 2**e2, 0.5 <= m < 1: the leading bit is 2**(e2 - 1)
-    k = e2 - 1 - bits
-    cut = torch.round if rne else torch.trunc
-    whole = cut(prods * formats.pow2(-k).unsqueeze(-2)).sum(-2) + cut(acc * formats.pow2(-k))   # exact scalings
+    return _cut_sum(acc, prods, e2 - 1 - bits, torch.round if rne else torch.trunc)
+
+
+def _cut_sum(acc: Tensor, prods: Tensor, k: Tensor, cut) -> Tensor:
+    """acc and every product along dim -2 cut to multiples of 2**k by ``cut``, then summed (exact scalings)."""
+    whole = cut(prods * formats.pow2(-k).unsqueeze(-2)).sum(-2) + cut(acc * formats.pow2(-k))
     return whole * formats.pow2(k)
 
 
@@ -170,8 +173,7 @@ def aligned_sum_unnormalized(acc: Tensor, prods: Tensor, e_prods: Tensor, bits: 
     big = torch.maximum(e_prods.amax(-2), e_acc)
     k = torch.where(big > low / 2, big - bits, torch.zeros_like(big))   # all terms 0: any scale does
     cut = torch.round if rne else torch.trunc
-    whole = cut(prods * formats.pow2(-k).unsqueeze(-2)).sum(-2) + cut(acc * formats.pow2(-k))   # exact scalings
-    s = whole * formats.pow2(k)
+    s = _cut_sum(acc, prods, k, cut)
     ks = (torch.frexp(s)[1] - 1 - bits).to(torch.float64)                 # the sum's own bits + 1 kept
     return cut(s * formats.pow2(-ks)) * formats.pow2(ks)
 
