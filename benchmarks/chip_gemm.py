@@ -12,7 +12,9 @@ the kernel's block config is the fastest of ``chip_gemm.CONFIGS`` for the shape.
 Target (issue 22, item 6): every chip profile >= 0.5x cuBLAS bf16 throughput. The shipped conf/chip profiles
 fp8_fast_accum and fp8_promote128 use the aligning adder fitted to the H200 (per-product cuts, ``acc_alignment:
 max_exponent``), which no tensor-core dot computes: the kernel cuts every product on CUDA cores (the ``_aligned``
-rows); the exact-chunk-sum variants (chunk 32) are what a tensor-core dot per chunk can do.
+rows); the exact-chunk-sum variants (chunk 32) are what a tensor-core dot per chunk can do. The ``_native`` rows
+are those profiles with the H200's exact adder (``max_exponent_unnormalized``) on the FP8 tensor core itself
+(``noise/fast/fp8_native.py``, sm_90 only).
 
     python benchmarks/chip_gemm.py --out $OUT/chip_gemm.json
 """
@@ -28,7 +30,7 @@ import torch
 from common import cuda_us, graph_us
 from noisebench.noise import formats
 from noisebench.noise.accumulate import GemmArith
-from noisebench.noise.fast import chip_gemm as cg
+from noisebench.noise.fast import chip_gemm as cg, fp8_native
 
 SHAPES = {"q/o": (1536, 1536), "k/v": (1536, 256), "gate/up": (1536, 8960), "down": (8960, 1536),
           "lm_head": (1536, 151936)}   # name -> (K, N)
@@ -51,6 +53,10 @@ PROFILES["fp8_fast_accum_aligned"] = GemmArith(**{**PROFILES["fp8_fast_accum"]._
                                                   "acc_alignment": "max_exponent"})
 PROFILES["fp8_promote128_aligned"] = GemmArith(**{**PROFILES["fp8_promote128"].__dict__,
                                                   "acc_alignment": "max_exponent"})
+# the shipped conf/chip fp8 profiles: the H200's own adder, on its FP8 tensor core (noise/fast/fp8_native.py)
+for _name in ("fp8_fast_accum", "fp8_promote128"):
+    PROFILES[f"{_name}_native"] = GemmArith(**{**PROFILES[_name].__dict__,
+                                               "acc_alignment": "max_exponent_unnormalized"})
 
 
 def e4m3_grid(x: torch.Tensor) -> torch.Tensor:
@@ -99,18 +105,20 @@ def bench_shape(label: str, m: int, k: int, n: int, reps: int, profiles: list[st
         ia, ib = scales(name, m, k, n, dev)
         arith = PROFILES[name]
         x, y = (a, w) if arith.in_format == "fp8_e4m3" else (codes(a, arith.in_format), codes(w, arith.in_format))
-        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib, x=x, y=y: cg.chip_gemm(x, y.t(), ia, ib, arith)
+        run = fp8_native.fp8_gemm if name.endswith("_native") else cg.chip_gemm
+        variants[f"chip_{name}"] = lambda arith=arith, ia=ia, ib=ib, x=x, y=y, run=run: run(x, y.t(), ia, ib, arith)
     for vname, fn in variants.items():
         try:
-            t0, before = time.perf_counter(), set(cg._TUNED)
+            tuned = fp8_native._TUNED if vname.endswith("_native") else cg._TUNED
+            t0, before = time.perf_counter(), set(tuned)
             fn()                              # compiles and tunes the kernel on its first call
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
             call_ms = cuda_us(fn, reps) / 1e3
             ms = graph_us(fn, reps) / 1e3 if call_ms < 50 else call_ms   # the aligning adder: host work is noise
             row[vname] = dict(ms=ms, tflops=flop / ms / 1e9, call_ms=call_ms, first_call_s=first)
-            row[vname].update({"config (BM, BN, warps, stages)": list(cg._TUNED[key])
-                               for key in set(cg._TUNED) - before})
+            row[vname].update({"config (BM, BN, [BK,] warps, stages)": list(tuned[key])
+                               for key in set(tuned) - before})
         except Exception as e:                # a torch or GPU without this variant: recorded, not fatal
             row[vname] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
     base = row["cublas_bf16"].get("ms")

@@ -14,6 +14,7 @@ outside it is rounded to float32.
 
     python benchmarks/fp8_adder_bits.py --out $OUT/fp8_adder_bits.json      # CUDA, sm_89 or later; ~1 min
     python benchmarks/fp8_adder_bits.py --save docs/data/h200_fp8_fast_accum_bits.npz     # the recorded outputs
+    python benchmarks/fp8_adder_bits.py --save-mixed docs/data/h200_fp8_mixed_bits.npz    # e5m2 and mixed operands
 """
 from __future__ import annotations
 
@@ -42,8 +43,13 @@ def _fp8_gemm(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr):
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def triton_fp8(ca: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    a8, w8 = ca.to(torch.float8_e4m3fn).contiguous(), w.to(torch.float8_e4m3fn).contiguous()
+FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# (A's format, B's format) beyond e4m3 x e4m3: a backward GEMM's e5m2 gradient against an e4m3 operand, either side
+MIXED = (("fp8_e5m2", "fp8_e4m3"), ("fp8_e4m3", "fp8_e5m2"), ("fp8_e5m2", "fp8_e5m2"))
+
+
+def triton_fp8(ca: torch.Tensor, w: torch.Tensor, fa: str = "fp8_e4m3", fb: str = "fp8_e4m3") -> torch.Tensor:
+    a8, w8 = ca.to(FP8[fa]).contiguous(), w.to(FP8[fb]).contiguous()
     m, k = a8.shape
     c = torch.empty(m, w8.shape[0], device=ca.device)
     _fp8_gemm[(triton.cdiv(m, 64), triton.cdiv(w8.shape[0], 64))](a8, w8, c, m, w8.shape[0], k, BM=64, BN=64)
@@ -87,13 +93,14 @@ def model(ca, cb, bits: int, group: int, align: str, acc_in: bool, fin: str) -> 
     return acc.float()
 
 
-def codes(kind: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-    if kind == "wide":
-        x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-14, 9, shape, generator=gen).float())
+def codes(kind: str, shape: tuple, gen: torch.Generator, fmt: str = "fp8_e4m3") -> torch.Tensor:
+    if kind == "wide":                        # e4m3: 2**-14 ... 2**8; e5m2: 2**-18 ... 2**14 (subnormals, near max)
+        lo, hi = (-14, 9) if fmt == "fp8_e4m3" else (-18, 15)
+        x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(lo, hi, shape, generator=gen).float())
         x = x.masked_fill(torch.rand(*shape, generator=gen) < 0.05, 0.0)
     else:
         x = torch.randn(*shape, generator=gen) * 100
-    return formats.quantize(x, "fp8_e4m3")
+    return formats.quantize(x, fmt)
 
 
 def recorded_sets() -> dict:
@@ -143,18 +150,52 @@ def save(path: str, dev: torch.device, keep: int = 128) -> None:
     print(f"wrote {path}")
 
 
+def mixed_sets() -> dict:
+    """Inputs for ``--save-mixed``: each ``MIXED`` pair, codes of both kinds at K = 32 and 512 (128 rows)."""
+    sets = {}
+    for (fa, fb), kind, k in itertools.product(MIXED, ("wide", "normal"), (32, 512)):
+        gen = torch.Generator().manual_seed(200 + k)
+        sets[f"{fa[-4:]}x{fb[-4:]}_{kind}_{k}"] = (fa, fb, codes(kind, (128, k), gen, fa), codes(kind, (128, k), gen, fb))
+    return sets
+
+
+def save_mixed(path: str, dev: torch.device) -> None:
+    """The hardware's outputs on ``mixed_sets`` (the Triton GEMM) with their codes as bytes, and the share of them
+    each adder model gives bit for bit (printed): the measurement behind e5m2 gradients on the tensor core."""
+    import numpy as np
+
+    arrs = {}
+    for name, (fa, fb, a, w) in mixed_sets().items():
+        y = triton_fp8(a.to(dev), w.to(dev), fa, fb).cpu()
+        arrs[f"{name}_a"] = a.to(FP8[fa]).view(torch.uint8).numpy()
+        arrs[f"{name}_w"] = w.to(FP8[fb]).view(torch.uint8).numpy()
+        arrs[f"{name}_y"] = y.numpy()
+        shares = {}
+        for alignment in ("max_exponent_unnormalized", "max_exponent"):
+            arith = GemmArith(in_format=fa, b_format=fb, chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
+                              acc_alignment=alignment, out_format="fp32")
+            shares[alignment] = (accumulate(a.double(), w.t().double(), arith) == y).double().mean().item()
+        print(json.dumps(dict(set=name, equal=shares)), flush=True)
+    np.savez_compressed(path, **arrs)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--ks", default="32,64,512,1536", help="comma list of K")
     p.add_argument("--size", type=int, default=64, help="M = N")
     p.add_argument("--out", default=None)
     p.add_argument("--save", default=None, help="write the recorded sets' outputs here (.npz) and stop")
+    p.add_argument("--save-mixed", default=None, help="write e5m2 and mixed sets' outputs here (.npz) and stop")
     a = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise SystemExit("fp8_adder_bits.py needs a CUDA GPU with FP8 tensor cores (sm_89 or later)")
     dev = torch.device("cuda")
     if a.save:
         save(a.save, dev)
+        return
+    if a.save_mixed:
+        save_mixed(a.save_mixed, dev)
         return
     definition = GemmArith(in_format="fp8_e4m3", chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
                            acc_alignment="max_exponent", out_format="fp32")

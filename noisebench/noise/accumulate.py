@@ -270,6 +270,11 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     return y
 
 
+def b_arith(arith: GemmArith) -> GemmArith:
+    """The arithmetic B is quantized under: ``b_format`` where B has its own."""
+    return arith if arith.b_format is None else dataclasses.replace(arith, in_format=arith.b_format)
+
+
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
          bias: Optional[Tensor] = None, qb: Union[Tensor, tuple, None] = None) -> Tensor:
     """``a @ b (+ bias)`` under ``arith``: inputs quantized to codes (scales along K), summed by ``accumulate`` in
@@ -280,8 +285,7 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     ca, inv_a = quantize_codes(a, arith, -1, gen)
-    b_arith = arith if arith.b_format is None else dataclasses.replace(arith, in_format=arith.b_format)
-    cb, inv_b = qb if qb is not None else quantize_codes(b, b_arith, -2, gen)
+    cb, inv_b = qb if qb is not None else quantize_codes(b, b_arith(arith), -2, gen)
     y = accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -28,7 +29,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from . import formats, transcendental
-from .accumulate import GemmArith, gemm as _definition_gemm, quantize_codes
+from .accumulate import (GemmArith, accumulate as accumulate_codes, b_arith, gemm as _definition_gemm,
+                         quantize_codes)
 from .fast import dispatch
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
@@ -206,31 +208,78 @@ def _torch_grads(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor], g: Ten
 
 @functools.lru_cache(maxsize=None)
 def _kernel():
-    """The Triton chip GEMM module, imported once; None without Triton (the definition then runs)."""
+    """The Triton chip GEMM modules (emulating, native FP8), imported once; None without Triton (the definition
+    then runs)."""
     try:
-        from .fast import chip_gemm
+        from .fast import chip_gemm, fp8_native
     except ImportError:
         return None
-    return chip_gemm
+    return chip_gemm, fp8_native
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
          bias: Optional[Tensor] = None, qb=None) -> Tensor:
-    """``accumulate.gemm``, on CUDA through the Triton kernel (noise/fast/chip_gemm.py) where it covers ``arith``
-    (engine switch ``fast`` not ``off``; fixed reduction order; tensor-core chunks). The kernel sums a chunk as the
-    tensor core does, so it equals the definition except where a chunk's sum is not exact in float32 (then by at
-    most an accumulator ulp of sum |a b|); the aligning adder's per-product cuts it computes exactly, bitwise the
-    definition (tests/test_chip_gemm_cuda.py)."""
-    kernel = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
-    if kernel is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
+    """``accumulate.gemm``, on CUDA through a Triton kernel where one covers ``arith`` (engine switch ``fast`` not
+    ``off``; fixed reduction order). First the GPU's own FP8 tensor core, where its adder is ``arith``'s
+    (noise/fast/fp8_native.py) and ``native_verified`` found it so on this device: bitwise the definition. Else the
+    emulating kernel (noise/fast/chip_gemm.py) on tensor-core chunks: it sums a chunk as the tensor core does, so it
+    equals the definition except where a chunk's sum is not exact in float32 (then by at most an accumulator ulp of
+    sum |a b|); the aligning adder's per-product cuts it computes exactly (tests/test_chip_gemm_cuda.py)."""
+    kernels = _kernel() if a.is_cuda and dispatch.MODE != "off" else None
+    if kernels is not None and (b.dim() == 2 or a.shape[:-2] == b.shape[:-2]):
+        kernel, native = kernels
+        if native.supported(arith, a.device) is None and _native_ready(arith, a.device):
+            ca, inv_a = quantize_codes(a, arith, -1, gen)
+            cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, b_arith(arith), -2, gen)
+            big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
+            return native.fp8_gemm(ca, cb, inv_a, inv_b, arith, bias,
+                                   config=None if big else native.SMALL_CONFIG).float()
         if kernel.supported(arith) is None:
             ca, inv_a = quantize_codes(a, arith, -1, gen)
-            cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, arith, -2, gen)
+            cb, inv_b = qb if isinstance(qb, tuple) else quantize_codes(b, b_arith(arith), -2, gen)
             big = ca.numel() // ca.shape[-1] * cb.shape[-1] >= 1 << 22
             y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else kernel.small_config(arith))
             if y is not None:
                 return y.float()
     return _definition_gemm(a, b, arith, gen, bias, qb=qb)
+
+
+_VERIFIED: dict = {}      # (A's format, B's format, device index) -> native_verified's answer
+
+
+def _native_ready(arith: GemmArith, device: torch.device) -> bool:
+    key = (arith.in_format, arith.b_format or arith.in_format, device.index or 0)
+    if key not in _VERIFIED:
+        if torch.cuda.is_current_stream_capturing():   # the check syncs: a graph captured first emulates
+            return False
+        _VERIFIED[key] = native_verified(*key)
+    return _VERIFIED[key]
+
+
+def native_verified(a_format: str, b_format: str, index: int) -> bool:
+    """Whether CUDA device ``index``'s FP8 tensor core (``fp8_native``) equals the definition of the adder it is
+    taken for (``max_exponent_unnormalized``) bitwise, on 64 x 1024 x 64 codes over the formats' whole range
+    (subnormals, zeros, both signs), the definition on the CPU. ``gemm`` asks once per process and format pair; a
+    GPU, driver or Triton whose tensor core sums otherwise keeps the emulating path, with a warning."""
+    _, native = _kernel()
+    arith = GemmArith(in_format=a_format, b_format=b_format, chunk=32, acc_mantissa_bits=13,
+                      acc_rounding="toward_zero", acc_alignment="max_exponent_unnormalized", out_format="fp32",
+                      overflow="saturate")
+    gen = torch.Generator().manual_seed(0)
+
+    def codes(shape, fmt):
+        x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-16, 12, shape, generator=gen).float())
+        return formats.quantize(x.masked_fill(torch.rand(*shape, generator=gen) < 0.05, 0.0), fmt)
+
+    ca, cb = codes((64, 1024), a_format), codes((1024, 64), b_format)
+    want = accumulate_codes(ca, cb, arith)
+    dev = torch.device("cuda", index)
+    got = native.fp8_gemm(ca.to(dev), cb.to(dev), None, None, arith, config=native.SMALL_CONFIG)
+    same = bool(torch.equal(got.cpu(), want))
+    if not same:
+        warnings.warn(f"chip: the FP8 tensor core of {torch.cuda.get_device_name(dev)} ({a_format} x {b_format}) "
+                      f"differs from the max_exponent_unnormalized adder's definition; the FP8 profiles emulate it")
+    return same
 
 
 def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optional[torch.Generator] = None,
