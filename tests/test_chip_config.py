@@ -105,7 +105,7 @@ def test_the_plan_names_the_chip_and_warns_of_the_aligning_adder_on_the_cpu():
 
     lines = chip_lines(["chip=fp8_promote128", "device=cpu"])
     assert "fp8_promote128: fp8_e4m3 inputs (block scales), chunk 32, 13-bit toward_zero accumulator, promoted " \
-           "every 128, max_exponent alignment; phases ['all']" in lines[0]
+           "every 128, max_exponent_unnormalized alignment; phases ['all']" in lines[0]
     assert "warning:" in lines[1] and "chip.acc_alignment=exact" in lines[1]
     assert len(chip_lines(["chip=fp8_promote128", "device=cpu", "chip.acc_alignment=exact"])) == 1
     assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cuda") is None
