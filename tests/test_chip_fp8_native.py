@@ -139,6 +139,6 @@ def test_the_native_path_is_declined_where_it_is_not_the_adder():
         assert fp8_native.supported(base, dev) is None
         for change in (dict(acc_mantissa_bits=14), dict(acc_rounding="rne"), dict(acc_alignment="max_exponent"),
                        dict(chunk=16), dict(overflow="inf"), dict(promote_every=96), dict(in_format="bf16"),
-                       dict(b_format="fp6_e3m2"), dict(in_scaling="block", scale_block=32, promote_every=128)):
+                       dict(b_format="fp6_e3m2"), dict(in_scaling="block", scale_block=32, promote_every=32)):
             arith = dataclasses.replace(base, **change)
             assert fp8_native.supported(arith, dev) is not None, change

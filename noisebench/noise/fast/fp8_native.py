@@ -26,8 +26,10 @@ FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # the one arithmetic the tensor core computes: (acc_alignment, chunk, acc_mantissa_bits, acc_rounding)
 ADDER = ("max_exponent_unnormalized", 32, 13, "toward_zero")
 # (BM, BN, BK, num_warps, num_stages); a tile's BK must divide the promotion it runs
+# (small tiles fill the GPU's 132 SMs on narrow outputs such as k/v's N=256; BK 256 halves the loop's overhead)
 CONFIGS = ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4), (64, 128, 128, 4, 4),
-           (128, 64, 128, 4, 4), (128, 128, 128, 4, 4))
+           (128, 64, 128, 4, 4), (128, 128, 128, 4, 4), (64, 64, 128, 4, 4), (64, 64, 256, 4, 3),
+           (128, 128, 256, 8, 3), (64, 128, 256, 4, 3))
 SMALL_CONFIG = (64, 64, 64, 4, 3)
 _TUNED: dict = {}
 
