@@ -48,7 +48,7 @@ PROFILES = {
 PROFILES["mxfp4"] = GemmArith(**{**PROFILES["mxfp8"].__dict__, "in_format": "fp4_e2m1"})
 PROFILES["approx_exp_acc10"] = GemmArith(in_format="bf16", chunk=16, acc_mantissa_bits=10, acc_rounding="rne",
                                          out_format="bf16", overflow="inf")
-# the shipped conf/chip fp8 profiles: the aligning adder (per-product cuts on CUDA cores, no tensor-core dot)
+# the fitted aligning adder (chip.acc_alignment=max_exponent): per-product cuts on CUDA cores, no tensor-core dot
 PROFILES["fp8_fast_accum_aligned"] = GemmArith(**{**PROFILES["fp8_fast_accum"].__dict__,
                                                   "acc_alignment": "max_exponent"})
 PROFILES["fp8_promote128_aligned"] = GemmArith(**{**PROFILES["fp8_promote128"].__dict__,

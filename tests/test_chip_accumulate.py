@@ -404,6 +404,30 @@ def test_the_unnormalized_adder_is_the_h200_fp8_tensor_core_bit_for_bit():
     assert all(shares["max_exponent", n] < 0.99 for n in names), shares
 
 
+H200_MIXED_BITS = H200_BITS.with_name("h200_fp8_mixed_bits.npz")
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def test_the_unnormalized_adder_is_the_h200_tensor_core_on_e5m2_and_mixed_operands():
+    """Recorded H200 outputs for the gradients' formats (``docs/data/h200_fp8_mixed_bits.npz``, ``fp8_adder_bits.py
+    --save-mixed``: e5m2 x e4m3, e4m3 x e5m2 and e5m2 x e5m2, codes over the whole range and of N(0, 1) * 100, K = 32
+    and 512, 128 x 128 outputs each): the backward GEMMs of the FP8 profiles follow the same adder bit for bit."""
+    data = np.load(H200_MIXED_BITS)
+    names = sorted({k.rsplit("_", 1)[0] for k in data.files})
+    assert len(names) == 12
+    shares = {}
+    for n in names:
+        fa, fb = (f"fp8_{f}" for f in n.split("_")[0].split("x"))
+        a, w = (torch.from_numpy(data[f"{n}_{t}"]).view(FP8_DTYPES[f]).double() for t, f in (("a", fa), ("w", fb)))
+        y = torch.from_numpy(data[f"{n}_y"])
+        for alignment in ("max_exponent_unnormalized", "max_exponent"):
+            arith = GemmArith(in_format=fa, b_format=fb, chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
+                              acc_alignment=alignment, out_format="fp32")
+            shares[alignment, n] = (accumulate(a, w.t(), arith) == y).double().mean().item()
+    assert all(shares["max_exponent_unnormalized", n] == 1.0 for n in names), shares
+    assert all(shares["max_exponent", n] < 0.9 for n in names), shares
+
+
 def test_the_unnormalized_adder_by_hand():
     """Chunks worked by hand: the grid is 2**(E - 13), E the largest sum of the inputs' exponents; each product cut
     to it toward zero; the sum cut to 14 significant bits; zeros give zero; NaN propagates."""
