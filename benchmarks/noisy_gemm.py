@@ -24,6 +24,7 @@ from torch import Tensor
 
 from noisebench.noise.fast.definition import ROUNDS, kernel_key, philox_normals
 from noisebench.noise.fast.kernels import _fast_math, _pair   # the engine's Box-Muller and fast-math switch
+from noisebench.noise.fast.tiles import grouped_tile
 
 BM, BN, BK, GROUP_M = 128, 128, 64, 8   # BM and BN fix the draws (see the module docstring); BK and GROUP_M do not
 
@@ -47,12 +48,8 @@ def _linear_noise_kernel(a_ptr, w_ptr, c_ptr, M, N, K, sam, swn, scm, seed, scal
     PRECISION: ``ieee`` for float32 inputs (torch's float32 matmul does not use TF32 by default), else ``tf32``
     (ignored for 16-bit inputs)."""
     pid = tl.program_id(0)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
+    n_n = tl.cdiv(N, BN)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)

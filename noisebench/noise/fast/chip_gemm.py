@@ -31,6 +31,8 @@ import triton.testing
 import triton.language as tl
 from torch import Tensor
 
+from .tiles import grouped_tile
+
 CHUNKS = (16, 32, 64, 128)                   # tensor-core K tiles of a bf16 dot
 SCALINGS = {"none": 0, "tensor": 1, "block": 2, "mx": 3}
 BF16_EXACT = ("bf16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1",
@@ -140,6 +142,24 @@ def _chunk_dot(a, b, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _finish(y, c_ptrs, sa_ptr, sb_ptr, bias_ptr, rn, mm, mn, SCALING: tl.constexpr, HAS_BIAS: tl.constexpr,
+            OUT_BF16: tl.constexpr, SATURATE: tl.constexpr, BF16_MAX: tl.constexpr):
+    """The definition's last steps on the float32 result: tensor scales (SCALING 1), bias, the output format."""
+    if SCALING == 1:
+        y = y * (tl.load(sa_ptr) * tl.load(sb_ptr))
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
+    if OUT_BF16:
+        if SATURATE:                          # past bf16's max: the max (NaN stays NaN)
+            y = tl.where(y > BF16_MAX, BF16_MAX, tl.where(y < -BF16_MAX, -BF16_MAX, y))
+        # RNE to 7 bits on the bit pattern, then an exact cast (the interpreter's rtne cast truncates)
+        y = tl.where(y != y, y, _round_rne(y, 16))
+        tl.store(c_ptrs, y.to(tl.bfloat16), mask=mm[:, None] & mn[None, :])
+    else:
+        tl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NBLK,
                       s_ab, s_am, s_ak, s_bb, s_bk, s_bn, s_cb, s_cm, s_cn,
                       s_sab, s_sam, s_sak, s_sbb, s_sbk, s_sbn,
@@ -154,12 +174,7 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
     scaled sum of the codes' products wherever they stay in float32's normal range)."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, CHUNK)
@@ -201,19 +216,8 @@ def _chip_gemm_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, NB
         a_ptrs += CHUNK * s_ak
         b_ptrs += CHUNK * s_bk
     y = total if PROMOTE > 0 else acc
-    if SCALING == 1:
-        y = y * (tl.load(sa_ptr) * tl.load(sb_ptr))
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
     c_ptrs = c_ptr + bid * s_cb + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
-    if OUT_BF16:
-        if SATURATE:                          # past bf16's max: the max (NaN stays NaN)
-            y = tl.where(y > BF16_MAX, BF16_MAX, tl.where(y < -BF16_MAX, -BF16_MAX, y))
-        # RNE to 7 bits on the bit pattern, then an exact cast (the interpreter's rtne cast truncates)
-        y = tl.where(y != y, y, _round_rne(y, 16))
-        tl.store(c_ptrs, y.to(tl.bfloat16), mask=mm[:, None] & mn[None, :])
-    else:
-        tl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
+    _finish(y, c_ptrs, sa_ptr, sb_ptr, bias_ptr, rn, mm, mn, SCALING, HAS_BIAS, OUT_BF16, SATURATE, BF16_MAX)
 
 
 def supported(arith) -> Optional[str]:

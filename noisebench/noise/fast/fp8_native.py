@@ -20,7 +20,8 @@ import triton.language as tl
 import triton.testing
 from torch import Tensor
 
-from .chip_gemm import BF16_MAX, _add_acc, _batched, _ones, _round_rne
+from .chip_gemm import BF16_MAX, _add_acc, _batched, _finish, _ones
+from .tiles import grouped_tile
 
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # the one arithmetic the tensor core computes: (acc_alignment, chunk, acc_mantissa_bits, acc_rounding)
@@ -56,12 +57,7 @@ def _fp8_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
     1 tensor, 2 block (scales at promotion)."""
     pid = tl.program_id(0)
     bid = tl.program_id(1).to(tl.int64)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
-    group = pid // (GROUP_M * n_n)
-    first_m = group * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
-    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BM, BN, GROUP_M)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -104,18 +100,8 @@ def _fp8_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
         y = total
     else:
         y = acc
-    if SCALING == 1:
-        y = y * (tl.load(sa_ptr) * tl.load(sb_ptr))
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=mn, other=0.0)[None, :]
     c_ptrs = c_ptr + bid * s_cb + rm[:, None].to(tl.int64) * s_cm + rn[None, :] * s_cn
-    if OUT_BF16:
-        if SATURATE:                          # past bf16's max: the max (NaN stays NaN)
-            y = tl.where(y > BF16_MAX, BF16_MAX, tl.where(y < -BF16_MAX, -BF16_MAX, y))
-        y = tl.where(y != y, y, _round_rne(y, 16))
-        tl.store(c_ptrs, y.to(tl.bfloat16), mask=mm[:, None] & mn[None, :])
-    else:
-        tl.store(c_ptrs, y, mask=mm[:, None] & mn[None, :])
+    _finish(y, c_ptrs, sa_ptr, sb_ptr, bias_ptr, rn, mm, mn, SCALING, HAS_BIAS, OUT_BF16, SATURATE, BF16_MAX)
 
 
 def supported(arith, device: torch.device) -> Optional[str]:
