@@ -95,8 +95,9 @@ def test_resume_finds_a_chip_run_by_its_own_fingerprint():
 
 
 def test_the_plan_names_the_chip_and_warns_of_the_aligning_adder_on_the_cpu():
-    """A laptop user learns before the run that the shipped FP8 profiles cut every product on the CPU; the exact
-    adder, a GPU and no chip get no warning."""
+    """A laptop user learns before the run that the shipped FP8 profiles cut every product on the CPU, and a user of
+    a GPU other than sm_90 that the exact FP8 adder runs as the definition there; exact chunk sums, an H100/H200 and
+    no chip get no warning."""
     from noisebench.train.builders import slow_chip_note
     from noisebench.train.plan import plan_lines
 
@@ -108,7 +109,10 @@ def test_the_plan_names_the_chip_and_warns_of_the_aligning_adder_on_the_cpu():
            "every 128, max_exponent_unnormalized alignment; phases ['all']" in lines[0]
     assert "warning:" in lines[1] and "chip.acc_alignment=exact" in lines[1]
     assert len(chip_lines(["chip=fp8_promote128", "device=cpu", "chip.acc_alignment=exact"])) == 1
-    assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cuda") is None
+    assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cuda", capability=(9, 0)) is None
+    assert "sm_90" in slow_chip_note(compose(["chip=fp8_fast_accum"]), "cuda", capability=(8, 9))
+    assert slow_chip_note(compose(["chip=fp8_fast_accum", "chip.acc_alignment=max_exponent"]), "cuda",
+                          capability=(8, 0)) is None
     assert slow_chip_note(compose(["chip=fp8_fast_accum"]), "cpu") is not None
     assert slow_chip_note(compose([]), "cpu") is None
     assert chip_lines([]) == ["chip            none (torch's arithmetic)"]

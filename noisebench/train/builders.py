@@ -65,17 +65,31 @@ def make_chip(cfg: DictConfig):
     return ChipMode(ChipProfile.from_dict(OmegaConf.to_container(cfg.chip, resolve=True)), seed=int(cfg.seed))
 
 
-def slow_chip_note(cfg: DictConfig, device: str) -> str | None:
-    """A warning before a run whose chip profile will be very slow where it runs: the aligning adder on the CPU
-    (every product cut in float64 torch calls), else None."""
+def slow_chip_note(cfg: DictConfig, device: str, capability: tuple | None = None) -> str | None:
+    """A warning before a run whose chip profile will be very slow where it runs, else None: an aligning adder on
+    the CPU (every product cut in float64 torch calls), or the exact FP8 adder on a GPU other than sm_90 (the
+    tensor-core path needs the GPU whose adder was measured; elsewhere the definition runs in torch ops).
+    ``capability``: the GPU's (major, minor), read from torch when None."""
     chip = cfg.get("chip")
     aligning = ("max_exponent", "max_exponent_unnormalized")
-    if chip is None or device != "cpu" or chip.get("acc_alignment") not in aligning:
+    if chip is None or chip.get("acc_alignment") not in aligning:
         return None
-    return (f"chip {chip.get('name')} uses an aligning adder (acc_alignment={chip.get('acc_alignment')}), which cuts "
-            f"every product: "
-            f"on the CPU its GEMMs are orders of magnitude slower than clean (docs/chips.md, Speed). Run it on a GPU, "
-            f"or add chip.acc_alignment=exact for a faster, coarser emulation")
+    head = (f"chip {chip.get('name')} uses an aligning adder (acc_alignment={chip.get('acc_alignment')}), which "
+            f"cuts every product: ")
+    if device == "cpu":
+        return (head + "on the CPU a training step costs ~x135 of clean (docs/chips.md, Speed). Run it on a GPU, "
+                "or add chip.acc_alignment=exact for a faster, coarser emulation")
+    if chip.get("acc_alignment") != "max_exponent_unnormalized":
+        return None                        # the Triton kernel computes the fitted adder on any CUDA GPU
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if capability == (9, 0):
+        return None                        # the FP8 tensor core, once chip.native_verified has checked it
+    return (head + f"on this GPU (compute capability {capability}) it runs as the definition in torch ops, far "
+            "slower than the tensor-core path that sm_90 (H100/H200, whose adder was measured) takes. "
+            "chip.acc_alignment=max_exponent runs the fitted adder in the Triton kernel")
 
 
 def injector_hooks(cfg: DictConfig) -> str:
