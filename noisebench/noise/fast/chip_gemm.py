@@ -277,6 +277,25 @@ def _batched(x: Tensor, batch: tuple, tail: int) -> Tensor:
     return x.expand(*batch, *x.shape[x.dim() - tail:]).reshape(-1, *x.shape[x.dim() - tail:])
 
 
+def _as_batched(codes_a: Tensor, codes_b: Tensor, inv_a, inv_b, scaled: bool) -> tuple:
+    """The operands as [B, M, K] @ [B, K, N] (a linear's batch dims become rows; matmul's broadcast batch is
+    flattened), their per-block scales alike where ``scaled``, and the result's leading dims: (a, b, inv_a, inv_b,
+    lead)."""
+    k = codes_a.shape[-1]
+    if codes_b.dim() == 2:                    # a linear: the batch dims are rows
+        lead = codes_a.shape[:-1]
+        a, b = codes_a.reshape(1, -1, k), codes_b.unsqueeze(0)
+        if scaled:
+            inv_a, inv_b = inv_a.reshape(1, -1, inv_a.shape[-1]), inv_b.unsqueeze(0)
+    else:
+        batch = torch.broadcast_shapes(codes_a.shape[:-2], codes_b.shape[:-2])
+        lead = (*batch, codes_a.shape[-2])
+        a, b = _batched(codes_a, batch, 2), _batched(codes_b, batch, 2)
+        if scaled:
+            inv_a, inv_b = _batched(inv_a, batch, 2), _batched(inv_b, batch, 2)
+    return a, b, inv_a, inv_b, lead
+
+
 def _launch(a, b, c, sa, sb, bias, dims, consts, cfg):
     bm, bn, warps, stages = cfg
     M, N, K, nblk = dims
@@ -312,18 +331,7 @@ def chip_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: 
         raise ValueError(f"chip_gemm: shapes {tuple(codes_a.shape)} @ {tuple(codes_b.shape)} do not multiply")
     n = codes_b.shape[-1]
     scaled = arith.in_scaling in ("block", "mx")
-    if codes_b.dim() == 2:                    # a linear: the batch dims are rows
-        lead = codes_a.shape[:-1]
-        a = codes_a.reshape(1, -1, k)
-        b = codes_b.unsqueeze(0)
-        if scaled:
-            inv_a, inv_b = inv_a.reshape(1, -1, inv_a.shape[-1]), inv_b.unsqueeze(0)
-    else:
-        batch = torch.broadcast_shapes(codes_a.shape[:-2], codes_b.shape[:-2])
-        lead = (*batch, codes_a.shape[-2])
-        a, b = _batched(codes_a, batch, 2), _batched(codes_b, batch, 2)
-        if scaled:
-            inv_a, inv_b = _batched(inv_a, batch, 2), _batched(inv_b, batch, 2)
+    a, b, inv_a, inv_b, lead = _as_batched(codes_a, codes_b, inv_a, inv_b, scaled)
     a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
     m, dev = a.shape[1], a.device
     if scaled:

@@ -20,7 +20,7 @@ import triton.language as tl
 import triton.testing
 from torch import Tensor
 
-from .chip_gemm import BF16_MAX, _add_acc, _batched, _finish, _ones
+from .chip_gemm import BF16_MAX, _add_acc, _as_batched, _finish, _ones
 from .tiles import grouped_tile
 
 FP8 = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -148,17 +148,7 @@ def fp8_gemm(codes_a: Tensor, codes_b: Tensor, inv_a: Optional[Tensor], inv_b: O
     if codes_b.shape[-2] != k:
         raise ValueError(f"fp8_gemm: shapes {tuple(codes_a.shape)} @ {tuple(codes_b.shape)} do not multiply")
     block = arith.in_scaling == "block"
-    if codes_b.dim() == 2:                    # a linear: the batch dims are rows
-        lead = codes_a.shape[:-1]
-        a, b = codes_a.reshape(1, -1, k), codes_b.unsqueeze(0)
-        if block:
-            inv_a, inv_b = inv_a.reshape(1, -1, inv_a.shape[-1]), inv_b.unsqueeze(0)
-    else:
-        batch = torch.broadcast_shapes(codes_a.shape[:-2], codes_b.shape[:-2])
-        lead = (*batch, codes_a.shape[-2])
-        a, b = _batched(codes_a, batch, 2), _batched(codes_b, batch, 2)
-        if block:
-            inv_a, inv_b = _batched(inv_a, batch, 2), _batched(inv_b, batch, 2)
+    a, b, inv_a, inv_b, lead = _as_batched(codes_a, codes_b, inv_a, inv_b, block)
     a, b = a.to(FP8[arith.in_format]), b.to(FP8[arith.b_format or arith.in_format])
     m, dev = a.shape[1], a.device
     if block:
