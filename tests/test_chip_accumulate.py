@@ -382,6 +382,25 @@ def test_a_nan_code_stays_nan_through_a_narrow_nearest_accumulator(bits):
 
 
 H200_BITS = Path(__file__).resolve().parents[1] / "docs" / "data" / "h200_fp8_fast_accum_bits.npz"
+H200_MIXED_BITS = H200_BITS.with_name("h200_fp8_mixed_bits.npz")
+FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def _h200_shares(path: Path, pair_of) -> tuple:
+    """The recorded sets in ``path`` (``<set>_a``, ``_w``: codes as bytes; ``_y``: the H200's float32 outputs) and,
+    per (adder, set), the share of outputs the definition gives bit for bit; ``pair_of(set)``: (A's, B's format)."""
+    data = np.load(path)
+    names = sorted({k.rsplit("_", 1)[0] for k in data.files})
+    shares = {}
+    for n in names:
+        fa, fb = pair_of(n)
+        a, w = (torch.from_numpy(data[f"{n}_{t}"]).view(FP8_DTYPES[f]).double() for t, f in (("a", fa), ("w", fb)))
+        y = torch.from_numpy(data[f"{n}_y"])
+        for alignment in ("max_exponent_unnormalized", "max_exponent"):
+            arith = GemmArith(in_format=fa, b_format=fb, chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
+                              acc_alignment=alignment, out_format="fp32")
+            shares[alignment, n] = (accumulate(a, w.t(), arith) == y).double().mean().item()
+    return names, shares
 
 
 def test_the_unnormalized_adder_is_the_h200_fp8_tensor_core_bit_for_bit():
@@ -389,41 +408,18 @@ def test_the_unnormalized_adder_is_the_h200_fp8_tensor_core_bit_for_bit():
     into a float32 accumulator, whose bits equal cuBLAS's fast accumulation; e4m3 codes over the whole range and of
     N(0, 1) * 100, K = 32, 64, 512, and two- and three-product probes; 128 x 128 outputs each) against the
     definition: ``max_exponent_unnormalized`` gives every bit, the fitted ``max_exponent`` adder does not."""
-    data = np.load(H200_BITS)
-    names = sorted({k.rsplit("_", 1)[0] for k in data.files})
+    names, shares = _h200_shares(H200_BITS, lambda n: ("fp8_e4m3", "fp8_e4m3"))
     assert len(names) == 8
-    shares = {}
-    for alignment in ("max_exponent_unnormalized", "max_exponent"):
-        arith = GemmArith(in_format="fp8_e4m3", chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
-                          acc_alignment=alignment, out_format="fp32")
-        for n in names:
-            a, w = (torch.from_numpy(data[f"{n}_{t}"]).view(torch.float8_e4m3fn).float() for t in "aw")
-            y = torch.from_numpy(data[f"{n}_y"])
-            shares[alignment, n] = (accumulate(a, w.t(), arith) == y).double().mean().item()
     assert all(shares["max_exponent_unnormalized", n] == 1.0 for n in names), shares
     assert all(shares["max_exponent", n] < 0.99 for n in names), shares
-
-
-H200_MIXED_BITS = H200_BITS.with_name("h200_fp8_mixed_bits.npz")
-FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 
 
 def test_the_unnormalized_adder_is_the_h200_tensor_core_on_e5m2_and_mixed_operands():
     """Recorded H200 outputs for the gradients' formats (``docs/data/h200_fp8_mixed_bits.npz``, ``fp8_adder_bits.py
     --save-mixed``: e5m2 x e4m3, e4m3 x e5m2 and e5m2 x e5m2, codes over the whole range and of N(0, 1) * 100, K = 32
     and 512, 128 x 128 outputs each): the backward GEMMs of the FP8 profiles follow the same adder bit for bit."""
-    data = np.load(H200_MIXED_BITS)
-    names = sorted({k.rsplit("_", 1)[0] for k in data.files})
+    names, shares = _h200_shares(H200_MIXED_BITS, lambda n: tuple(f"fp8_{f}" for f in n.split("_")[0].split("x")))
     assert len(names) == 12
-    shares = {}
-    for n in names:
-        fa, fb = (f"fp8_{f}" for f in n.split("_")[0].split("x"))
-        a, w = (torch.from_numpy(data[f"{n}_{t}"]).view(FP8_DTYPES[f]).double() for t, f in (("a", fa), ("w", fb)))
-        y = torch.from_numpy(data[f"{n}_y"])
-        for alignment in ("max_exponent_unnormalized", "max_exponent"):
-            arith = GemmArith(in_format=fa, b_format=fb, chunk=32, acc_mantissa_bits=13, acc_rounding="toward_zero",
-                              acc_alignment=alignment, out_format="fp32")
-            shares[alignment, n] = (accumulate(a, w.t(), arith) == y).double().mean().item()
     assert all(shares["max_exponent_unnormalized", n] == 1.0 for n in names), shares
     assert all(shares["max_exponent", n] < 0.9 for n in names), shares
 
