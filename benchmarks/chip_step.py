@@ -6,6 +6,10 @@ interleaved rounds. Prints each profile's median seconds and its ratio to clean 
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --rounds 3
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --rounds 1 --profile-ops 25
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --floor
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --definition --rounds 1
+
+The chip's CPU GEMMs take the compiled path (``noise/fast/chip_cpu.py``) unless the engine's fast switch is off;
+``--definition`` adds each profile again with it off (the torch definition), timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import yaml
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from noisebench.noise.chip import ChipMode, ChipProfile
+from noisebench.noise.fast import dispatch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_SHARPEN = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
@@ -51,6 +56,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--definition", action="store_true",
+                   help="also time each profile with the engine's fast switch off (the torch definition)")
     p.add_argument("--profile-ops", type=int, default=0,
                    help="instead of timing: torch.profiler's top N ops of one chip step per profile")
     p.add_argument("--floor", action="store_true",
@@ -115,12 +122,16 @@ def main() -> None:
     model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHARPEN))
     prompts = torch.randint(1, 512, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))
 
-    def run(mode):
+    def run(mode, fast: str = "auto"):
         def go():
             if mode is None:
                 return step(model, prompts, a)
-            with mode:
-                return step(model, prompts, a)
+            dispatch.set_mode(fast)
+            try:
+                with mode:
+                    return step(model, prompts, a)
+            finally:
+                dispatch.set_mode("auto")
         return go
 
     modes = {n: ChipMode(a.known[n]) for n in a.names}
@@ -139,15 +150,17 @@ def main() -> None:
             print(f"== {name}\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.profile_ops))
         return
     variants = {"clean": run(None), **{n: run(m) for n, m in modes.items()}}
+    if a.definition:
+        variants.update({f"{n} (definition)": run(m, "off") for n, m in modes.items()})
     times = common.interleave(variants, a.rounds, a.warmup,
                               report=lambda r, label, s: print(f"round {r} {label}: {s:.3f} s", flush=True))
     clean = statistics.median(times["clean"])
     print(f"\nbatch {a.batch}, prompt {a.prompt}, {a.new} new tokens + fwd/bwd, {a.threads} thread(s), "
           f"median of {a.rounds}")
-    print(f"{'variant':<18}{'seconds':>9}{'x clean':>9}")
+    print(f"{'variant':<30}{'seconds':>9}{'x clean':>9}")
     for label, ts in times.items():
         med = statistics.median(ts)
-        print(f"{label:<18}{med:>9.3f}{med / clean:>9.2f}")
+        print(f"{label:<30}{med:>9.3f}{med / clean:>9.2f}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -178,6 +178,39 @@ def aligned_sum_unnormalized(acc: Tensor, prods: Tensor, e_prods: Tensor, bits: 
     return cut(s * formats.pow2(-ks)) * formats.pow2(ks)
 
 
+@dataclass(frozen=True)
+class Operands:
+    """What ``accumulate`` sums, as every path reads it: float64 codes with K zero-padded to whole chunks, the
+    chunk count, ``mx`` scales per chunk (A [..., M, nc], B [..., nc, N]; exact powers of two) and ``block`` scales
+    per promotion group ([..., K/blk, M, N], float32: inv_a * inv_b, one float32 multiply)."""
+
+    a64: Tensor
+    b64: Tensor
+    nc: int
+    ia: Optional[Tensor] = None
+    ib: Optional[Tensor] = None
+    scales: Optional[Tensor] = None
+
+
+def operands(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
+             inv_b: Optional[Tensor] = None) -> Operands:
+    ch = arith.chunk
+    a64, b64 = ca.to(torch.float64), cb.to(torch.float64)
+    k = a64.shape[-1]
+    nc = -(-k // ch)
+    if k % ch:                                   # zero-pad K to whole chunks
+        a64 = torch.nn.functional.pad(a64, (0, nc * ch - k))
+        b64 = torch.nn.functional.pad(b64, (0, 0, 0, nc * ch - k))
+    ia = ib = scales = None
+    if arith.in_scaling == "mx":
+        per = arith.scale_block // ch
+        ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc]
+        ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :]
+    elif arith.in_scaling == "block":
+        scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
+    return Operands(a64, b64, nc, ia, ib, scales)
+
+
 def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
     """``ca @ cb`` of codes ([..., M, K] @ [..., K, N], ``quantize_codes``'s, scales ``inv_a``/``inv_b``) summed as
@@ -203,19 +236,8 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                        for r in range(0, rows, step)])
         return y.reshape(*ca.shape[:-1], n_out)
     ch = arith.chunk
-    a64, b64 = ca.to(torch.float64), cb.to(torch.float64)
-    k = a64.shape[-1]
-    nc = -(-k // ch)
-    if k % ch:                                   # zero-pad K to whole chunks
-        a64 = torch.nn.functional.pad(a64, (0, nc * ch - k))
-        b64 = torch.nn.functional.pad(b64, (0, 0, 0, nc * ch - k))
-    ia = ib = scales = None
-    if arith.in_scaling == "mx":                 # per chunk: [..., M, nc] and [..., nc, N], exact powers of two
-        per = arith.scale_block // ch
-        ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc]
-        ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :]
-    elif arith.in_scaling == "block":            # [..., K/blk, M, N]: one float32 scale per promotion group
-        scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
+    op = operands(ca, cb, arith, inv_a, inv_b)
+    a64, b64, nc, ia, ib, scales = op.a64, op.b64, op.nc, op.ia, op.ib, op.scales
     seq = range(nc) if order is None else order.tolist()
     # one chunk's sum at a time (a matmul with K = chunk into a reused buffer): the [nc, M, N] of all chunks'
     # sums costs nc times the output's memory and a slow batched matmul for small chunks
@@ -276,17 +298,19 @@ def b_arith(arith: GemmArith) -> GemmArith:
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
-         bias: Optional[Tensor] = None, qb: Union[Tensor, tuple, None] = None) -> Tensor:
+         bias: Optional[Tensor] = None, qb: Union[Tensor, tuple, None] = None,
+         summed_by: Callable[..., Tensor] = None) -> Tensor:
     """``a @ b (+ bias)`` under ``arith``: inputs quantized to codes (scales along K), summed by ``accumulate`` in
     ``chunk_order``'s order, the bias added to the float32 sum (the GEMM's epilogue, before the output's rounding),
     output rounded to ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``gen``: stochastic
     input rounding (a, then b) and the random reduction order, drawn in that order. ``qb``: ``b`` already
-    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv)."""
+    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv). ``summed_by``:
+    a faster ``accumulate`` with its arguments and bits (the compiled CPU loops)."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     ca, inv_a = quantize_codes(a, arith, -1, gen)
     cb, inv_b = qb if qb is not None else quantize_codes(b, b_arith(arith), -2, gen)
-    y = accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
+    y = (summed_by or accumulate)(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()
     if arith.out_format == "fp32":

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import formats, transcendental
 from .accumulate import (GemmArith, accumulate as accumulate_codes, b_arith, gemm as _definition_gemm,
                          quantize_codes)
-from .fast import dispatch
+from .fast import chip_cpu, dispatch
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
 from .spec import PHASES
@@ -241,7 +241,8 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
             y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else kernel.small_config(arith))
             if y is not None:
                 return y.float()
-    return _definition_gemm(a, b, arith, gen, bias, qb=qb)
+    cpu = a.device.type == "cpu" and dispatch.MODE != "off"
+    return _definition_gemm(a, b, arith, gen, bias, qb=qb, summed_by=chip_cpu.accumulate if cpu else None)
 
 
 _VERIFIED: dict = {}      # (A's format, B's format, device index) -> native_verified's answer

@@ -1,0 +1,246 @@
+"""The chip GEMM on the CPU, compiled: ``accumulate.accumulate``'s arithmetic as Numba loops over the outputs.
+
+The definition spends ~7 torch calls per K chunk (each a pass over [M, N] in memory) and, for the aligning adders,
+[M, chunk, N] temporaries per chunk; here each output row keeps its accumulator in cache across all chunks. Exact
+chunk sums still come from MKL (float64, all chunks of a row tile in one batched matmul: exact sums, so any order
+gives the definition's bits); what follows (scales, the accumulator's rounding, promotion) is one loop. The aligning
+adders' per-product cuts are one loop over M, chunk and N with no temporaries. Bitwise the definition on every
+profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definition.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..accumulate import GemmArith, Operands, accumulate as definition, code_exponents, operands
+
+try:
+    import numba
+    from numba import prange
+except ImportError:                      # the definition runs instead
+    numba = None
+
+_TILE_BYTES = 1 << 20                    # a row tile's float64 chunk sums stay in L2
+
+
+def _jit(fn=None, parallel=True):
+    if fn is None:
+        return lambda f: _jit(f, parallel)
+    return numba.njit(cache=True, parallel=parallel, nogil=True)(fn) if numba is not None else fn
+
+
+@_jit
+def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
+    """Chunk sums [nc, R, N] (float64, scaled) added in ``seq``'s order into a float64 accumulator rounded to
+    52 - drop mantissa bits by masking its bit pattern (RNE: half an ulp less one plus the kept LSB first; a NaN
+    left as the definition leaves it), promoted into a float32 total every ``per`` chunks (0: never; ``scales``
+    [G, R, N] float32 multiply the promoted term where it has rows), into ``out[row0 + r]``."""
+    nc, rows, n_out = sums.shape
+    mask = ~((np.int64(1) << drop) - 1)
+    half = ((np.int64(1) << (drop - 1)) - 1) if drop > 0 else np.int64(0)
+    scaled = scales.shape[1] > 0
+    for r in prange(rows):
+        acc = np.zeros(n_out, np.float64)
+        iv = acc.view(np.int64)
+        total = np.zeros(n_out, np.float32)
+        for pos in range(nc):
+            c = seq[pos]
+            for n in range(n_out):
+                acc[n] += sums[c, r, n]
+            if drop > 0:
+                for n in range(n_out):
+                    v = iv[n]
+                    if rne:
+                        if acc[n] != acc[n]:
+                            acc[n] = np.nan
+                            continue
+                        v += ((v >> drop) & 1) + half
+                    iv[n] = v & mask
+            if per > 0 and (pos + 1 == nc or seq[pos + 1] // per != c // per):
+                for n in range(n_out):
+                    t = np.float32(acc[n])
+                    if scaled:
+                        t = t * scales[c // per, r, n]
+                    total[n] += t
+                    acc[n] = 0.0
+        for n in range(n_out):
+            out[row0 + r, n] = total[n] if per > 0 else np.float32(acc[n])
+
+
+@_jit(parallel=False)
+def _cut(x, rne):
+    return np.rint(x) if rne else np.trunc(x)
+
+
+@_jit
+def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, out):
+    """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
+    codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
+    definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
+    promotion as ``_round_chunks``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
+    are library calls, several per output per chunk): the same values for every normal float64, and zero kept
+    apart, as the definition keeps it."""
+    rows, k_len = a.shape
+    n_out = b.shape[2]
+    nc = seq.shape[0]
+    scaled = scales.shape[1] > 0
+    for r in prange(rows):
+        bi = r // rows_per_batch if b.shape[0] > 1 else 0
+        acc = np.zeros(n_out, np.float64)
+        accb = acc.view(np.int64)
+        total = np.zeros(n_out, np.float32)
+        big = np.empty(n_out, np.float64)
+        bigb = big.view(np.int64)
+        shift = np.empty(n_out, np.int64)
+        down = np.empty(n_out, np.float64)
+        downb = down.view(np.int64)
+        up = np.empty(n_out, np.float64)
+        upb = up.view(np.int64)
+        s = np.empty(n_out, np.float64)
+        t = np.empty(n_out, np.float64)
+        tb = t.view(np.int64)
+        for pos in range(nc):
+            c = seq[pos]
+            k0, k1 = c * ch, min(c * ch + ch, k_len)
+            if unnormalized:                  # the largest unnormalized exponent, the accumulator's leading bit
+                for n in range(n_out):
+                    e_acc = float(((accb[n] >> 52) & 2047) - 1023)
+                    big[n] = -1e4 if acc[n] == 0 else e_acc
+                for k in range(k0, k1):
+                    e = ea[r, k]
+                    if e < -5e3:              # a zero code sets no alignment
+                        continue
+                    for n in range(n_out):
+                        v = e + eb[bi, k, n]
+                        big[n] = v if v > big[n] else big[n]
+                for n in range(n_out):
+                    shift[n] = np.int64(big[n]) - bits if big[n] > -5e3 else 0
+            else:                             # the largest |term|'s leading bit
+                for n in range(n_out):
+                    big[n] = abs(acc[n])
+                for k in range(k0, k1):
+                    av = abs(a[r, k])
+                    for n in range(n_out):
+                        v = av * abs(b[bi, k, n])
+                        big[n] = v if v > big[n] else big[n]
+                for n in range(n_out):
+                    e2 = ((bigb[n] >> 52) & 2047) - 1023
+                    shift[n] = e2 - bits if big[n] != 0 else -1 - bits
+            for n in range(n_out):
+                downb[n] = (1023 - shift[n]) << 52
+                upb[n] = (1023 + shift[n]) << 52
+                s[n] = 0.0
+            for k in range(k0, k1):           # one loop per rounding, so each vectorizes
+                av = a[r, k]
+                if av == 0:
+                    continue
+                if rne:
+                    for n in range(n_out):
+                        s[n] += np.rint(av * b[bi, k, n] * down[n])
+                else:
+                    for n in range(n_out):
+                        s[n] += np.trunc(av * b[bi, k, n] * down[n])
+            for n in range(n_out):
+                t[n] = (np.float64(s[n]) + _cut(acc[n] * down[n], rne)) * up[n]
+            if unnormalized:                  # the sum's own bits + 1 kept (zero stays itself)
+                for n in range(n_out):
+                    ks = ((tb[n] >> 52) & 2047) - 1023 - bits
+                    downb[n] = (1023 - ks) << 52
+                    upb[n] = (1023 + ks) << 52
+                for n in range(n_out):
+                    acc[n] = _cut(t[n] * down[n], rne) * up[n] if t[n] != 0 else t[n]
+            else:
+                for n in range(n_out):
+                    acc[n] = t[n]
+            if per > 0 and (pos + 1 == nc or seq[pos + 1] // per != c // per):
+                for n in range(n_out):
+                    t32 = np.float32(acc[n])
+                    if scaled:
+                        t32 = t32 * scales[c // per, r, n]
+                    total[n] += t32
+                    acc[n] = 0.0
+        for n in range(n_out):
+            out[r, n] = total[n] if per > 0 else np.float32(acc[n])
+
+
+def _batched(t: Tensor, lead: torch.Size) -> Tensor:
+    """[batch, ..., ...] of a B-side tensor: one matrix for all of A's batch (2-D) or one per batch of A's rows."""
+    if t.dim() == 2:
+        return t.unsqueeze(0)
+    return t.expand(*lead, *t.shape[-2:]).reshape(-1, *t.shape[-2:])
+
+
+def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
+               inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
+    """``accumulate.accumulate`` (same arguments, same float32 result bit for bit), compiled, on CPU tensors where
+    A's batch holds B's (B 2-D or broadcast to A's batch); the definition itself elsewhere or without Numba."""
+    lead = ca.shape[:-2]
+    if (numba is None or ca.device.type != "cpu" or cb.device.type != "cpu" or ca.dim() < 2 or cb.dim() < 2
+            or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead):
+        return definition(ca, cb, arith, inv_a, inv_b, order)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # the run's threads
+    op = operands(ca, cb, arith, inv_a, inv_b)
+    m, n_out = op.a64.shape[-2], op.b64.shape[-1]
+    rows = op.a64.numel() // max(op.a64.shape[-1], 1)
+    seq = np.arange(op.nc, dtype=np.int64) if order is None else order.numpy().astype(np.int64)
+    per = arith.promote_every // arith.chunk if arith.promote_every is not None else 0
+    scales = np.zeros((0, 0, 0), np.float32)
+    if op.scales is not None:                               # [..., G, M, N] -> [G, rows, N]
+        s = op.scales.expand(*lead, *op.scales.shape[-3:]) if op.scales.dim() > 3 else op.scales
+        scales = s.movedim(-3, 0).reshape(s.shape[-3], rows, n_out).contiguous().numpy()
+    out = torch.empty(rows, n_out, dtype=torch.float32)
+    run = _exact if arith.acc_alignment == "exact" else _adder
+    run(op, arith, lead, rows, seq, per, scales, out.numpy())
+    y = out.reshape(*lead, m, n_out)
+    if arith.in_scaling == "tensor":
+        y = y * (inv_a.float() * inv_b.float())
+    return y
+
+
+def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
+    """The aligning adders: every product formed in the loop (MX scales multiplied into the codes first)."""
+    m, n_out, ch = op.a64.shape[-2], op.b64.shape[-1], arith.chunk
+    a_in, b_in = op.a64.reshape(rows, -1), _batched(op.b64, lead)
+    unnorm = arith.acc_alignment == "max_exponent_unnormalized"
+    ea, eb = np.zeros((0, 0), np.float64), np.zeros((0, 0, 0), np.float64)
+    if unnorm:
+        ea = code_exponents(a_in, arith.in_format).numpy()
+        eb = code_exponents(b_in, arith.b_format or arith.in_format).contiguous().numpy()
+    if op.ia is not None:
+        a_in = (op.a64.unflatten(-1, (op.nc, ch)) * op.ia.unsqueeze(-1)).reshape(rows, -1)
+        ib = _batched(op.ib, lead).unsqueeze(-2).expand(-1, -1, ch, -1).reshape(-1, op.nc * ch, n_out)
+        b_in = b_in * ib
+    _aligned(a_in.contiguous().numpy(), b_in.contiguous().numpy(), ea, eb, max(m, 1), seq, ch, per, scales,
+             arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, out)
+
+
+def _exact(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
+    """Exact chunk sums: float64 batched matmuls over cache-sized tiles (of rows under one B, of whole batches
+    under one B per batch), each tile's rounding scan one ``_round_chunks`` call."""
+    m, n_out, ch, nc = op.a64.shape[-2], op.b64.shape[-1], arith.chunk, op.nc
+    b3 = _batched(op.b64, lead)
+    bch = b3.reshape(b3.shape[0], nc, ch, n_out)                       # [batch or 1, nc, ch, N]
+    ib = _batched(op.ib, lead).unsqueeze(-2) if op.ib is not None else None     # [batch or 1, nc, 1, N]
+    mb = m if b3.shape[0] > 1 else rows              # one B: all of A's rows are one batch
+    a4 = op.a64.reshape(-1, mb, nc, ch).transpose(1, 2).contiguous()  # [batch, nc, rows, ch]: BLAS strides
+    ia = op.ia.reshape(-1, mb, nc).transpose(1, 2).unsqueeze(-1) if op.ia is not None else None
+    step = max(1, _TILE_BYTES // (8 * nc * max(n_out, 1)))           # rows of chunk sums a tile holds
+    if b3.shape[0] == 1:
+        tiles = [(0, 1, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    else:
+        per_tile = max(1, step // max(m, 1))
+        tiles = [(b0, min(a4.shape[0], b0 + per_tile), 0, m) for b0 in range(0, a4.shape[0], per_tile)]
+    drop, rne = 52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne"
+    for b0, b1, r0, r1 in tiles:
+        bs = slice(b0, b1) if bch.shape[0] > 1 else slice(0, 1)
+        sums = torch.matmul(a4[b0:b1, :, r0:r1], bch[bs])             # [batches, nc, rows, N], exact
+        if ia is not None:                                            # MX: exact powers of two, A's then B's
+            sums.mul_(ia[b0:b1, :, r0:r1]).mul_(ib[bs])
+        sums = sums.transpose(0, 1).reshape(nc, -1, n_out)          # [nc, batches * rows, N]
+        row0 = b0 * m + r0
+        sc = np.ascontiguousarray(scales[:, row0:row0 + sums.shape[1]]) if scales.shape[1] else scales
+        _round_chunks(sums.numpy(), seq, per, sc, drop, rne, out, row0)

@@ -1,0 +1,125 @@
+"""The compiled CPU chip GEMM (``noisebench.noise.fast.chip_cpu``) against the definition (``accumulate``), bitwise:
+every alignment (exact chunks, the fitted and the H200 adders), scaling, rounding, promotion, random reduction
+order, batched and broadcast operands, ragged K, NaN and inf codes; and a chip model's forward and backward with
+the compiled path equal to the definition's."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from noisebench.noise import accumulate
+from noisebench.noise.accumulate import GemmArith
+
+pytest.importorskip("numba")
+from noisebench.noise.fast import chip_cpu  # noqa: E402
+
+# (in_format, in_scaling, scale_block, chunk, acc bits, acc rounding, promote_every, alignment)
+CASES = [
+    ("bf16", "none", 32, 32, 23, "rne", None, "exact"),                         # gpu_bf16
+    ("bf16", "none", 32, 16, 10, "rne", None, "exact"),                         # approx_exp_acc10
+    ("fp8_e4m3", "mx", 32, 32, 23, "rne", None, "exact"),                       # mxfp8
+    ("fp4_e2m1", "mx", 32, 16, 6, "toward_zero", 64, "exact"),
+    ("fp8_e4m3", "tensor", 32, 32, 13, "toward_zero", None, "exact"),
+    ("fp8_e4m3", "block", 128, 32, 13, "toward_zero", 128, "exact"),
+    ("fp8_e4m3", "tensor", 32, 32, 13, "toward_zero", None, "max_exponent_unnormalized"),   # fp8_fast_accum
+    ("fp8_e4m3", "block", 128, 32, 13, "toward_zero", 128, "max_exponent_unnormalized"),    # fp8_promote128
+    ("fp8_e5m2", "none", 32, 16, 9, "rne", 64, "max_exponent_unnormalized"),
+    ("fp8_e4m3", "mx", 32, 32, 13, "toward_zero", None, "max_exponent"),
+    ("bf16", "none", 32, 16, 12, "rne", 64, "max_exponent"),
+]
+SHAPES = [((48, 100), (100, 40)),              # ragged K (zero-padded chunks)
+          ((2, 3, 17, 128), (2, 3, 128, 24)),  # batched (attention)
+          ((2, 3, 17, 96), (96, 24)),          # one B for every batch
+          ((2, 3, 9, 64), (1, 3, 64, 24))]     # B broadcast along a batch dim
+
+
+def _codes(arith: GemmArith, shape_a, shape_b, gen, specials: bool):
+    a = torch.randn(*shape_a, generator=gen) * torch.exp2(torch.randint(-6, 6, shape_a, generator=gen).float())
+    b = torch.randn(*shape_b, generator=gen) * 0.1
+    if specials:
+        a[..., 3, 5] = float("nan")
+        a[..., 4, 7] = float("inf")
+        b[..., 9, 2] = -float("inf")
+    ca, ia = accumulate.quantize_codes(a, arith, -1)
+    cb, ib = accumulate.quantize_codes(b, accumulate.b_arith(arith), -2)
+    return ca, cb, ia, ib
+
+
+def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bit patterns, NaN equal to NaN (its payload is not part of a profile's arithmetic)."""
+    nan = want.isnan()
+    return (got.shape == want.shape and bool(torch.equal(got.isnan(), nan))
+            and bool(torch.equal(got.masked_fill(nan, 0).view(torch.int32), want.masked_fill(nan, 0).view(torch.int32))))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_compiled_sums_are_the_definition_bitwise(case):
+    fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
+    arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
+                      acc_rounding=rounding, promote_every=promote, acc_alignment=alignment, out_format="bf16",
+                      overflow="inf" if fmt == "bf16" else "saturate")
+    gen = torch.Generator().manual_seed(7)
+    for shape_a, shape_b in SHAPES:
+        for specials, order in ((False, None), (True, None), (False, "random")):
+            if specials and (scaling != "none" or alignment != "exact"):
+                continue                       # non-finite codes: unscaled exact chunks (scales and adders refuse)
+            ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, specials)
+            seq = None
+            if order:
+                seq = accumulate.chunk_order(dataclasses.replace(arith, reduction_order="random"),
+                                             shape_a[-1], gen)
+            want = accumulate.accumulate(ca, cb, arith, ia, ib, seq)
+            got = chip_cpu.accumulate(ca, cb, arith, ia, ib, seq)
+            assert _same_bits(got, want), (shape_a, shape_b, specials, order,
+                                           (got != want).sum().item(), want.numel())
+            if specials:
+                assert want.isnan().any() and want.isinf().any()      # the specials reached the output
+
+
+def test_a_narrow_accumulator_really_rounds():
+    """The compiled path is not plain float32 summation: 7 accumulator bits toward zero move most outputs off a
+    float64 GEMM by up to 2**-7 of the largest partial sum, and agree with the definition bitwise."""
+    arith = GemmArith(in_format="bf16", chunk=16, acc_mantissa_bits=7, acc_rounding="toward_zero")
+    gen = torch.Generator().manual_seed(0)
+    ca, cb, _, _ = _codes(arith, (64, 256), (256, 32), gen, False)
+    got = chip_cpu.accumulate(ca, cb, arith)
+    exact = (ca.double() @ cb.double()).float()
+    assert (got != exact).double().mean() > 0.5
+    assert _same_bits(got, accumulate.accumulate(ca, cb, arith))
+
+
+def test_a_chip_model_step_is_the_definition_bitwise():
+    """A small model's forward and backward under fp8_fast_accum and mxfp8 (ChipMode): the same logits and
+    gradients with the compiled path (engine switch ``auto``) as with the definition (``off``)."""
+    from noisebench.noise.chip import ChipMode, ChipProfile
+    from noisebench.noise.fast import dispatch
+
+    def run(profile, mode):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32))
+        x = torch.randn(2, 24, 64)
+        old = dispatch.MODE
+        dispatch.set_mode(mode)
+        try:
+            with ChipMode(profile):
+                y = model(x)
+                y.square().mean().backward()
+        finally:
+            dispatch.set_mode(old)
+        return [y.detach()] + [p.grad for p in model.parameters()]
+
+    for profile in (ChipProfile.from_dict(dict(name="fp8_fast_accum", in_format="fp8_e4m3", grad_format="fp8_e5m2",
+                                               in_scaling="tensor", chunk=32, acc_mantissa_bits=13,
+                                               acc_rounding="toward_zero", acc_alignment="max_exponent_unnormalized",
+                                               out_format="bf16", overflow="saturate")),
+                    ChipProfile.from_dict(dict(name="mxfp8", in_format="fp8_e4m3", in_scaling="mx", chunk=32,
+                                               acc_mantissa_bits=23, acc_rounding="rne", out_format="bf16",
+                                               overflow="saturate"))):
+        fast, slow = run(profile, "auto"), run(profile, "off")
+        for f, s in zip(fast, slow):
+            assert _same_bits(f.float(), s.float())
+        torch.manual_seed(0)
+        clean = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32))
+        assert not torch.equal(fast[0], clean(torch.randn(2, 24, 64)).detach())      # the chip really ran
