@@ -63,8 +63,8 @@ def test_compiled_sums_are_the_definition_bitwise(case):
     gen = torch.Generator().manual_seed(7)
     for shape_a, shape_b in SHAPES:
         for specials, order in ((False, None), (True, None), (False, "random")):
-            if specials and (scaling != "none" or alignment != "exact"):
-                continue                       # non-finite codes: unscaled exact chunks (scales and adders refuse)
+            if specials and scaling != "none":
+                continue                       # non-finite codes: unscaled (scales refuse them)
             ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, specials)
             seq = None
             if order:
@@ -74,7 +74,7 @@ def test_compiled_sums_are_the_definition_bitwise(case):
             got = chip_cpu.accumulate(ca, cb, arith, ia, ib, seq)
             assert _same_bits(got, want), (shape_a, shape_b, specials, order,
                                            (got != want).sum().item(), want.numel())
-            if specials:
+            if specials and alignment == "exact":
                 assert want.isnan().any() and want.isinf().any()      # the specials reached the output
 
 

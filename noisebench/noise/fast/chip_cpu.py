@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..accumulate import GemmArith, Operands, accumulate as definition, code_exponents, operands
+from .. import formats
+from ..accumulate import GemmArith, Operands, accumulate as definition, operands
 
 try:
     import numba
@@ -69,6 +70,17 @@ def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
                     acc[n] = 0.0
         for n in range(n_out):
             out[row0 + r, n] = total[n] if per > 0 else np.float32(acc[n])
+
+
+@_jit(parallel=False)
+def _exponents(x, emin, out):
+    """``accumulate.code_exponents`` from the float64 bits of codes (normal in float64: fp8/fp6/fp4/bf16/fp16
+    codes always are): floor(log2 |c|), at least ``emin``; zero -1e4."""
+    xb = x.reshape(-1).view(np.int64)
+    o = out.reshape(-1)
+    for i in range(xb.shape[0]):
+        e = max(float(((xb[i] >> 52) & 2047) - 1023), emin)
+        o[i] = -1e4 if (xb[i] << 1) == 0 else e
 
 
 @_jit(parallel=False)
@@ -180,8 +192,9 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     A's batch holds B's (B 2-D or broadcast to A's batch); the definition itself elsewhere or without Numba."""
     lead = ca.shape[:-2]
     if (numba is None or ca.device.type != "cpu" or cb.device.type != "cpu" or ca.dim() < 2 or cb.dim() < 2
-            or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead):
-        return definition(ca, cb, arith, inv_a, inv_b, order)
+            or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead
+            or (arith.acc_alignment != "exact" and not (ca.isfinite().all() and cb.isfinite().all()))):
+        return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # the run's threads
     op = operands(ca, cb, arith, inv_a, inv_b)
     m, n_out = op.a64.shape[-2], op.b64.shape[-1]
@@ -201,6 +214,13 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     return y
 
 
+def _code_exponents(codes: Tensor, fmt: str) -> np.ndarray:
+    x = np.ascontiguousarray(codes.numpy())
+    out = np.empty(x.shape, np.float64)
+    _exponents(x, float(formats.get(fmt).emin), out)
+    return out
+
+
 def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
     """The aligning adders: every product formed in the loop (MX scales multiplied into the codes first)."""
     m, n_out, ch = op.a64.shape[-2], op.b64.shape[-1], arith.chunk
@@ -208,8 +228,7 @@ def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scale
     unnorm = arith.acc_alignment == "max_exponent_unnormalized"
     ea, eb = np.zeros((0, 0), np.float64), np.zeros((0, 0, 0), np.float64)
     if unnorm:
-        ea = code_exponents(a_in, arith.in_format).numpy()
-        eb = code_exponents(b_in, arith.b_format or arith.in_format).contiguous().numpy()
+        ea, eb = _code_exponents(a_in, arith.in_format), _code_exponents(b_in, arith.b_format or arith.in_format)
     if op.ia is not None:
         a_in = (op.a64.unflatten(-1, (op.nc, ch)) * op.ia.unsqueeze(-1)).reshape(rows, -1)
         ib = _batched(op.ib, lead).unsqueeze(-2).expand(-1, -1, ch, -1).reshape(-1, op.nc * ch, n_out)
