@@ -34,6 +34,28 @@ def _jit(fn=None, parallel=True):
     return numba.njit(cache=True, parallel=parallel, nogil=True)(fn) if numba is not None else fn
 
 
+@_jit(parallel=False)
+def _promote(acc, total, scales, seq, pos, per, r):
+    """Where chunk ``seq[pos]`` ends its promotion group (``per`` chunks; 0: never): float32(acc), times the
+    group's block scales for row ``r`` where ``scales`` has rows, added into the float32 total; acc cleared."""
+    c = seq[pos]
+    if per == 0 or (pos + 1 < seq.shape[0] and seq[pos + 1] // per == c // per):
+        return
+    scaled = scales.shape[1] > 0
+    for n in range(acc.shape[0]):
+        t = np.float32(acc[n])
+        if scaled:
+            t = t * scales[c // per, r, n]
+        total[n] += t
+        acc[n] = 0.0
+
+
+@_jit(parallel=False)
+def _finish(acc, total, per, out_row):
+    for n in range(acc.shape[0]):
+        out_row[n] = total[n] if per > 0 else np.float32(acc[n])
+
+
 @_jit
 def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
     """Chunk sums [nc, R, N] (float64, scaled) added in ``seq``'s order into a float64 accumulator rounded to
@@ -43,7 +65,6 @@ def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
     nc, rows, n_out = sums.shape
     mask = ~((np.int64(1) << drop) - 1)
     half = ((np.int64(1) << (drop - 1)) - 1) if drop > 0 else np.int64(0)
-    scaled = scales.shape[1] > 0
     for r in prange(rows):
         acc = np.zeros(n_out, np.float64)
         iv = acc.view(np.int64)
@@ -61,15 +82,8 @@ def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
                             continue
                         v += ((v >> drop) & 1) + half
                     iv[n] = v & mask
-            if per > 0 and (pos + 1 == nc or seq[pos + 1] // per != c // per):
-                for n in range(n_out):
-                    t = np.float32(acc[n])
-                    if scaled:
-                        t = t * scales[c // per, r, n]
-                    total[n] += t
-                    acc[n] = 0.0
-        for n in range(n_out):
-            out[row0 + r, n] = total[n] if per > 0 else np.float32(acc[n])
+            _promote(acc, total, scales, seq, pos, per, r)
+        _finish(acc, total, per, out[row0 + r])
 
 
 @_jit(parallel=False)
@@ -99,7 +113,6 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
-    scaled = scales.shape[1] > 0
     for r in prange(rows):
         bi = r // rows_per_batch if b.shape[0] > 1 else 0
         acc = np.zeros(n_out, np.float64)
@@ -168,15 +181,8 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
             else:
                 for n in range(n_out):
                     acc[n] = t[n]
-            if per > 0 and (pos + 1 == nc or seq[pos + 1] // per != c // per):
-                for n in range(n_out):
-                    t32 = np.float32(acc[n])
-                    if scaled:
-                        t32 = t32 * scales[c // per, r, n]
-                    total[n] += t32
-                    acc[n] = 0.0
-        for n in range(n_out):
-            out[r, n] = total[n] if per > 0 else np.float32(acc[n])
+            _promote(acc, total, scales, seq, pos, per, r)
+        _finish(acc, total, per, out[r])
 
 
 def _batched(t: Tensor, lead: torch.Size) -> Tensor:

@@ -19,7 +19,8 @@ _COUNTERS: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
 
 
 def set_mode(mode: str) -> None:
-    """``auto``: fast path on CUDA when Triton is there; ``off``: always the reference path; ``force``: also on CPU
+    """``auto``: fast path on CUDA when Triton is there (and the chip's compiled CPU GEMM, ``chip_cpu``, on the
+    CPU); ``off``: always the reference path (and the chip's torch definition); ``force``: also on CPU
     tensors when Triton runs its interpreter (``TRITON_INTERPRET=1``; slow, for tests)."""
     global MODE
     if mode not in MODES:
