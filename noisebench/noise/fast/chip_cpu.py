@@ -21,20 +21,19 @@ from ..accumulate import GemmArith, Operands, accumulate as definition, operands
 
 try:
     import numba
-    from numba import prange
 except ImportError:                      # the definition runs instead
     numba = None
 
 _TILE_BYTES = 1 << 20                    # a row tile's float64 chunk sums stay in L2
 
 
-def _jit(fn=None, parallel=True):
-    if fn is None:
-        return lambda f: _jit(f, parallel)
-    return numba.njit(cache=True, parallel=parallel, nogil=True)(fn) if numba is not None else fn
+def _jit(fn):
+    # one thread: a second one did not speed the step up on two cores, and an OpenMP pool per process spins
+    # against the other runs of a parallel sweep (hydra/launcher=joblib)
+    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
 
 
-@_jit(parallel=False)
+@_jit
 def _promote(acc, total, scales, seq, pos, per, r):
     """Where chunk ``seq[pos]`` ends its promotion group (``per`` chunks; 0: never): float32(acc), times the
     group's block scales for row ``r`` where ``scales`` has rows, added into the float32 total; acc cleared."""
@@ -50,7 +49,7 @@ def _promote(acc, total, scales, seq, pos, per, r):
         acc[n] = 0.0
 
 
-@_jit(parallel=False)
+@_jit
 def _finish(acc, total, per, out_row):
     for n in range(acc.shape[0]):
         out_row[n] = total[n] if per > 0 else np.float32(acc[n])
@@ -65,7 +64,7 @@ def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
     nc, rows, n_out = sums.shape
     mask = ~((np.int64(1) << drop) - 1)
     half = ((np.int64(1) << (drop - 1)) - 1) if drop > 0 else np.int64(0)
-    for r in prange(rows):
+    for r in range(rows):
         acc = np.zeros(n_out, np.float64)
         iv = acc.view(np.int64)
         total = np.zeros(n_out, np.float32)
@@ -86,7 +85,7 @@ def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
         _finish(acc, total, per, out[row0 + r])
 
 
-@_jit(parallel=False)
+@_jit
 def _exponents(x, emin, out):
     """``accumulate.code_exponents`` from the float64 bits of codes (normal in float64: fp8/fp6/fp4/bf16/fp16
     codes always are): floor(log2 |c|), at least ``emin``; zero -1e4."""
@@ -97,7 +96,7 @@ def _exponents(x, emin, out):
         o[i] = -1e4 if (xb[i] << 1) == 0 else e
 
 
-@_jit(parallel=False)
+@_jit
 def _cut(x, rne):
     return np.rint(x) if rne else np.trunc(x)
 
@@ -113,7 +112,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
-    for r in prange(rows):
+    for r in range(rows):
         bi = r // rows_per_batch if b.shape[0] > 1 else 0
         acc = np.zeros(n_out, np.float64)
         accb = acc.view(np.int64)
@@ -201,7 +200,6 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
             or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead
             or (arith.acc_alignment != "exact" and not (ca.isfinite().all() and cb.isfinite().all()))):
         return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # the run's threads
     op = operands(ca, cb, arith, inv_a, inv_b)
     m, n_out = op.a64.shape[-2], op.b64.shape[-1]
     rows = op.a64.numel() // max(op.a64.shape[-1], 1)
