@@ -77,7 +77,7 @@ def slow_chip_note(cfg: DictConfig, device: str, capability: tuple | None = None
     head = (f"chip {chip.get('name')} uses an aligning adder (acc_alignment={chip.get('acc_alignment')}), which "
             f"cuts every product: ")
     if device == "cpu":
-        return (head + "on the CPU a training step costs ~x12-x20 of clean with its compiled loop (~x135 in torch "
+        return (head + "on the CPU a training step costs ~x12-x46 of clean with its compiled loop (~x135 in torch "
                 "ops, without numba or with engine.fast=off; docs/chips.md, Speed). Run it on a GPU, or add "
                 "chip.acc_alignment=exact for a faster, coarser emulation")
     if chip.get("acc_alignment") != "max_exponent_unnormalized":
