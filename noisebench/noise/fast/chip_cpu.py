@@ -9,7 +9,6 @@ profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definitio
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -125,8 +124,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
         up = np.empty(n_out, np.float64)
         upb = up.view(np.int64)
         s = np.empty(n_out, np.float64)
-        t = np.empty(n_out, np.float64)
-        tb = t.view(np.int64)
+        sb = s.view(np.int64)
         for pos in range(nc):
             c = seq[pos]
             k0, k1 = c * ch, min(c * ch + ch, k_len)
@@ -169,17 +167,17 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                     for n in range(n_out):
                         s[n] += np.trunc(av * b[bi, k, n] * down[n])
             for n in range(n_out):
-                t[n] = (np.float64(s[n]) + _cut(acc[n] * down[n], rne)) * up[n]
+                s[n] = (s[n] + _cut(acc[n] * down[n], rne)) * up[n]
             if unnormalized:                  # the sum's own bits + 1 kept (zero stays itself)
                 for n in range(n_out):
-                    ks = ((tb[n] >> 52) & 2047) - 1023 - bits
+                    ks = ((sb[n] >> 52) & 2047) - 1023 - bits
                     downb[n] = (1023 - ks) << 52
                     upb[n] = (1023 + ks) << 52
                 for n in range(n_out):
-                    acc[n] = _cut(t[n] * down[n], rne) * up[n] if t[n] != 0 else t[n]
+                    acc[n] = _cut(s[n] * down[n], rne) * up[n] if s[n] != 0 else s[n]
             else:
                 for n in range(n_out):
-                    acc[n] = t[n]
+                    acc[n] = s[n]
             _promote(acc, total, scales, seq, pos, per, r)
         _finish(acc, total, per, out[r])
 
