@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,34 @@ def test_a_chip_model_step_is_the_definition_bitwise():
         torch.manual_seed(0)
         clean = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32))
         assert not torch.equal(fast[0], clean(torch.randn(2, 24, 64)).detach())      # the chip really ran
+
+
+@pytest.mark.parametrize("fmt,b_fmt", [("fp8_e4m3", None), ("fp8_e5m2", None), ("fp8_e4m3", "fp8_e5m2"),
+                                       ("fp16", None)])
+def test_the_adders_float32_lanes_are_exact_on_whole_range_codes(fmt, b_fmt):
+    """The adders' per-product loops run in float32 for narrow codes (``chip_cpu._lanes``): on codes drawn from
+    every finite bit pattern of the format (subnormals, the largest values, both signs, zero), both adders and
+    both roundings still give the definition's bits, where products span 2**-48 ... 2**32."""
+    dtypes = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2, "fp16": torch.float16}
+    gen = torch.Generator().manual_seed(11)
+
+    def whole_range(shape, f):
+        width = 16 if f == "fp16" else 8
+        raw = torch.randint(0, 1 << width, shape, generator=gen, dtype=torch.int32)
+        x = raw.to(torch.int16 if width == 16 else torch.uint8).view(dtypes[f]).float()
+        return x.masked_fill_(~x.isfinite(), 0.0)
+
+    for alignment in ("max_exponent_unnormalized", "max_exponent"):
+        for rounding in ("toward_zero", "rne"):
+            arith = GemmArith(in_format=fmt, b_format=b_fmt, in_scaling="none", chunk=32, acc_mantissa_bits=13,
+                              acc_rounding=rounding, acc_alignment=alignment, promote_every=None, out_format="bf16",
+                              overflow="saturate")
+            assert chip_cpu._lanes(arith) is np.float32
+            ca, cb = whole_range((40, 160), fmt), whole_range((160, 48), b_fmt or fmt)
+            want = accumulate.accumulate(ca, cb, arith)
+            got = chip_cpu.accumulate(ca, cb, arith)
+            assert _same_bits(got, want), (alignment, rounding, (got != want).sum().item())
+            assert want.abs().max() > 2.0 ** 14 and (want != 0).float().mean() > 0.9   # large and non-trivial sums
+    wide = GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=13, acc_alignment="max_exponent")
+    mx = GemmArith(in_format=fmt, in_scaling="mx", chunk=32, acc_mantissa_bits=13, acc_alignment="max_exponent")
+    assert chip_cpu._lanes(wide) is chip_cpu._lanes(mx) is np.float64    # bf16 range, MX scales

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -207,8 +207,13 @@ def operands(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] =
         ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc]
         ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :]
     elif arith.in_scaling == "block":
-        scales = inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
+        scales = block_scales(inv_a, inv_b)
     return Operands(a64, b64, nc, ia, ib, scales)
+
+
+def block_scales(inv_a: Tensor, inv_b: Tensor) -> Tensor:
+    """``block`` scales per promotion group, [..., K/blk, M, N]: float32(inv_a * inv_b), one float32 multiply."""
+    return inv_a.float().movedim(-1, -2).unsqueeze(-1) * inv_b.float().unsqueeze(-2)
 
 
 def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
@@ -297,22 +302,34 @@ def b_arith(arith: GemmArith) -> GemmArith:
     return arith if arith.b_format is None else dataclasses.replace(arith, in_format=arith.b_format)
 
 
+class Paths(NamedTuple):
+    """What ``gemm`` runs for each of its three stages: the definitions, or faster paths with the definitions'
+    arguments and bits (the compiled CPU loops, ``chip.CPU_PATHS``)."""
+
+    quantize_codes: Callable[..., tuple]
+    accumulate: Callable[..., Tensor]
+    quantize: Callable[..., Tensor]
+
+
+DEFINITION = Paths(quantize_codes, accumulate, formats.quantize)
+
+
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
          bias: Optional[Tensor] = None, qb: Union[Tensor, tuple, None] = None,
-         summed_by: Callable[..., Tensor] = None) -> Tensor:
+         paths: Paths = DEFINITION) -> Tensor:
     """``a @ b (+ bias)`` under ``arith``: inputs quantized to codes (scales along K), summed by ``accumulate`` in
     ``chunk_order``'s order, the bias added to the float32 sum (the GEMM's epilogue, before the output's rounding),
     output rounded to ``arith.out_format``. Returns float32 values on ``out_format``'s grid. ``gen``: stochastic
     input rounding (a, then b) and the random reduction order, drawn in that order. ``qb``: ``b`` already
-    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv). ``summed_by``:
-    a faster ``accumulate`` with its arguments and bits (the compiled CPU loops)."""
+    quantized, e.g. a weight reused across calls: ``quantize_codes(b, arith, -2)``'s (codes, inv). ``paths``: the
+    stages' implementations (``Paths``)."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
-    ca, inv_a = quantize_codes(a, arith, -1, gen)
-    cb, inv_b = qb if qb is not None else quantize_codes(b, b_arith(arith), -2, gen)
-    y = (summed_by or accumulate)(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
+    ca, inv_a = paths.quantize_codes(a, arith, -1, gen)
+    cb, inv_b = qb if qb is not None else paths.quantize_codes(b, b_arith(arith), -2, gen)
+    y = paths.accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
     if bias is not None:
         y = y + bias.detach().float()
     if arith.out_format == "fp32":
         return y
-    return formats.quantize(y, arith.out_format, "nearest", arith.overflow)
+    return paths.quantize(y, arith.out_format, "nearest", arith.overflow)

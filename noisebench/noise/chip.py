@@ -29,9 +29,9 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.overrides import TorchFunctionMode
 
 from . import formats, transcendental
-from .accumulate import (GemmArith, accumulate as accumulate_codes, b_arith, gemm as _definition_gemm,
-                         quantize_codes)
-from .fast import chip_cpu, dispatch
+from .accumulate import (DEFINITION, GemmArith, Paths, accumulate as accumulate_codes, b_arith,
+                         gemm as _definition_gemm, quantize_codes)
+from .fast import chip_cpu, dispatch, quantize_cpu
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
 from .spec import PHASES
@@ -43,6 +43,8 @@ _SPELLINGS = {F.linear: "linear", torch.matmul: "matmul", Tensor.matmul: "matmul
               Tensor.__rmatmul__: "rmatmul", torch.bmm: "bmm", Tensor.bmm: "bmm", F.softmax: "softmax",
               torch.softmax: "softmax", Tensor.softmax: "softmax", F.silu: "silu", F.gelu: "gelu",
               torch.rsqrt: "rsqrt", Tensor.rsqrt: "rsqrt", F.scaled_dot_product_attention: "sdpa"}
+# the compiled CPU loops for each stage of a chip GEMM, bitwise the definitions (noise/fast/*_cpu.py)
+CPU_PATHS = Paths(quantize_cpu.quantize_codes, chip_cpu.accumulate, quantize_cpu.quantize)
 _ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith) if f.name != "b_format")   # b_format: per GEMM
 _PROFILE_KEYS = ("name", "ops", "phases", "provenance", "exp_degree", "grad_format", "rsqrt_table_bits",
                  "rsqrt_newton")
@@ -241,8 +243,12 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
             y = kernel.chip_gemm(ca, cb, inv_a, inv_b, arith, bias, config=None if big else kernel.small_config(arith))
             if y is not None:
                 return y.float()
-    cpu = a.device.type == "cpu" and dispatch.MODE != "off"
-    return _definition_gemm(a, b, arith, gen, bias, qb=qb, summed_by=chip_cpu.accumulate if cpu else None)
+    return _definition_gemm(a, b, arith, gen, bias, qb=qb, paths=_paths(a))
+
+
+def _paths(t: Tensor) -> Paths:
+    """The compiled CPU paths for CPU tensors unless the engine's fast switch is off; the definitions otherwise."""
+    return CPU_PATHS if t.device.type == "cpu" and dispatch.MODE != "off" else DEFINITION
 
 
 _VERIFIED: dict = {}      # (A's format, B's format, device index) -> native_verified's answer
@@ -297,10 +303,10 @@ def chip_grads(a: Tensor, b: Tensor, g: Tensor, profile: ChipProfile, gen: Optio
     right = dataclasses.replace(arith, b_format=garith.in_format)
 
     def grad_left(lhs: Tensor, rhs: Tensor) -> Tensor:    # lhs is the gradient: rhs quantized as an input
-        return gemm(lhs, rhs, left, gen, qb=quantize_codes(rhs, arith, -2, gen))
+        return gemm(lhs, rhs, left, gen, qb=_paths(rhs).quantize_codes(rhs, arith, -2, gen))
 
     def grad_right(lhs: Tensor, rhs: Tensor) -> Tensor:   # rhs is the gradient
-        return gemm(lhs, rhs, right, gen, qb=quantize_codes(rhs, garith, -2, gen))
+        return gemm(lhs, rhs, right, gen, qb=_paths(rhs).quantize_codes(rhs, garith, -2, gen))
 
     ga = gb = None
     k, n = a.shape[-1], b.shape[-1]
@@ -394,7 +400,7 @@ class WeightCodes:
             self.step = _STEPS[0]
         key = (id(w), w._version, w.data_ptr())
         if key not in self.codes:
-            self.codes[key] = (w, quantize_codes(b, arith, -2))
+            self.codes[key] = (w, _paths(b).quantize_codes(b, arith, -2))
         return self.codes[key][1]
 
 

@@ -9,6 +9,7 @@ profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definitio
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import formats
-from ..accumulate import GemmArith, Operands, accumulate as definition, operands
+from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, operands
 
 try:
     import numba
@@ -96,6 +97,20 @@ def _exponents(x, emin, out):
 
 
 @_jit
+def _exponents32(x, emin, out):
+    """``_exponents`` from float32 codes' bits (a float32 subnormal lies below every narrow format's emin);
+    False where a code is inf or NaN."""
+    xb = x.reshape(-1).view(np.int32)
+    o = out.reshape(-1)
+    field = 0
+    for i in range(xb.shape[0]):
+        f = (xb[i] >> 23) & 255
+        field = max(field, f)
+        o[i] = -1e4 if (xb[i] & 0x7FFFFFFF) == 0 else max(np.float32(f - 127), emin)
+    return field < 255
+
+
+@_jit
 def _cut(x, rne):
     return np.rint(x) if rne else np.trunc(x)
 
@@ -107,7 +122,8 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
     promotion as ``_round_chunks``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
     are library calls, several per output per chunk): the same values for every normal float64, and zero kept
-    apart, as the definition keeps it."""
+    apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
+    ``lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
@@ -116,13 +132,14 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
         acc = np.zeros(n_out, np.float64)
         accb = acc.view(np.int64)
         total = np.zeros(n_out, np.float32)
-        big = np.empty(n_out, np.float64)
-        bigb = big.view(np.int64)
+        big = np.empty(n_out, b.dtype)
         shift = np.empty(n_out, np.int64)
         down = np.empty(n_out, np.float64)
         downb = down.view(np.int64)
+        down_l = np.empty(n_out, b.dtype)  # the same powers of two in the lanes' dtype
         up = np.empty(n_out, np.float64)
         upb = up.view(np.int64)
+        s_l = np.empty(n_out, b.dtype)     # the chunk's cut products
         s = np.empty(n_out, np.float64)
         sb = s.view(np.int64)
         for pos in range(nc):
@@ -136,9 +153,8 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                     e = ea[r, k]
                     if e < -5e3:              # a zero code sets no alignment
                         continue
-                    for n in range(n_out):
-                        v = e + eb[bi, k, n]
-                        big[n] = v if v > big[n] else big[n]
+                    for n in range(n_out):            # np.maximum vectorizes; a conditional did not
+                        big[n] = np.maximum(big[n], e + eb[bi, k, n])
                 for n in range(n_out):
                     shift[n] = np.int64(big[n]) - bits if big[n] > -5e3 else 0
             else:                             # the largest |term|'s leading bit
@@ -147,27 +163,28 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                 for k in range(k0, k1):
                     av = abs(a[r, k])
                     for n in range(n_out):
-                        v = av * abs(b[bi, k, n])
-                        big[n] = v if v > big[n] else big[n]
+                        big[n] = np.maximum(big[n], av * abs(b[bi, k, n]))
                 for n in range(n_out):
-                    e2 = ((bigb[n] >> 52) & 2047) - 1023
+                    down[n] = big[n]                  # (scratch: big's float64 bits)
+                    e2 = ((downb[n] >> 52) & 2047) - 1023
                     shift[n] = e2 - bits if big[n] != 0 else -1 - bits
             for n in range(n_out):
                 downb[n] = (1023 - shift[n]) << 52
                 upb[n] = (1023 + shift[n]) << 52
-                s[n] = 0.0
+                down_l[n] = down[n]
+                s_l[n] = 0.0
             for k in range(k0, k1):           # one loop per rounding, so each vectorizes
                 av = a[r, k]
                 if av == 0:
                     continue
                 if rne:
                     for n in range(n_out):
-                        s[n] += np.rint(av * b[bi, k, n] * down[n])
+                        s_l[n] += np.rint(av * b[bi, k, n] * down_l[n])
                 else:
                     for n in range(n_out):
-                        s[n] += np.trunc(av * b[bi, k, n] * down[n])
+                        s_l[n] += np.trunc(av * b[bi, k, n] * down_l[n])
             for n in range(n_out):
-                s[n] = (s[n] + _cut(acc[n] * down[n], rne)) * up[n]
+                s[n] = (np.float64(s_l[n]) + _cut(acc[n] * down[n], rne)) * up[n]
             if unnormalized:                  # the sum's own bits + 1 kept (zero stays itself)
                 for n in range(n_out):
                     ks = ((sb[n] >> 52) & 2047) - 1023 - bits
@@ -196,24 +213,51 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     lead = ca.shape[:-2]
     if (numba is None or ca.device.type != "cpu" or cb.device.type != "cpu" or ca.dim() < 2 or cb.dim() < 2
             or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead
-            or (arith.acc_alignment != "exact" and not (ca.isfinite().all() and cb.isfinite().all()))):
+            or (arith.acc_alignment != "exact" and _lanes(arith) is np.float64
+                and not (ca.isfinite().all() and cb.isfinite().all()))):
         return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
-    op = operands(ca, cb, arith, inv_a, inv_b)
-    m, n_out = op.a64.shape[-2], op.b64.shape[-1]
-    rows = op.a64.numel() // max(op.a64.shape[-1], 1)
-    seq = np.arange(op.nc, dtype=np.int64) if order is None else order.numpy().astype(np.int64)
+    m, n_out = ca.shape[-2], cb.shape[-1]
+    rows = ca.numel() // max(ca.shape[-1], 1)
+    nc = -(-ca.shape[-1] // arith.chunk)
+    seq = np.arange(nc, dtype=np.int64) if order is None else order.numpy().astype(np.int64)
     per = arith.promote_every // arith.chunk if arith.promote_every is not None else 0
-    scales = np.zeros((0, 0, 0), np.float32)
-    if op.scales is not None:                               # [..., G, M, N] -> [G, rows, N]
-        s = op.scales.expand(*lead, *op.scales.shape[-3:]) if op.scales.dim() > 3 else op.scales
-        scales = s.movedim(-3, 0).reshape(s.shape[-3], rows, n_out).contiguous().numpy()
     out = torch.empty(rows, n_out, dtype=torch.float32)
-    run = _exact if arith.acc_alignment == "exact" else _adder
-    run(op, arith, lead, rows, seq, per, scales, out.numpy())
+    if arith.acc_alignment != "exact" and _lanes(arith) is np.float32:    # float32 codes as they come, K unpadded
+        scales = _rows(block_scales(inv_a, inv_b), lead, rows, n_out) if arith.in_scaling == "block" else _NONE
+        if not _adder32(ca, cb, arith, lead, rows, seq, per, scales, out.numpy()):
+            return definition(ca, cb, arith, inv_a, inv_b, order)  # (an inf/NaN code: rare, exact there)
+    else:
+        op = operands(ca, cb, arith, inv_a, inv_b)
+        scales = _rows(op.scales, lead, rows, n_out) if op.scales is not None else _NONE
+        run = _exact if arith.acc_alignment == "exact" else _adder
+        run(op, arith, lead, rows, seq, per, scales, out.numpy())
     y = out.reshape(*lead, m, n_out)
     if arith.in_scaling == "tensor":
         y = y * (inv_a.float() * inv_b.float())
     return y
+
+
+_NONE = np.zeros((0, 0, 0), np.float32)                # no block scales
+
+
+def _rows(scales: Tensor, lead, rows: int, n_out: int) -> np.ndarray:
+    """Block scales [..., G, M, N] as the loops read them: [G, rows, N]."""
+    s = scales.expand(*lead, *scales.shape[-3:]) if scales.dim() > 3 else scales
+    return s.movedim(-3, 0).reshape(s.shape[-3], rows, n_out).contiguous().numpy()
+
+
+def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> bool:
+    """The aligning adders on float32 lanes (``_lanes``), straight from the float32 codes; False (nothing
+    computed) where a code is inf or NaN."""
+    a = ca.reshape(rows, -1).float().contiguous().numpy()
+    b = _batched(cb, lead).float().contiguous().numpy()
+    ea, eb = np.empty(a.shape, np.float32), np.empty(b.shape, np.float32)
+    fa, fb = formats.get(arith.in_format), formats.get(arith.b_format or arith.in_format)
+    if not (_exponents32(a, np.float32(fa.emin), ea) and _exponents32(b, np.float32(fb.emin), eb)):
+        return False
+    _aligned(a, b, ea, eb, max(ca.shape[-2], 1), seq, arith.chunk, per, scales, arith.acc_mantissa_bits,
+             arith.acc_rounding == "rne", arith.acc_alignment == "max_exponent_unnormalized", out)
+    return True
 
 
 def _code_exponents(codes: Tensor, fmt: str) -> np.ndarray:
@@ -224,7 +268,8 @@ def _code_exponents(codes: Tensor, fmt: str) -> np.ndarray:
 
 
 def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
-    """The aligning adders: every product formed in the loop (MX scales multiplied into the codes first)."""
+    """The aligning adders on float64 lanes: every product formed in the loop (MX scales multiplied into the codes
+    first)."""
     m, n_out, ch = op.a64.shape[-2], op.b64.shape[-1], arith.chunk
     a_in, b_in = op.a64.reshape(rows, -1), _batched(op.b64, lead)
     unnorm = arith.acc_alignment == "max_exponent_unnormalized"
@@ -237,6 +282,17 @@ def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scale
         b_in = b_in * ib
     _aligned(a_in.contiguous().numpy(), b_in.contiguous().numpy(), ea, eb, max(m, 1), seq, ch, per, scales,
              arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, out)
+
+
+def _lanes(arith: GemmArith) -> type:
+    """float32 for the adder's per-product loops where that is exact: codes of narrow formats (every product of
+    two codes, at most 24 significant bits, normal in float32 whatever the power of two it is scaled by), no MX
+    scales in the codes, and a chunk's cut products (each below 2**(bits + 2)) summing below 2**24."""
+    fa, fb = formats.get(arith.in_format), formats.get(arith.b_format or arith.in_format)
+    narrow = all(f.max < 2.0 ** 20 and f.emin - f.mbits >= -40 for f in (fa, fb))
+    exact = (fa.mbits + fb.mbits + 2 <= 24
+             and arith.acc_mantissa_bits + 2 + math.ceil(math.log2(arith.chunk)) <= 24)
+    return np.float32 if arith.in_scaling != "mx" and narrow and exact else np.float64
 
 
 def _exact(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:

@@ -1,0 +1,176 @@
+"""Rounding onto a chip's formats on the CPU, compiled: ``formats.quantize`` (nearest, toward zero) and
+``accumulate.quantize_codes`` (no, tensor and block scales) as one Numba pass, where the definition makes 8-12 torch
+passes over the tensor (abs, shifts, masks, where, copysign; in the default job's fp8 step they cost more than the
+GEMMs' sums). Each value goes through the definition's own operations in the same order and precision, so the bits
+are the definition's (tests/test_quantize_cpu.py, on random bit patterns). Stochastic rounding, MX scales, other
+devices and machines without Numba take the definition.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import formats
+from ..accumulate import GemmArith, quantize_codes as codes_definition
+
+try:
+    import numba
+except ImportError:                      # the definition runs instead
+    numba = None
+
+
+def _jit(fn):
+    # one thread, as chip_cpu's loops; IEEE division (1 / 0 = inf, as torch), not Python's ZeroDivisionError
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
+
+
+class _Grid:
+    """A format's constants as the element function reads them, float32 where the definition computes in float32."""
+
+    def __init__(self, fmt, rounding: str, overflow: str):
+        f = formats.get(fmt)
+        narrow = f.ebits != 8                          # bf16 and fp32 share float32's exponent range
+        u = 2.0 ** (f.emin - f.mbits) if narrow else 1.0   # the subnormal spacing (unused for bf16 and fp32)
+        self.args = (23 - f.mbits, rounding == "nearest", narrow, overflow == "saturate", np.float32(f.max),
+                     np.float32(np.inf if f.has_inf else np.nan), np.float32(2.0 ** f.emin), np.float32(u * 2.0 ** 23),
+                     np.float32(1 / u), np.float32(u))
+
+
+@_jit
+def _round(v, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+    """One float32 value as ``formats._quantize_f32`` (``narrow``) or ``formats._quantize_e8`` rounds it: the
+    same integer operations on its bit pattern (int32 wrap-around kept by truncating int64 to int32), the same
+    float32 arithmetic below 2**emin, the same NaN, overflow and sign rules."""
+    mask = ~((np.int64(1) << drop) - 1)
+    if narrow:
+        ia = np.int64(np.float32(v).view(np.int32)) & 0x7FFFFFFF
+        a = np.int32(ia).view(np.float32)
+        if nearest:
+            ia = ia + (((ia >> drop) & 1) + ((np.int64(1) << (drop - 1)) - 1))
+        r = np.int32(ia & mask).view(np.float32)
+        if a < small:
+            r = (a + c) - c if nearest else np.floor(a * inv_u) * u
+        if r > fmax:                                   # clamp_max / where(v > max): NaN compares false
+            r = fmax if saturate else past
+        if v != v:
+            r = v
+        return np.copysign(r, v)
+    iv = np.int64(np.float32(v).view(np.int32))
+    if drop:
+        if nearest:
+            iv = iv + (((iv >> drop) & 1) + ((np.int64(1) << (drop - 1)) - 1))
+        iv = iv & mask
+    r = np.int32(iv).view(np.float32)
+    if v != v:
+        r = v
+    if saturate and np.isinf(r):
+        r = np.copysign(fmax, v)
+    return r
+
+
+@_jit
+def _quantize(x, out, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+    for i in range(x.shape[0]):
+        out[i] = _round(x[i], drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u)
+
+
+@_jit
+def _scaled(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+    """``quantize_scaled_codes``' tensor and block scales on x [P, K, Q], blocks of ``blk`` along K: per block
+    and column q, amax (NaN if any element is), s = float32(max / max(amax, eps)) (1 where amax is not > 0), codes
+    = round(float32(x * s)) with the product in float64, inv [P, nb, Q] = float32(1 / s)."""
+    p_len, k_len, q_len = x.shape
+    amax = np.empty(q_len, np.float64)
+    nan = np.empty(q_len, np.bool_)
+    s = np.empty(q_len, np.float64)
+    for p in range(p_len):
+        for b in range(inv.shape[1]):
+            k0, k1 = b * blk, min(k_len, b * blk + blk)
+            amax[:] = 0.0
+            nan[:] = False
+            for k in range(k0, k1):
+                for q in range(q_len):
+                    a = abs(np.float64(x[p, k, q]))
+                    nan[q] |= a != a
+                    amax[q] = np.maximum(amax[q], a)
+            for q in range(q_len):
+                m = np.nan if nan[q] else amax[q]
+                s[q] = np.float64(np.float32(np.float64(fmax) / max(m, eps))) if m > 0 else 1.0
+                inv[p, b, q] = np.float32(1.0 / s[q])
+            for k in range(k0, k1):
+                for q in range(q_len):
+                    out[p, k, q] = _round(np.float32(np.float64(x[p, k, q]) * s[q]), drop, nearest, narrow,
+                                          saturate, fmax, past, small, c, inv_u, u)
+
+
+@_jit
+def _scaled_rows(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+    """``_scaled`` for blocks along the contiguous dim (x [P, K]; inv [P, nb]): amax as the largest |x| bit
+    pattern (an integer maximum, which vectorizes; above inf's pattern is a NaN)."""
+    xi = x.view(np.int32)
+    for p in range(x.shape[0]):
+        for b in range(inv.shape[1]):
+            k0, k1 = b * blk, min(x.shape[1], b * blk + blk)
+            top = np.int32(0)
+            for k in range(k0, k1):
+                top = max(top, xi[p, k] & 0x7FFFFFFF)
+            m = np.nan if top > 0x7F800000 else np.float64(np.int32(top).view(np.float32))
+            sc = np.float64(np.float32(np.float64(fmax) / max(m, eps))) if m > 0 else 1.0
+            inv[p, b] = np.float32(1.0 / sc)
+            for k in range(k0, k1):
+                out[p, k] = _round(np.float32(np.float64(x[p, k]) * sc), drop, nearest, narrow, saturate, fmax,
+                                   past, small, c, inv_u, u)
+
+
+def _covered(x: Tensor, rounding: str, overflow: str) -> bool:
+    return (numba is not None and x.device.type == "cpu" and x.numel() > 0 and rounding in ("nearest", "toward_zero")
+            and overflow in formats.OVERFLOWS)
+
+
+def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturate",
+             gen: Optional[torch.Generator] = None, bits: Optional[Tensor] = None) -> Tensor:
+    """``formats.quantize`` (same arguments, same values bit for bit), compiled for float32, bfloat16 and float16
+    CPU tensors under nearest and toward-zero rounding; the definition otherwise."""
+    if not _covered(x, rounding, overflow) or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return formats.quantize(x, fmt, rounding, overflow, gen, bits)
+    x32 = x.detach().float().contiguous()
+    out = torch.empty_like(x32)
+    _quantize(x32.view(-1).numpy(), out.view(-1).numpy(), *_Grid(fmt, rounding, overflow).args)
+    return out
+
+
+def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
+                   gen: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """``accumulate.quantize_codes`` (same arguments, same codes and scales bit for bit), compiled on CPU tensors
+    for no, tensor and block scales along the last two dims; the definition otherwise."""
+    fmt, scaling = arith.in_format, arith.in_scaling
+    if (not _covered(x, arith.in_rounding, arith.overflow) or scaling == "mx" or k_dim not in (-1, -2)
+            or x.dim() < 2 or (fmt == "fp32" and scaling == "none")):
+        return codes_definition(x, arith, k_dim, gen)
+    if scaling == "none":
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return codes_definition(x, arith, k_dim, gen)
+        return quantize(x, fmt, arith.in_rounding, arith.overflow), None
+    x32 = x.detach().float().contiguous()
+    k = x32.shape[k_dim]
+    q_len = 1 if k_dim == -1 else x32.shape[-1]
+    x3 = x32.reshape(-1, k, q_len)
+    blk = x32.numel() if scaling == "tensor" else arith.scale_block
+    if scaling == "tensor":
+        x3 = x32.reshape(1, -1, 1)
+    nb = -(-x3.shape[1] // blk)
+    out = torch.empty_like(x3)
+    inv = torch.empty(x3.shape[0], nb, x3.shape[2], dtype=torch.float32)
+    grid = _Grid(fmt, arith.in_rounding, arith.overflow).args
+    if x3.shape[2] == 1:                     # blocks along the contiguous dim (A's K, or the whole tensor)
+        _scaled_rows(x3[..., 0].numpy(), blk, formats.AMAX_EPS, out[..., 0].numpy(), inv[..., 0].numpy(), *grid)
+    else:
+        _scaled(x3.numpy(), blk, formats.AMAX_EPS, out.numpy(), inv.numpy(), *grid)
+    codes = out.reshape(x.shape)
+    if scaling == "tensor":
+        return codes, inv.reshape(())
+    shape = (*x.shape[:-1], nb) if k_dim == -1 else (*x.shape[:-2], nb, x.shape[-1])
+    return codes, inv.reshape(shape)
