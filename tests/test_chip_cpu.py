@@ -155,3 +155,21 @@ def test_the_adders_float32_lanes_are_exact_on_whole_range_codes(fmt, b_fmt):
     wide = GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=13, acc_alignment="max_exponent")
     mx = GemmArith(in_format=fmt, in_scaling="mx", chunk=32, acc_mantissa_bits=13, acc_alignment="max_exponent")
     assert chip_cpu._lanes(wide) is chip_cpu._lanes(mx) is np.float64    # bf16 range, MX scales
+
+
+def test_rows_split_among_threads_are_the_definition_bitwise():
+    """With two torch threads a large adder GEMM's rows are split between two Python threads (``_split_rows``):
+    the same bits as the definition, for one B and for one B per batch (rows offset into their batch)."""
+    arith = GemmArith(in_format="fp8_e4m3", in_scaling="tensor", chunk=32, acc_mantissa_bits=13,
+                      acc_rounding="toward_zero", acc_alignment="max_exponent_unnormalized", out_format="bf16",
+                      overflow="saturate")
+    gen = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape_a, shape_b in (((300, 128), (128, 64)), ((3, 101, 128), (3, 128, 48))):
+            ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, False)
+            assert ca.numel() // ca.shape[-1] * ca.shape[-1] * cb.shape[-1] >= 1 << 20   # large enough to split
+            assert _same_bits(chip_cpu.accumulate(ca, cb, arith, ia, ib), accumulate.accumulate(ca, cb, arith, ia, ib))
+    finally:
+        torch.set_num_threads(old)

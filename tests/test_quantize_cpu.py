@@ -1,7 +1,8 @@
 """The compiled CPU rounding (``noisebench.noise.fast.quantize_cpu``) against the definitions (``formats.quantize``,
-``accumulate.quantize_codes``), bit for bit: every format, both deterministic roundings (inputs: nearest), both overflow rules, on
-random float32 bit patterns (NaN, inf, subnormals, both signs) and on bf16/fp16 tensors; tensor and block scales
-along either GEMM dim, ragged blocks, batched operands, blocks holding NaN, inf or only zeros."""
+``accumulate.quantize_codes``), bit for bit: every format, both deterministic roundings (inputs: nearest), both
+overflow rules, on random float32 bit patterns (NaN, inf, subnormals, both signs) and on bf16/fp16 tensors; tensor,
+block and MX scales along either GEMM dim, ragged blocks, batched operands, blocks holding NaN, inf, only zeros or
+only float32 subnormals (an MX scale clamped at 2**-127)."""
 from __future__ import annotations
 
 import pytest
@@ -47,13 +48,13 @@ def test_quantize_is_the_definition_bitwise(fmt):
 SHAPES = [((48, 300), -1), ((300, 40), -2), ((2, 3, 17, 200), -1), ((2, 3, 200, 24), -2), ((1, 129), -1)]
 
 
-@pytest.mark.parametrize("scaling", ["tensor", "block", "none"])
+@pytest.mark.parametrize("scaling", ["tensor", "block", "mx", "none"])
 @pytest.mark.parametrize("fmt", ["fp8_e4m3", "fp8_e5m2", "fp4_e2m1", "fp16", "bf16"])
 def test_quantize_codes_is_the_definition_bitwise(scaling, fmt):
     gen = torch.Generator().manual_seed(9)
     for shape, k_dim in SHAPES:
         for overflow_rule in ("saturate", "inf"):
-            arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=64, chunk=32,
+            arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=32 if scaling == "mx" else 64, chunk=32,
                               promote_every=64 if scaling == "block" else None,
                               overflow=overflow_rule)
             x = torch.randn(*shape, generator=gen) * torch.exp2(torch.randint(-40, 40, shape, generator=gen).float())
@@ -63,6 +64,7 @@ def test_quantize_codes_is_the_definition_bitwise(scaling, fmt):
                 flat[5], flat[11] = float("nan"), -float("inf")          # a block (or the tensor) with specials
             if x.dim() == 2 and k_dim == -1 and x.shape[0] > 2 and x.shape[-1] > 128:
                 x[2, 64:128] = 0.0                                         # an all-zero block
+                x[1, 128:192] = torch.randn(64, generator=gen) * 2.0 ** -135   # float32 subnormals
             want_c, want_i = accumulate.quantize_codes(x, arith, k_dim)
             got_c, got_i = quantize_cpu.quantize_codes(x, arith, k_dim)
             assert got_c.shape == want_c.shape and torch.equal(_bits(got_c), _bits(want_c)), (shape, overflow_rule)

@@ -10,6 +10,7 @@ profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definitio
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -116,7 +117,7 @@ def _cut(x, rne):
 
 
 @_jit
-def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, out):
+def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, out, row0, row1):
     """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
     codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
     definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
@@ -127,7 +128,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
-    for r in range(rows):
+    for r in range(row0, row1):
         bi = r // rows_per_batch if b.shape[0] > 1 else 0
         acc = np.zeros(n_out, np.float64)
         accb = acc.view(np.int64)
@@ -255,9 +256,30 @@ def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per
     fa, fb = formats.get(arith.in_format), formats.get(arith.b_format or arith.in_format)
     if not (_exponents32(a, np.float32(fa.emin), ea) and _exponents32(b, np.float32(fb.emin), eb)):
         return False
-    _aligned(a, b, ea, eb, max(ca.shape[-2], 1), seq, arith.chunk, per, scales, arith.acc_mantissa_bits,
-             arith.acc_rounding == "rne", arith.acc_alignment == "max_exponent_unnormalized", out)
+    _split_rows(_aligned, rows, a.shape[1] * b.shape[2], a, b, ea, eb, max(ca.shape[-2], 1), seq, arith.chunk, per,
+                scales, arith.acc_mantissa_bits, arith.acc_rounding == "rne",
+                arith.acc_alignment == "max_exponent_unnormalized", out)
     return True
+
+
+_POOL: list = []                                         # [ThreadPoolExecutor, its workers]
+
+
+def _split_rows(kernel, rows: int, per_row: int, *args) -> None:
+    """``kernel(*args, row0, row1)`` over all rows, split among torch's thread count in Python threads (the loops
+    release the GIL): no OpenMP pool of Numba's spinning beside torch's, one worker under a parallel sweep."""
+    threads = torch.get_num_threads()
+    if threads < 2 or rows < 2 * threads or rows * per_row < 1 << 20:
+        kernel(*args, 0, rows)
+        return
+    if not _POOL or _POOL[1] != threads:
+        if _POOL:
+            _POOL[0].shutdown()
+        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="chip_cpu"), threads]
+    cuts = [rows * i // threads for i in range(threads + 1)]
+    done = [_POOL[0].submit(kernel, *args, r0, r1) for r0, r1 in zip(cuts[:-1], cuts[1:])]
+    for d in done:
+        d.result()
 
 
 def _code_exponents(codes: Tensor, fmt: str) -> np.ndarray:
@@ -281,7 +303,7 @@ def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scale
         ib = _batched(op.ib, lead).unsqueeze(-2).expand(-1, -1, ch, -1).reshape(-1, op.nc * ch, n_out)
         b_in = b_in * ib
     _aligned(a_in.contiguous().numpy(), b_in.contiguous().numpy(), ea, eb, max(m, 1), seq, ch, per, scales,
-             arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, out)
+             arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, out, 0, rows)
 
 
 def _lanes(arith: GemmArith) -> type:

@@ -2,8 +2,8 @@
 ``accumulate.quantize_codes`` (no, tensor and block scales) as one Numba pass, where the definition makes 8-12 torch
 passes over the tensor (abs, shifts, masks, where, copysign; in the default job's fp8 step they cost more than the
 GEMMs' sums). Each value goes through the definition's own operations in the same order and precision, so the bits
-are the definition's (tests/test_quantize_cpu.py, on random bit patterns). Stochastic rounding, MX scales, other
-devices and machines without Numba take the definition.
+are the definition's (tests/test_quantize_cpu.py, on random bit patterns). Stochastic rounding, other devices and
+machines without Numba take the definition.
 """
 from __future__ import annotations
 
@@ -78,10 +78,27 @@ def _quantize(x, out, drop, nearest, narrow, saturate, fmax, past, small, c, inv
 
 
 @_jit
-def _scaled(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
-    """``quantize_scaled_codes``' tensor and block scales on x [P, K, Q], blocks of ``blk`` along K: per block
-    and column q, amax (NaN if any element is), s = float32(max / max(amax, eps)) (1 where amax is not > 0), codes
-    = round(float32(x * s)) with the product in float64, inv [P, nb, Q] = float32(1 / s)."""
+def _scale(m, mx, emax, fmax, eps):
+    """A block's (multiplier, inv) from its amax ``m`` (NaN if an element is): tensor/block s = float32(max /
+    max(m, eps)) (1 where m is not > 0) and float32(1 / s); ``mx`` (``formats.mx_shared_exponent``) 2**-e and
+    2**e for e = floor(log2 m) - emax, at least -127 (-127 for m = 0); NaN inv and multiplier 1 where m is
+    not finite or e > 127."""
+    if not mx:
+        s = np.float64(np.float32(np.float64(fmax) / max(m, eps))) if m > 0 else 1.0
+        return s, np.float32(1.0 / s)
+    if not np.isfinite(m):
+        return 1.0, np.float32(np.nan)
+    e = max(((np.float64(m).view(np.int64) >> 52) & 2047) - 1023 - emax, -127) if m > 0 else -127
+    if e > 127:
+        return 1.0, np.float32(np.nan)
+    return np.int64((1023 - e) << 52).view(np.float64), np.float32(np.int64((1023 + e) << 52).view(np.float64))
+
+
+@_jit
+def _scaled(x, blk, mx, emax, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+    """``quantize_scaled_codes``' tensor, block and MX scales on x [P, K, Q], blocks of ``blk`` along K: per
+    block and column q, amax (NaN if any element is), its multiplier and inv (``_scale``), codes =
+    round(float32(x * multiplier)) with the product in float64; inv [P, nb, Q]."""
     p_len, k_len, q_len = x.shape
     amax = np.empty(q_len, np.float64)
     nan = np.empty(q_len, np.bool_)
@@ -97,9 +114,7 @@ def _scaled(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, 
                     nan[q] |= a != a
                     amax[q] = np.maximum(amax[q], a)
             for q in range(q_len):
-                m = np.nan if nan[q] else amax[q]
-                s[q] = np.float64(np.float32(np.float64(fmax) / max(m, eps))) if m > 0 else 1.0
-                inv[p, b, q] = np.float32(1.0 / s[q])
+                s[q], inv[p, b, q] = _scale(np.nan if nan[q] else amax[q], mx, emax, fmax, eps)
             for k in range(k0, k1):
                 for q in range(q_len):
                     out[p, k, q] = _round(np.float32(np.float64(x[p, k, q]) * s[q]), drop, nearest, narrow,
@@ -107,7 +122,7 @@ def _scaled(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, 
 
 
 @_jit
-def _scaled_rows(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
+def _scaled_rows(x, blk, mx, emax, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
     """``_scaled`` for blocks along the contiguous dim (x [P, K]; inv [P, nb]): amax as the largest |x| bit
     pattern (an integer maximum, which vectorizes; above inf's pattern is a NaN)."""
     xi = x.view(np.int32)
@@ -118,8 +133,7 @@ def _scaled_rows(x, blk, eps, out, inv, drop, nearest, narrow, saturate, fmax, p
             for k in range(k0, k1):
                 top = max(top, xi[p, k] & 0x7FFFFFFF)
             m = np.nan if top > 0x7F800000 else np.float64(np.int32(top).view(np.float32))
-            sc = np.float64(np.float32(np.float64(fmax) / max(m, eps))) if m > 0 else 1.0
-            inv[p, b] = np.float32(1.0 / sc)
+            sc, inv[p, b] = _scale(m, mx, emax, fmax, eps)
             for k in range(k0, k1):
                 out[p, k] = _round(np.float32(np.float64(x[p, k]) * sc), drop, nearest, narrow, saturate, fmax,
                                    past, small, c, inv_u, u)
@@ -145,14 +159,13 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
 def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
                    gen: Optional[torch.Generator] = None) -> tuple[Tensor, Optional[Tensor]]:
     """``accumulate.quantize_codes`` (same arguments, same codes and scales bit for bit), compiled on CPU tensors
-    for no, tensor and block scales along the last two dims; the definition otherwise."""
+    for no, tensor, block and MX scales along the last two dims; the definition otherwise."""
     fmt, scaling = arith.in_format, arith.in_scaling
-    if (not _covered(x, arith.in_rounding, arith.overflow) or scaling == "mx" or k_dim not in (-1, -2)
-            or x.dim() < 2 or (fmt == "fp32" and scaling == "none")):
+    narrow_in = x.dtype in (torch.float32, torch.bfloat16, torch.float16)   # (mx and none read float64 as is)
+    if (not _covered(x, arith.in_rounding, arith.overflow) or k_dim not in (-1, -2) or x.dim() < 2
+            or (fmt == "fp32" and scaling == "none") or (scaling in ("mx", "none") and not narrow_in)):
         return codes_definition(x, arith, k_dim, gen)
     if scaling == "none":
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return codes_definition(x, arith, k_dim, gen)
         return quantize(x, fmt, arith.in_rounding, arith.overflow), None
     x32 = x.detach().float().contiguous()
     k = x32.shape[k_dim]
@@ -165,10 +178,11 @@ def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
     out = torch.empty_like(x3)
     inv = torch.empty(x3.shape[0], nb, x3.shape[2], dtype=torch.float32)
     grid = _Grid(fmt, arith.in_rounding, arith.overflow).args
+    how = (scaling == "mx", formats.get(fmt).emax, formats.AMAX_EPS)
     if x3.shape[2] == 1:                     # blocks along the contiguous dim (A's K, or the whole tensor)
-        _scaled_rows(x3[..., 0].numpy(), blk, formats.AMAX_EPS, out[..., 0].numpy(), inv[..., 0].numpy(), *grid)
+        _scaled_rows(x3[..., 0].numpy(), blk, *how, out[..., 0].numpy(), inv[..., 0].numpy(), *grid)
     else:
-        _scaled(x3.numpy(), blk, formats.AMAX_EPS, out.numpy(), inv.numpy(), *grid)
+        _scaled(x3.numpy(), blk, *how, out.numpy(), inv.numpy(), *grid)
     codes = out.reshape(x.shape)
     if scaling == "tensor":
         return codes, inv.reshape(())
