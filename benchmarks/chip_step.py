@@ -7,9 +7,11 @@ interleaved rounds. Prints each profile's median seconds and its ratio to clean 
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --rounds 1 --profile-ops 25
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --floor
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --definition --rounds 1
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --also acc_alignment=exact
 
-The chip's CPU GEMMs take the compiled path (``noise/fast/chip_cpu.py``) unless the engine's fast switch is off;
-``--definition`` adds each profile again with it off (the torch definition), timed in the same rounds.
+The chip's CPU GEMMs take the compiled paths (``noise/fast/chip_cpu.py``, ``quantize_cpu.py``) unless the engine's
+fast switch is off; ``--definition`` adds each profile again with it off (the torch definition), ``--also KEY=VALUE``
+each profile with one key changed, timed in the same rounds.
 """
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+def raw(name: str) -> dict:
+    return yaml.safe_load((REPO / "conf" / "chip" / f"{name}.yaml").read_text())
+
+
 def profiles() -> dict:
     out = {}
     for p in sorted((REPO / "conf" / "chip").glob("*.yaml")):
@@ -58,6 +64,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--definition", action="store_true",
                    help="also time each profile with the engine's fast switch off (the torch definition)")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                   help="also time each profile with this profile key set (YAML value), e.g. acc_alignment=exact")
     p.add_argument("--profile-ops", type=int, default=0,
                    help="instead of timing: torch.profiler's top N ops of one chip step per profile")
     p.add_argument("--floor", action="store_true",
@@ -70,6 +78,12 @@ def parse() -> argparse.Namespace:
     if bad:
         p.error(f"--profiles: unknown {bad}; valid: {sorted(known)}")
     a.known = known
+    a.changes = []
+    for item in a.also:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--also: {item!r} is not KEY=VALUE")
+        a.changes.append((key, yaml.safe_load(value)))
     return a
 
 
@@ -135,6 +149,9 @@ def main() -> None:
         return go
 
     modes = {n: ChipMode(a.known[n]) for n in a.names}
+    for key, value in a.changes:              # a profile with one key changed (ChipProfile checks the key)
+        modes.update({f"{n} ({key}={value})": ChipMode(ChipProfile.from_dict({**raw(n), key: value}))
+                      for n in a.names})
     if a.profile_ops:
         run(None)()
         with torch.profiler.profile() as prof:
