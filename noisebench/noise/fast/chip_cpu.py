@@ -28,10 +28,14 @@ except ImportError:                      # the definition runs instead
 _TILE_BYTES = 1 << 20                    # a row tile's float64 chunk sums stay in L2
 
 
-def _jit(fn):
-    # one thread: a second one did not speed the step up on two cores, and an OpenMP pool per process spins
-    # against the other runs of a parallel sweep (hydra/launcher=joblib)
-    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+def _jit(fn=None, *, finite: bool = False):
+    # one thread: rows are split among torch's threads in Python threads (``_split_rows``), and an OpenMP pool per
+    # process spins against the other runs of a parallel sweep (hydra/launcher=joblib). ``finite``: the loop sees
+    # no NaN (inf/NaN codes take the definition), so np.maximum needs no NaN check (LLVM's nnan, nothing else)
+    if fn is None:
+        return lambda f: _jit(f, finite=finite)
+    flags = {"nnan"} if finite else False
+    return numba.njit(cache=True, nogil=True, fastmath=flags)(fn) if numba is not None else fn
 
 
 @_jit
@@ -116,7 +120,7 @@ def _cut(x, rne):
     return np.rint(x) if rne else np.trunc(x)
 
 
-@_jit
+@_jit(finite=True)
 def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, out, row0, row1):
     """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
     codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
@@ -150,11 +154,17 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                 for n in range(n_out):
                     e_acc = float(((accb[n] >> 52) & 2047) - 1023)
                     big[n] = -1e4 if acc[n] == 0 else e_acc
-                for k in range(k0, k1):
-                    e = ea[r, k]
-                    if e < -5e3:              # a zero code sets no alignment
-                        continue
+                k = k0
+                while k + 4 <= k1:            # four products an output a pass: big loaded and stored once
+                    e0, e1, e2, e3 = ea[r, k], ea[r, k + 1], ea[r, k + 2], ea[r, k + 3]
                     for n in range(n_out):            # np.maximum vectorizes; a conditional did not
+                        big[n] = np.maximum(np.maximum(np.maximum(big[n], e0 + eb[bi, k, n]),
+                                                       np.maximum(e1 + eb[bi, k + 1, n], e2 + eb[bi, k + 2, n])),
+                                            e3 + eb[bi, k + 3, n])
+                    k += 4
+                for k in range(k, k1):        # (a zero code's -1e4 stays below -5e3 whatever it is added to)
+                    e = ea[r, k]
+                    for n in range(n_out):
                         big[n] = np.maximum(big[n], e + eb[bi, k, n])
                 for n in range(n_out):
                     shift[n] = np.int64(big[n]) - bits if big[n] > -5e3 else 0
@@ -174,10 +184,22 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                 upb[n] = (1023 + shift[n]) << 52
                 down_l[n] = down[n]
                 s_l[n] = 0.0
-            for k in range(k0, k1):           # one loop per rounding, so each vectorizes
+            k = k0                            # four products an output a pass, one loop per rounding so each
+            while k + 4 <= k1:                # vectorizes; the cut terms are integers, so any order sums exactly
+                a0, a1, a2, a3 = a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
+                if rne:
+                    for n in range(n_out):
+                        d = down_l[n]
+                        s_l[n] += ((np.rint(a0 * b[bi, k, n] * d) + np.rint(a1 * b[bi, k + 1, n] * d))
+                                   + (np.rint(a2 * b[bi, k + 2, n] * d) + np.rint(a3 * b[bi, k + 3, n] * d)))
+                else:
+                    for n in range(n_out):
+                        d = down_l[n]
+                        s_l[n] += ((np.trunc(a0 * b[bi, k, n] * d) + np.trunc(a1 * b[bi, k + 1, n] * d))
+                                   + (np.trunc(a2 * b[bi, k + 2, n] * d) + np.trunc(a3 * b[bi, k + 3, n] * d)))
+                k += 4
+            for k in range(k, k1):
                 av = a[r, k]
-                if av == 0:
-                    continue
                 if rne:
                     for n in range(n_out):
                         s_l[n] += np.rint(av * b[bi, k, n] * down_l[n])
