@@ -173,3 +173,40 @@ def test_rows_split_among_threads_are_the_definition_bitwise():
             assert _same_bits(chip_cpu.accumulate(ca, cb, arith, ia, ib), accumulate.accumulate(ca, cb, arith, ia, ib))
     finally:
         torch.set_num_threads(old)
+
+
+
+def test_a_forked_child_splits_rows_in_its_own_threads():
+    """A process forked after the row-split pool exists (a worker of a fork-based launcher) gets its own threads
+    instead of queueing work for its parent's workers, which the child does not have (it would wait forever). The
+    kernel here is plain Python writing NumPy rows: torch's own OpenMP is not fork-safe, whatever this module does."""
+    import multiprocessing
+    import threading
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        meet = threading.Barrier(2)                # both workers alive at once: two idle threads stay behind
+        chip_cpu._split_rows(_meet, 64, 1 << 20, meet)
+        assert len(chip_cpu._POOL[0]._threads) == 2
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_split_in_child).get(timeout=60)
+    finally:
+        torch.set_num_threads(old)
+    assert np.array_equal(got, np.arange(64.0))
+
+
+def _meet(barrier, row0, row1):
+    barrier.wait(timeout=30)
+
+
+def _fill_rows(out, row0, row1):
+    out[row0:row1] = np.arange(row0, row1)
+
+
+def _split_in_child():
+    torch.set_num_threads(2)                     # (a forked child starts with one)
+    assert torch.get_num_threads() == 2
+    out = np.zeros(64)
+    chip_cpu._split_rows(_fill_rows, 64, 1 << 20, out)
+    return out

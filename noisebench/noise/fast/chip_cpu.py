@@ -10,6 +10,7 @@ profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definitio
 from __future__ import annotations
 
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
@@ -284,7 +285,7 @@ def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per
     return True
 
 
-_POOL: list = []                                         # [ThreadPoolExecutor, its workers]
+_POOL: list = []                                         # [ThreadPoolExecutor, its workers, the owning pid]
 
 
 def _split_rows(kernel, rows: int, per_row: int, *args) -> None:
@@ -294,10 +295,10 @@ def _split_rows(kernel, rows: int, per_row: int, *args) -> None:
     if threads < 2 or rows < 2 * threads or rows * per_row < 1 << 20:
         kernel(*args, 0, rows)
         return
-    if not _POOL or _POOL[1] != threads:
-        if _POOL:
+    if not _POOL or _POOL[1:] != [threads, os.getpid()]:    # a forked child inherits the pool but not its threads
+        if _POOL and _POOL[2] == os.getpid():
             _POOL[0].shutdown()
-        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="chip_cpu"), threads]
+        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="chip_cpu"), threads, os.getpid()]
     cuts = [rows * i // threads for i in range(threads + 1)]
     done = [_POOL[0].submit(kernel, *args, r0, r1) for r0, r1 in zip(cuts[:-1], cuts[1:])]
     for d in done:
