@@ -129,7 +129,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     promotion as ``_round_chunks``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
     are library calls, several per output per chunk): the same values for every normal float64, and zero kept
     apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
-    ``lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
+    ``_lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
@@ -235,10 +235,11 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     """``accumulate.accumulate`` (same arguments, same float32 result bit for bit), compiled, on CPU tensors where
     A's batch holds B's (B 2-D or broadcast to A's batch); the definition itself elsewhere or without Numba."""
     lead = ca.shape[:-2]
+    adder = arith.acc_alignment != "exact"
+    adder32 = adder and _lanes(arith) is np.float32          # its own pass finds inf/NaN codes
     if (numba is None or ca.device.type != "cpu" or cb.device.type != "cpu" or ca.dim() < 2 or cb.dim() < 2
             or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead
-            or (arith.acc_alignment != "exact" and _lanes(arith) is np.float64
-                and not (ca.isfinite().all() and cb.isfinite().all()))):
+            or (adder and not adder32 and not (ca.isfinite().all() and cb.isfinite().all()))):
         return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
     m, n_out = ca.shape[-2], cb.shape[-1]
     rows = ca.numel() // max(ca.shape[-1], 1)
@@ -246,14 +247,14 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
     seq = np.arange(nc, dtype=np.int64) if order is None else order.numpy().astype(np.int64)
     per = arith.promote_every // arith.chunk if arith.promote_every is not None else 0
     out = torch.empty(rows, n_out, dtype=torch.float32)
-    if arith.acc_alignment != "exact" and _lanes(arith) is np.float32:    # float32 codes as they come, K unpadded
+    if adder32:                                                      # float32 codes as they come, K unpadded
         scales = _rows(block_scales(inv_a, inv_b), lead, rows, n_out) if arith.in_scaling == "block" else _NONE
         if not _adder32(ca, cb, arith, lead, rows, seq, per, scales, out.numpy()):
             return definition(ca, cb, arith, inv_a, inv_b, order)  # (an inf/NaN code: rare, exact there)
     else:
         op = operands(ca, cb, arith, inv_a, inv_b)
         scales = _rows(op.scales, lead, rows, n_out) if op.scales is not None else _NONE
-        run = _exact if arith.acc_alignment == "exact" else _adder
+        run = _adder if adder else _exact
         run(op, arith, lead, rows, seq, per, scales, out.numpy())
     y = out.reshape(*lead, m, n_out)
     if arith.in_scaling == "tensor":

@@ -1,5 +1,5 @@
 """Rounding onto a chip's formats on the CPU, compiled: ``formats.quantize`` (nearest, toward zero) and
-``accumulate.quantize_codes`` (no, tensor and block scales) as one Numba pass, where the definition makes 8-12 torch
+``accumulate.quantize_codes`` (no, tensor, block and MX scales) as one Numba pass, where the definition makes 8-12 torch
 passes over the tensor (abs, shifts, masks, where, copysign; in the default job's fp8 step they cost more than the
 GEMMs' sums). Each value goes through the definition's own operations in the same order and precision, so the bits
 are the definition's (tests/test_quantize_cpu.py, on random bit patterns). Stochastic rounding, other devices and
@@ -7,6 +7,7 @@ machines without Numba take the definition.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -27,16 +28,15 @@ def _jit(fn):
     return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
 
 
-class _Grid:
+@functools.lru_cache(maxsize=None)
+def _grid(fmt, rounding: str, overflow: str) -> tuple:
     """A format's constants as the element function reads them, float32 where the definition computes in float32."""
-
-    def __init__(self, fmt, rounding: str, overflow: str):
-        f = formats.get(fmt)
-        narrow = f.ebits != 8                          # bf16 and fp32 share float32's exponent range
-        u = 2.0 ** (f.emin - f.mbits) if narrow else 1.0   # the subnormal spacing (unused for bf16 and fp32)
-        self.args = (23 - f.mbits, rounding == "nearest", narrow, overflow == "saturate", np.float32(f.max),
-                     np.float32(np.inf if f.has_inf else np.nan), np.float32(2.0 ** f.emin), np.float32(u * 2.0 ** 23),
-                     np.float32(1 / u), np.float32(u))
+    f = formats.get(fmt)
+    narrow = f.ebits != 8                              # bf16 and fp32 share float32's exponent range
+    u = 2.0 ** (f.emin - f.mbits) if narrow else 1.0   # the subnormal spacing (unused for bf16 and fp32)
+    return (23 - f.mbits, rounding == "nearest", narrow, overflow == "saturate", np.float32(f.max),
+            np.float32(np.inf if f.has_inf else np.nan), np.float32(2.0 ** f.emin), np.float32(u * 2.0 ** 23),
+            np.float32(1 / u), np.float32(u))
 
 
 @_jit
@@ -152,7 +152,7 @@ def quantize(x: Tensor, fmt, rounding: str = "nearest", overflow: str = "saturat
         return formats.quantize(x, fmt, rounding, overflow, gen, bits)
     x32 = x.detach().float().contiguous()
     out = torch.empty_like(x32)
-    _quantize(x32.view(-1).numpy(), out.view(-1).numpy(), *_Grid(fmt, rounding, overflow).args)
+    _quantize(x32.view(-1).numpy(), out.view(-1).numpy(), *_grid(fmt, rounding, overflow))
     return out
 
 
@@ -168,16 +168,14 @@ def quantize_codes(x: Tensor, arith: GemmArith, k_dim: int,
     if scaling == "none":
         return quantize(x, fmt, arith.in_rounding, arith.overflow), None
     x32 = x.detach().float().contiguous()
-    k = x32.shape[k_dim]
-    q_len = 1 if k_dim == -1 else x32.shape[-1]
-    x3 = x32.reshape(-1, k, q_len)
-    blk = x32.numel() if scaling == "tensor" else arith.scale_block
-    if scaling == "tensor":
-        x3 = x32.reshape(1, -1, 1)
+    if scaling == "tensor":                  # one block: the whole tensor
+        x3, blk = x32.reshape(1, -1, 1), x32.numel()
+    else:                                    # [P, K, Q], blocks along K
+        x3, blk = x32.reshape(-1, x32.shape[k_dim], 1 if k_dim == -1 else x32.shape[-1]), arith.scale_block
     nb = -(-x3.shape[1] // blk)
     out = torch.empty_like(x3)
     inv = torch.empty(x3.shape[0], nb, x3.shape[2], dtype=torch.float32)
-    grid = _Grid(fmt, arith.in_rounding, arith.overflow).args
+    grid = _grid(fmt, arith.in_rounding, arith.overflow)
     how = (scaling == "mx", formats.get(fmt).emax, formats.AMAX_EPS)
     if x3.shape[2] == 1:                     # blocks along the contiguous dim (A's K, or the whole tensor)
         _scaled_rows(x3[..., 0].numpy(), blk, *how, out[..., 0].numpy(), inv[..., 0].numpy(), *grid)
