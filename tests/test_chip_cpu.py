@@ -79,6 +79,26 @@ def test_compiled_sums_are_the_definition_bitwise(case):
                 assert want.isnan().any() and want.isinf().any()      # the specials reached the output
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[-1] == "exact"], ids=lambda c: "-".join(map(str, c)))
+def test_exact_sums_in_tiles_of_chunks_are_the_definition_bitwise(case, monkeypatch):
+    """A long K (a weight gradient's tokens) is summed in tiles of rows x chunks, the accumulators carried from one
+    chunk tile to the next: a 4 KiB tile forces one chunk a tile through every scaling, promotion and ragged K;
+    K = 4096 at the default tile size takes the same path."""
+    fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
+    arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
+                      acc_rounding=rounding, promote_every=promote, acc_alignment=alignment, out_format="bf16",
+                      overflow="inf" if fmt == "bf16" else "saturate")
+    gen = torch.Generator().manual_seed(11)
+    for tile, (shape_a, shape_b) in ((4096, SHAPES[0]), (4096, SHAPES[2]), (chip_cpu._TILE_BYTES,
+                                                                            ((100, 4096), (4096, 24)))):
+        monkeypatch.setattr(chip_cpu, "_TILE_BYTES", tile)
+        ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, False)
+        ca = ca.transpose(-1, -2).contiguous().transpose(-1, -2)       # A as a weight gradient has it
+        want = accumulate.accumulate(ca, cb, arith, ia, ib)
+        got = chip_cpu.accumulate(ca, cb, arith, ia, ib)
+        assert _same_bits(got, want), (tile, shape_a, (got != want).sum().item(), want.numel())
+
+
 def test_a_narrow_accumulator_really_rounds():
     """The compiled path is not plain float32 summation: 7 accumulator bits toward zero move most outputs off a
     float64 GEMM by up to 2**-7 of the largest partial sum, and agree with the definition bitwise."""

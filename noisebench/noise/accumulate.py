@@ -201,14 +201,19 @@ def operands(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] =
     if k % ch:                                   # zero-pad K to whole chunks
         a64 = torch.nn.functional.pad(a64, (0, nc * ch - k))
         b64 = torch.nn.functional.pad(b64, (0, 0, 0, nc * ch - k))
+    return Operands(a64, b64, nc, *chunk_scales(inv_a, inv_b, arith, nc))
+
+
+def chunk_scales(inv_a: Optional[Tensor], inv_b: Optional[Tensor], arith: GemmArith, nc: int) -> tuple:
+    """``Operands``' scales for ``nc`` chunks: (ia, ib, scales), ``mx``'s per chunk or ``block``'s per group."""
     ia = ib = scales = None
     if arith.in_scaling == "mx":
-        per = arith.scale_block // ch
+        per = arith.scale_block // arith.chunk
         ia = inv_a.to(torch.float64).repeat_interleave(per, -1)[..., :nc]
         ib = inv_b.to(torch.float64).repeat_interleave(per, -2)[..., :nc, :]
     elif arith.in_scaling == "block":
         scales = block_scales(inv_a, inv_b)
-    return Operands(a64, b64, nc, ia, ib, scales)
+    return ia, ib, scales
 
 
 def block_scales(inv_a: Tensor, inv_b: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import formats
-from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, operands
+from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, chunk_scales, operands
 
 try:
     import numba
@@ -27,6 +27,9 @@ except ImportError:                      # the definition runs instead
     numba = None
 
 _TILE_BYTES = 1 << 20                    # a row tile's float64 chunk sums stay in L2
+_ROW_BLOCK = 32                          # the adders' rows per pass over a chunk
+_MIN_TILE_ROWS = 128                     # the exact path's rows per tile at least (then tiles of chunks)
+_NAN_BITS = np.int64(0x7FF8000000000000)  # float64's NaN, as the definition writes it
 
 
 def _jit(fn=None, *, finite: bool = False):
@@ -62,33 +65,42 @@ def _finish(acc, total, per, out_row):
 
 
 @_jit
-def _round_chunks(sums, seq, per, scales, drop, rne, out, row0):
-    """Chunk sums [nc, R, N] (float64, scaled) added in ``seq``'s order into a float64 accumulator rounded to
-    52 - drop mantissa bits by masking its bit pattern (RNE: half an ulp less one plus the kept LSB first; a NaN
-    left as the definition leaves it), promoted into a float32 total every ``per`` chunks (0: never; ``scales``
-    [G, R, N] float32 multiply the promoted term where it has rows), into ``out[row0 + r]``."""
-    nc, rows, n_out = sums.shape
+def _round_chunks(sums, ia, ib, first, seq, p0, p1, per, scales, drop, rne, acc, total, out, row0, last):
+    """Chunk sums [nb, C, R, N] (float64; chunks first ... first + C - 1; for ``mx`` times ia [nb, C, R] then ib
+    [nb or 1, C, N], exact powers of two) added in ``seq``'s order, positions p0 ... p1 - 1, into a float64
+    accumulator (``acc`` [nb * R, N], carried between calls) rounded to 52 - drop mantissa bits by masking its bit
+    pattern (RNE: half an ulp less one plus the kept LSB first; a NaN left as the definition leaves it), promoted
+    into a float32 total (``total`` [nb * R, N]) every ``per`` chunks (0: never; ``scales`` [G, nb * R, N] float32
+    multiply the promoted term where it has rows); where ``last``, into ``out[row0 + row]``."""
+    nb, rows, n_out = sums.shape[0], sums.shape[2], sums.shape[3]
+    mx = ia.shape[0] > 0
     mask = ~((np.int64(1) << drop) - 1)
     half = ((np.int64(1) << (drop - 1)) - 1) if drop > 0 else np.int64(0)
-    for r in range(rows):
-        acc = np.zeros(n_out, np.float64)
-        iv = acc.view(np.int64)
-        total = np.zeros(n_out, np.float32)
-        for pos in range(nc):
-            c = seq[pos]
-            for n in range(n_out):
-                acc[n] += sums[c, r, n]
-            if drop > 0:
-                for n in range(n_out):
-                    v = iv[n]
-                    if rne:
-                        if acc[n] != acc[n]:
-                            acc[n] = np.nan
-                            continue
-                        v += ((v >> drop) & 1) + half
-                    iv[n] = v & mask
-            _promote(acc, total, scales, seq, pos, per, r)
-        _finish(acc, total, per, out[row0 + r])
+    ivs = acc.view(np.int64)
+    for bt in range(nb):
+        bb = bt if ib.shape[0] > 1 else 0
+        for r in range(rows):
+            row = bt * rows + r
+            a_r, iv, t_r = acc[row], ivs[row], total[row]
+            for pos in range(p0, p1):
+                c = seq[pos] - first
+                if mx:
+                    sa = ia[bt, c, r]
+                    for n in range(n_out):
+                        a_r[n] += sums[bt, c, r, n] * sa * ib[bb, c, n]
+                else:
+                    for n in range(n_out):
+                        a_r[n] += sums[bt, c, r, n]
+                if drop > 0 and rne:          # selects, not branches, so the loop vectorizes
+                    for n in range(n_out):
+                        v = iv[n]
+                        iv[n] = (v + (((v >> drop) & 1) + half)) & mask if a_r[n] == a_r[n] else _NAN_BITS
+                elif drop > 0:
+                    for n in range(n_out):
+                        iv[n] = iv[n] & mask
+                _promote(a_r, t_r, scales, seq, pos, per, row)
+            if last:
+                _finish(a_r, t_r, per, out[row0 + row])
 
 
 @_jit
@@ -133,94 +145,103 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     rows, k_len = a.shape
     n_out = b.shape[2]
     nc = seq.shape[0]
-    for r in range(row0, row1):
-        bi = r // rows_per_batch if b.shape[0] > 1 else 0
-        acc = np.zeros(n_out, np.float64)
-        accb = acc.view(np.int64)
-        total = np.zeros(n_out, np.float32)
-        big = np.empty(n_out, b.dtype)
-        shift = np.empty(n_out, np.int64)
-        down = np.empty(n_out, np.float64)
-        downb = down.view(np.int64)
-        down_l = np.empty(n_out, b.dtype)  # the same powers of two in the lanes' dtype
-        up = np.empty(n_out, np.float64)
-        upb = up.view(np.int64)
-        s_l = np.empty(n_out, b.dtype)     # the chunk's cut products
-        s = np.empty(n_out, np.float64)
-        sb = s.view(np.int64)
+    # a block of rows at a time, chunk by chunk, so a chunk's B and exponents (ch x N) stay in cache across the
+    # block's rows: row by row over all of K, a long K (a weight gradient's tokens) streamed B from memory per row
+    blk = max(1, min(_ROW_BLOCK, row1 - row0))
+    accs = np.empty((blk, n_out), np.float64)
+    accsb = accs.view(np.int64)
+    totals = np.empty((blk, n_out), np.float32)
+    big = np.empty(n_out, b.dtype)
+    shift = np.empty(n_out, np.int64)
+    down = np.empty(n_out, np.float64)
+    downb = down.view(np.int64)
+    down_l = np.empty(n_out, b.dtype)      # the same powers of two in the lanes' dtype
+    up = np.empty(n_out, np.float64)
+    upb = up.view(np.int64)
+    s_l = np.empty(n_out, b.dtype)         # the chunk's cut products
+    s = np.empty(n_out, np.float64)
+    sb = s.view(np.int64)
+    for rb0 in range(row0, row1, blk):
+        rb1 = min(rb0 + blk, row1)
+        accs[:] = 0.0
+        totals[:] = 0.0
         for pos in range(nc):
             c = seq[pos]
             k0, k1 = c * ch, min(c * ch + ch, k_len)
-            if unnormalized:                  # the largest unnormalized exponent, the accumulator's leading bit
+            for r in range(rb0, rb1):
+                bi = r // rows_per_batch if b.shape[0] > 1 else 0
+                acc, accb, total = accs[r - rb0], accsb[r - rb0], totals[r - rb0]
+                if unnormalized:                  # the largest unnormalized exponent, the accumulator's leading bit
+                    for n in range(n_out):
+                        e_acc = float(((accb[n] >> 52) & 2047) - 1023)
+                        big[n] = -1e4 if acc[n] == 0 else e_acc
+                    k = k0
+                    while k + 4 <= k1:            # four products an output a pass: big loaded and stored once
+                        e0, e1, e2, e3 = ea[r, k], ea[r, k + 1], ea[r, k + 2], ea[r, k + 3]
+                        for n in range(n_out):            # np.maximum vectorizes; a conditional did not
+                            big[n] = np.maximum(np.maximum(np.maximum(big[n], e0 + eb[bi, k, n]),
+                                                           np.maximum(e1 + eb[bi, k + 1, n], e2 + eb[bi, k + 2, n])),
+                                                e3 + eb[bi, k + 3, n])
+                        k += 4
+                    for k in range(k, k1):        # (a zero code's -1e4 stays below -5e3 whatever it is added to)
+                        e = ea[r, k]
+                        for n in range(n_out):
+                            big[n] = np.maximum(big[n], e + eb[bi, k, n])
+                    for n in range(n_out):
+                        shift[n] = np.int64(big[n]) - bits if big[n] > -5e3 else 0
+                else:                             # the largest |term|'s leading bit
+                    for n in range(n_out):
+                        big[n] = abs(acc[n])
+                    for k in range(k0, k1):
+                        av = abs(a[r, k])
+                        for n in range(n_out):
+                            big[n] = np.maximum(big[n], av * abs(b[bi, k, n]))
+                    for n in range(n_out):
+                        down[n] = big[n]                  # (scratch: big's float64 bits)
+                        e2 = ((downb[n] >> 52) & 2047) - 1023
+                        shift[n] = e2 - bits if big[n] != 0 else -1 - bits
                 for n in range(n_out):
-                    e_acc = float(((accb[n] >> 52) & 2047) - 1023)
-                    big[n] = -1e4 if acc[n] == 0 else e_acc
-                k = k0
-                while k + 4 <= k1:            # four products an output a pass: big loaded and stored once
-                    e0, e1, e2, e3 = ea[r, k], ea[r, k + 1], ea[r, k + 2], ea[r, k + 3]
-                    for n in range(n_out):            # np.maximum vectorizes; a conditional did not
-                        big[n] = np.maximum(np.maximum(np.maximum(big[n], e0 + eb[bi, k, n]),
-                                                       np.maximum(e1 + eb[bi, k + 1, n], e2 + eb[bi, k + 2, n])),
-                                            e3 + eb[bi, k + 3, n])
+                    downb[n] = (1023 - shift[n]) << 52
+                    upb[n] = (1023 + shift[n]) << 52
+                    down_l[n] = down[n]
+                    s_l[n] = 0.0
+                k = k0                            # four products an output a pass, one loop per rounding so each
+                while k + 4 <= k1:                # vectorizes; the cut terms are integers, so any order sums exactly
+                    a0, a1, a2, a3 = a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
+                    if rne:
+                        for n in range(n_out):
+                            d = down_l[n]
+                            s_l[n] += ((np.rint(a0 * b[bi, k, n] * d) + np.rint(a1 * b[bi, k + 1, n] * d))
+                                       + (np.rint(a2 * b[bi, k + 2, n] * d) + np.rint(a3 * b[bi, k + 3, n] * d)))
+                    else:
+                        for n in range(n_out):
+                            d = down_l[n]
+                            s_l[n] += ((np.trunc(a0 * b[bi, k, n] * d) + np.trunc(a1 * b[bi, k + 1, n] * d))
+                                       + (np.trunc(a2 * b[bi, k + 2, n] * d) + np.trunc(a3 * b[bi, k + 3, n] * d)))
                     k += 4
-                for k in range(k, k1):        # (a zero code's -1e4 stays below -5e3 whatever it is added to)
-                    e = ea[r, k]
-                    for n in range(n_out):
-                        big[n] = np.maximum(big[n], e + eb[bi, k, n])
+                for k in range(k, k1):
+                    av = a[r, k]
+                    if rne:
+                        for n in range(n_out):
+                            s_l[n] += np.rint(av * b[bi, k, n] * down_l[n])
+                    else:
+                        for n in range(n_out):
+                            s_l[n] += np.trunc(av * b[bi, k, n] * down_l[n])
                 for n in range(n_out):
-                    shift[n] = np.int64(big[n]) - bits if big[n] > -5e3 else 0
-            else:                             # the largest |term|'s leading bit
-                for n in range(n_out):
-                    big[n] = abs(acc[n])
-                for k in range(k0, k1):
-                    av = abs(a[r, k])
+                    s[n] = (np.float64(s_l[n]) + _cut(acc[n] * down[n], rne)) * up[n]
+                if unnormalized:                  # the sum's own bits + 1 kept (zero stays itself)
                     for n in range(n_out):
-                        big[n] = np.maximum(big[n], av * abs(b[bi, k, n]))
-                for n in range(n_out):
-                    down[n] = big[n]                  # (scratch: big's float64 bits)
-                    e2 = ((downb[n] >> 52) & 2047) - 1023
-                    shift[n] = e2 - bits if big[n] != 0 else -1 - bits
-            for n in range(n_out):
-                downb[n] = (1023 - shift[n]) << 52
-                upb[n] = (1023 + shift[n]) << 52
-                down_l[n] = down[n]
-                s_l[n] = 0.0
-            k = k0                            # four products an output a pass, one loop per rounding so each
-            while k + 4 <= k1:                # vectorizes; the cut terms are integers, so any order sums exactly
-                a0, a1, a2, a3 = a[r, k], a[r, k + 1], a[r, k + 2], a[r, k + 3]
-                if rne:
+                        ks = ((sb[n] >> 52) & 2047) - 1023 - bits
+                        downb[n] = (1023 - ks) << 52
+                        upb[n] = (1023 + ks) << 52
                     for n in range(n_out):
-                        d = down_l[n]
-                        s_l[n] += ((np.rint(a0 * b[bi, k, n] * d) + np.rint(a1 * b[bi, k + 1, n] * d))
-                                   + (np.rint(a2 * b[bi, k + 2, n] * d) + np.rint(a3 * b[bi, k + 3, n] * d)))
+                        acc[n] = _cut(s[n] * down[n], rne) * up[n] if s[n] != 0 else s[n]
                 else:
                     for n in range(n_out):
-                        d = down_l[n]
-                        s_l[n] += ((np.trunc(a0 * b[bi, k, n] * d) + np.trunc(a1 * b[bi, k + 1, n] * d))
-                                   + (np.trunc(a2 * b[bi, k + 2, n] * d) + np.trunc(a3 * b[bi, k + 3, n] * d)))
-                k += 4
-            for k in range(k, k1):
-                av = a[r, k]
-                if rne:
-                    for n in range(n_out):
-                        s_l[n] += np.rint(av * b[bi, k, n] * down_l[n])
-                else:
-                    for n in range(n_out):
-                        s_l[n] += np.trunc(av * b[bi, k, n] * down_l[n])
-            for n in range(n_out):
-                s[n] = (np.float64(s_l[n]) + _cut(acc[n] * down[n], rne)) * up[n]
-            if unnormalized:                  # the sum's own bits + 1 kept (zero stays itself)
-                for n in range(n_out):
-                    ks = ((sb[n] >> 52) & 2047) - 1023 - bits
-                    downb[n] = (1023 - ks) << 52
-                    upb[n] = (1023 + ks) << 52
-                for n in range(n_out):
-                    acc[n] = _cut(s[n] * down[n], rne) * up[n] if s[n] != 0 else s[n]
-            else:
-                for n in range(n_out):
-                    acc[n] = s[n]
-            _promote(acc, total, scales, seq, pos, per, r)
-        _finish(acc, total, per, out[r])
+                        acc[n] = s[n]
+                _promote(acc, total, scales, seq, pos, per, r)
+        for r in range(rb0, rb1):
+            _finish(accs[r - rb0], totals[r - rb0], per, out[r])
 
 
 def _batched(t: Tensor, lead: torch.Size) -> Tensor:
@@ -251,11 +272,12 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
         scales = _rows(block_scales(inv_a, inv_b), lead, rows, n_out) if arith.in_scaling == "block" else _NONE
         if not _adder32(ca, cb, arith, lead, rows, seq, per, scales, out.numpy()):
             return definition(ca, cb, arith, inv_a, inv_b, order)  # (an inf/NaN code: rare, exact there)
-    else:
+    elif adder:
         op = operands(ca, cb, arith, inv_a, inv_b)
         scales = _rows(op.scales, lead, rows, n_out) if op.scales is not None else _NONE
-        run = _adder if adder else _exact
-        run(op, arith, lead, rows, seq, per, scales, out.numpy())
+        _adder(op, arith, lead, rows, seq, per, scales, out.numpy())
+    else:
+        _exact(ca, cb, arith, inv_a, inv_b, lead, rows, seq, per, out.numpy())
     y = out.reshape(*lead, m, n_out)
     if arith.in_scaling == "tensor":
         y = y * (inv_a.float() * inv_b.float())
@@ -341,29 +363,75 @@ def _lanes(arith: GemmArith) -> type:
     return np.float32 if arith.in_scaling != "mx" and narrow and exact else np.float64
 
 
-def _exact(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
+def _chunked(src: Tensor, ch: int, a_side: bool, buf: Tensor) -> Tensor:
+    """float32 codes ``src`` (A: [nb, R, kk], B: [nb, kk, N]) as float64 chunks in ``buf``'s memory (A: [nb, C, R,
+    ch], B: [nb, C, ch, N], the BLAS strides), the last chunk zero-padded: a tile's cast in cache, not the whole
+    operand's in fresh memory."""
+    kk = src.shape[2 if a_side else 1]
+    full, rest = divmod(kk, ch)
+    span = full + (rest > 0)
+    nb, other = src.shape[0], src.shape[1 if a_side else 2]
+    out = buf[:nb * span * other * ch].view(nb, span, other, ch) if a_side else \
+        buf[:nb * span * ch * other].view(nb, span, ch, other)
+    if full:
+        if a_side:
+            out[:, :full].copy_(src[..., :full * ch].unflatten(-1, (full, ch)).transpose(1, 2))
+        else:
+            out[:, :full].copy_(src[:, :full * ch].unflatten(1, (full, ch)))
+    if rest:
+        out[:, full].zero_()
+        if a_side:
+            out[:, full, :, :rest].copy_(src[..., full * ch:])
+        else:
+            out[:, full, :rest].copy_(src[:, full * ch:])
+    return out
+
+
+def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, out) -> None:
     """Exact chunk sums: float64 batched matmuls over cache-sized tiles (of rows under one B, of whole batches
-    under one B per batch), each tile's rounding scan one ``_round_chunks`` call."""
-    m, n_out, ch, nc = op.a64.shape[-2], op.b64.shape[-1], arith.chunk, op.nc
-    b3 = _batched(op.b64, lead)
-    bch = b3.reshape(b3.shape[0], nc, ch, n_out)                       # [batch or 1, nc, ch, N]
-    ib = _batched(op.ib, lead).unsqueeze(-2) if op.ib is not None else None     # [batch or 1, nc, 1, N]
+    under one B per batch), each tile's rounding scan one ``_round_chunks`` call. Each tile's codes are cast to
+    float64 there (in cache). Where a tile of all chunks would hold few rows (a long K: a weight gradient's
+    tokens), tiles of rows x chunks, the accumulators carried across a row tile's chunk tiles: a tile of one row
+    was a matrix-vector product that read all of B per row."""
+    ch, k, m, n_out = arith.chunk, ca.shape[-1], ca.shape[-2], cb.shape[-1]
+    nc = -(-k // ch)
+    ia, ib, block = chunk_scales(inv_a, inv_b, arith, nc)
+    scales = _rows(block, lead, rows, n_out) if block is not None else _NONE
+    b3 = _batched(cb, lead)                                           # [batch or 1, K, N]
     mb = m if b3.shape[0] > 1 else rows              # one B: all of A's rows are one batch
-    a4 = op.a64.reshape(-1, mb, nc, ch).transpose(1, 2).contiguous()  # [batch, nc, rows, ch]: BLAS strides
-    ia = op.ia.reshape(-1, mb, nc).transpose(1, 2).unsqueeze(-1) if op.ia is not None else None
+    a3 = ca.reshape(-1, mb, k)                                        # [batch or 1, rows, K]
+    ia3 = ia.reshape(-1, mb, nc).transpose(1, 2).numpy() if ia is not None else np.zeros((0, 0, 0))
+    ib3 = _batched(ib, lead).numpy() if ib is not None else np.zeros((0, 0, 0))
     step = max(1, _TILE_BYTES // (8 * nc * max(n_out, 1)))           # rows of chunk sums a tile holds
+    span = nc                                                         # chunks a tile holds
     if b3.shape[0] == 1:
+        if step < min(rows, _MIN_TILE_ROWS) and bool((seq == np.arange(nc)).all()):
+            step = min(rows, _MIN_TILE_ROWS)                          # chunk tiles in K order
+            span = max(1, _TILE_BYTES // (8 * step * max(n_out, 1)))
         tiles = [(0, 1, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
     else:
         per_tile = max(1, step // max(m, 1))
-        tiles = [(b0, min(a4.shape[0], b0 + per_tile), 0, m) for b0 in range(0, a4.shape[0], per_tile)]
+        tiles = [(b0, min(a3.shape[0], b0 + per_tile), 0, m) for b0 in range(0, a3.shape[0], per_tile)]
+    nb_max = max(b1 - b0 for b0, b1, _, _ in tiles)
+    r_max = max(r1 - r0 for _, _, r0, r1 in tiles)
+    abuf = torch.empty(nb_max * span * r_max * ch, dtype=torch.float64)
+    sbuf = torch.empty(nb_max * span * r_max * n_out, dtype=torch.float64)
+    whole_b = span == nc and b3.shape[0] == 1         # one B for every tile: cast once
+    bbuf = torch.empty((1 if whole_b else nb_max) * span * ch * n_out, dtype=torch.float64)
+    b_all = _chunked(b3, ch, False, bbuf) if whole_b else None
     drop, rne = 52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne"
     for b0, b1, r0, r1 in tiles:
-        bs = slice(b0, b1) if bch.shape[0] > 1 else slice(0, 1)
-        sums = torch.matmul(a4[b0:b1, :, r0:r1], bch[bs])             # [batches, nc, rows, N], exact
-        if ia is not None:                                            # MX: exact powers of two, A's then B's
-            sums.mul_(ia[b0:b1, :, r0:r1]).mul_(ib[bs])
-        sums = sums.transpose(0, 1).reshape(nc, -1, n_out)          # [nc, batches * rows, N]
-        row0 = b0 * m + r0
-        sc = np.ascontiguousarray(scales[:, row0:row0 + sums.shape[1]]) if scales.shape[1] else scales
-        _round_chunks(sums.numpy(), seq, per, sc, drop, rne, out, row0)
+        bs = slice(b0, b1) if b3.shape[0] > 1 else slice(0, 1)
+        nb, row0 = b1 - b0, b0 * m + r0
+        n_rows = nb * (r1 - r0)
+        sc = np.ascontiguousarray(scales[:, row0:row0 + n_rows]) if scales.shape[1] else scales
+        acc, total = np.zeros((n_rows, n_out), np.float64), np.zeros((n_rows, n_out), np.float32)
+        for c0 in range(0, nc, span):
+            c1 = min(nc, c0 + span)
+            a_t = _chunked(a3[b0:b1, r0:r1, c0 * ch:c1 * ch], ch, True, abuf)
+            b_t = b_all if whole_b else _chunked(b3[bs, c0 * ch:c1 * ch], ch, False, bbuf)
+            sums = torch.matmul(a_t, b_t, out=sbuf[:a_t.numel() // ch * n_out].view(nb, c1 - c0, r1 - r0, n_out))
+            ia_t = np.ascontiguousarray(ia3[b0:b1, c0:c1, r0:r1]) if ia is not None else ia3
+            ib_t = np.ascontiguousarray(ib3[bs, c0:c1]) if ib is not None else ib3
+            _round_chunks(sums.numpy(), ia_t, ib_t, c0, seq, 0 if span == nc else c0, nc if span == nc else c1,
+                          per, sc, drop, rne, acc, total, out, row0, c1 == nc)
