@@ -129,14 +129,17 @@ def _scaled_rows(x, blk, mx, emax, eps, out, inv, drop, nearest, narrow, saturat
     for p in range(x.shape[0]):
         for b in range(inv.shape[1]):
             k0, k1 = b * blk, min(x.shape[1], b * blk + blk)
+            # loops from 0 over slices: an index that numba cannot prove >= 0 (range(k0, k1)) gets a wrap-around
+            # check on every access, which kept these loops scalar (3-4x slower)
+            xb, xs, ob = xi[p, k0:k1], x[p, k0:k1], out[p, k0:k1]
             top = np.int32(0)
-            for k in range(k0, k1):
-                top = max(top, xi[p, k] & 0x7FFFFFFF)
+            for k in range(xb.shape[0]):
+                top = max(top, np.int32(xb[k] & 0x7FFFFFFF))
             m = np.nan if top > 0x7F800000 else np.float64(np.int32(top).view(np.float32))
             sc, inv[p, b] = _scale(m, mx, emax, fmax, eps)
-            for k in range(k0, k1):
-                out[p, k] = _round(np.float32(np.float64(x[p, k]) * sc), drop, nearest, narrow, saturate, fmax,
-                                   past, small, c, inv_u, u)
+            for k in range(xs.shape[0]):
+                ob[k] = _round(np.float32(np.float64(xs[k]) * sc), drop, nearest, narrow, saturate, fmax, past,
+                               small, c, inv_u, u)
 
 
 def _covered(x: Tensor, rounding: str, overflow: str) -> bool:
