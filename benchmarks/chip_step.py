@@ -6,6 +6,7 @@ interleaved rounds. Prints each profile's median seconds and its ratio to clean 
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --rounds 3
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --rounds 1 --profile-ops 25
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --floor
+    OMP_NUM_THREADS=1 python benchmarks/chip_step.py --gemms --profiles gpu_bf16,fp8_fast_accum --batch 128 --prompt 96
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --definition --rounds 1
     OMP_NUM_THREADS=1 python benchmarks/chip_step.py --profiles fp8_fast_accum --also acc_alignment=exact
 
@@ -71,6 +72,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--floor", action="store_true",
                    help="instead: what exact chunk sums cost before any rounding (float64 chunk sums in one "
                         "batched matmul against the clean float32 GEMM) at the model's GEMM shapes")
+    p.add_argument("--gemms", action="store_true",
+                   help="instead: each profile's compiled chip GEMM (chip_cpu.accumulate on its codes) against the "
+                        "clean float32 GEMM at the step's shapes: generation, forward and a weight gradient (K = the "
+                        "step's tokens, A transposed as the backward passes it)")
     a = p.parse_args()
     known = profiles()
     a.names = list(known) if a.profiles == "all" else a.profiles.split(",")
@@ -127,11 +132,45 @@ def floor(a, chunk: int = 32) -> None:
             print(f"{label + ' ' + str(m):<16}{name:<9}{f'{k} x {n}':<12}{c:>10.4f}{s:>15.4f}{s / c:>9.2f}")
 
 
+def gemms(a) -> None:
+    """ms a call and ns a product of ``chip_cpu.accumulate`` on codes of each profile's formats (unscaled: the
+    scales' loops are the quantization's, timed in the step) against the clean float32 GEMM, median of 5."""
+    import dataclasses
+
+    from noisebench.noise.accumulate import quantize_codes
+    from noisebench.noise.fast import chip_cpu
+
+    tokens = a.batch * (a.prompt + a.new)
+    h, f = TINY_SHARPEN["hidden_size"], TINY_SHARPEN["intermediate_size"]
+    shapes = (("generation", a.batch, h, f), ("forward", tokens, h, f), ("forward", tokens, f, h),
+              ("weight grad", h, tokens, f))
+    print(f"{'profile':<18}{'GEMM':<13}{'M x K x N':<20}{'clean ms':>9}{'chip ms':>9}{'x clean':>9}{'ns/product':>12}")
+    for name in a.names:
+        arith = a.known[name].arith
+        if arith.in_scaling in ("tensor", "block"):
+            arith = dataclasses.replace(arith, in_scaling="none")
+        for label, m, k, n in shapes:
+            gen = torch.Generator().manual_seed(0)
+            x, w = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen) * 0.05
+            if label == "weight grad":                  # a^T as the backward passes it: a transposed view
+                x = torch.randn(k, m, generator=gen).t()
+            ca, ia = quantize_codes(x, arith, -1)
+            cb, ib = quantize_codes(w, arith, -2)
+            t = common.interleave({"clean": seconds(lambda: x @ w),
+                                   "chip": seconds(lambda: chip_cpu.accumulate(ca, cb, arith, ia, ib))},
+                                  rounds=5, warmup=1)
+            c, g = statistics.median(t["clean"]) * 1e3, statistics.median(t["chip"]) * 1e3
+            print(f"{name:<18}{label:<13}{f'{m} x {k} x {n}':<20}{c:>9.2f}{g:>9.2f}{g / c:>9.2f}"
+                  f"{g * 1e6 / (m * k * n):>12.3f}")
+
+
 def main() -> None:
     a = parse()
     torch.set_num_threads(a.threads)
     if a.floor:
         return floor(a)
+    if a.gemms:
+        return gemms(a)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(**TINY_SHARPEN))
     prompts = torch.randint(1, 512, (a.batch, a.prompt), generator=torch.Generator().manual_seed(1))

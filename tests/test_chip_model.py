@@ -156,3 +156,23 @@ def test_cached_weights_follow_every_optimizer(kind):
             y2 = lin(x)
     assert torch.equal(y2, gemm(x, lin.weight.detach().t(), p.arith, bias=lin.bias.detach()))
     assert not torch.equal(y1.detach(), y2)
+
+
+@pytest.mark.parametrize("name", ["gpu_bf16", "fp8_fast_accum", "mxfp8"])
+def test_decoding_groups_query_heads_with_the_same_bits(name):
+    """Without gradients (decoding) a chip's GQA attention puts each key/value head's query heads into the rows of
+    one product instead of repeating key and value: bit for bit the repeated products' outputs (grad enabled takes
+    the repeat, so the key/value gradients stay per-head sums), and the chip really ran (outputs off clean)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(3, 4, 6, 16, generator=g), torch.randn(3, 2, 20, 16, generator=g),
+               torch.randn(3, 2, 20, 16, generator=g))
+    mask = torch.ones(6, 20, dtype=torch.bool).tril(14)
+    with ChipMode(profile(name)):
+        with torch.no_grad():
+            grouped = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        with torch.enable_grad():
+            repeated = F.scaled_dot_product_attention(q.requires_grad_(), k, v, attn_mask=mask,
+                                                      enable_gqa=True).detach()
+    assert torch.equal(grouped.view(torch.int32), repeated.view(torch.int32))
+    clean = F.scaled_dot_product_attention(q.detach(), k, v, attn_mask=mask, enable_gqa=True)
+    assert not torch.equal(grouped, clean)

@@ -78,6 +78,19 @@ def test_decomposition_matches_sdpa(name, sq, skv, kw):
         assert torch.equal(got[:, :, 4], torch.zeros_like(got[:, :, 4]))
 
 
+@pytest.mark.parametrize("kw", [{"is_causal": True}, {"attn_mask": torch.rand(2, 1, 5, 12) > 0.3},
+                                {"attn_mask": torch.randn(2, 4, 5, 12)}], ids=["causal", "bool mask", "float mask"])
+def test_grouped_queries_are_the_repeated_keys_result(kw):
+    """GQA with each key/value head's query heads as rows of one product: the same outputs as key/value repeated
+    per query head, for 5 queries against 12 keys (so the causal mask's rows are the queries', not the group's)."""
+    q, k, v = _qkv((2, 4, 5, 8), (2, 2, 12, 8))
+    rep = decomposed_sdpa(_plain, q, k, v, enable_gqa=True, **kw)
+    got = decomposed_sdpa(_plain, q, k, v, enable_gqa=True, group_queries=True, **kw)
+    assert got.shape == rep.shape == (2, 4, 5, 8)
+    assert (got - rep).abs().max().item() < 1e-6
+    assert (got - F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)).abs().max().item() < 1e-5
+
+
 def test_decomposition_in_bf16_is_as_close_to_float32_as_sdpa():
     """Scores and softmax in float32 (as fused kernels keep them): the decomposition adds no rounding of its own."""
     q, k, v = _qkv((2, 4, 64, 32), (2, 4, 64, 32))

@@ -50,19 +50,33 @@ def sdpa_arguments(args: tuple, kwargs: dict) -> dict:
 
 def decomposed_sdpa(call: Callable, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                     dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-                    enable_gqa: bool = False) -> Tensor:
+                    enable_gqa: bool = False, group_queries: bool = False) -> Tensor:
     """SDPA's math (``torch.nn.functional.scaled_dot_product_attention``'s reference implementation) with each
     part run through ``call(func, label, args, kwargs)`` (the engine's ``route``), which noises it when its label
-    is in force. Fully masked rows give zeros, as SDPA does."""
+    is in force. Fully masked rows give zeros, as SDPA does.
+
+    ``group_queries`` (with ``enable_gqa``): each key/value head's group of query heads becomes rows of one product
+    instead of key and value being repeated per query head. Every output is the same sum of the same products, so a
+    chip's rows come out the same; what changes is that a key/value gradient would be one product over the group
+    instead of a sum of per-head ones, so callers use it where no gradient flows (decoding: it halves the key/value
+    work there)."""
     acc = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
     s = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    heads, group, sq = query.shape[:-2], 1, query.size(-2)
     if enable_gqa:   # key/value carry fewer heads: each serves a group of consecutive query heads
-        key = key.repeat_interleave(query.size(-3) // key.size(-3), -3)
-        value = value.repeat_interleave(query.size(-3) // value.size(-3), -3)
+        group = query.size(-3) // key.size(-3)
+        if group_queries:
+            query = query.reshape(*query.shape[:-3], key.size(-3), group * query.size(-2), query.size(-1))
+        else:
+            key = key.repeat_interleave(group, -3)
+            value = value.repeat_interleave(group, -3)
+            group = 1
     scores = call(torch.matmul, "attn_qk", (query.to(acc), key.to(acc).transpose(-2, -1)), {}) * s
+    if group > 1:    # back to one row block per query head (heads h*group ... share key/value head h)
+        scores = scores.reshape(*heads, -1, scores.size(-1))
     dead = None
     if is_causal:   # top-left aligned, as SDPA: query i sees keys 0..i
-        keep = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        keep = torch.ones(sq, key.size(-2), dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -75,4 +89,8 @@ def decomposed_sdpa(call: Callable, query: Tensor, key: Tensor, value: Tensor, a
         probs = probs.masked_fill(dead, 0.0)
     if dropout_p > 0:
         probs = torch.dropout(probs, dropout_p, True)
+    if group > 1:
+        probs = probs.reshape(*probs.shape[:-3], value.size(-3), -1, probs.size(-1))
+        out = call(torch.matmul, "attn_pv", (probs.to(value.dtype), value), {})
+        return out.reshape(*heads, -1, out.size(-1))
     return call(torch.matmul, "attn_pv", (probs.to(value.dtype), value), {})

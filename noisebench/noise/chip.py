@@ -478,7 +478,7 @@ class ChipMode(TorchFunctionMode):
             return func(*args, **kwargs)
         if op == "sdpa":
             return decomposed_sdpa(lambda f, label, a, kw: self._part(f, label, a, kw, fwd_live),
-                                   **sdpa_arguments(args, kwargs))
+                                   **sdpa_arguments(args, kwargs), group_queries=not torch.is_grad_enabled())
         return self._call(func, op, args, kwargs, fwd_live)
 
     def _part(self, func, label: str, args: tuple, kwargs: dict, fwd_live: bool):
