@@ -80,23 +80,29 @@ def test_compiled_sums_are_the_definition_bitwise(case):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[-1] == "exact"], ids=lambda c: "-".join(map(str, c)))
-def test_exact_sums_in_tiles_of_chunks_are_the_definition_bitwise(case, monkeypatch):
-    """A long K (a weight gradient's tokens) is summed in tiles of rows x chunks, the accumulators carried from one
-    chunk tile to the next: a 4 KiB tile forces one chunk a tile through every scaling, promotion and ragged K;
-    K = 4096 at the default tile size takes the same path."""
+def test_exact_sums_in_row_blocks_are_the_definition_bitwise(case, monkeypatch):
+    """Exact chunk sums run a block of rows at a time, each block within one batch (its B): 8-row blocks (the
+    smallest) leave ragged blocks at every batch's end, on one and two threads, for every shape, scaling and
+    promotion; a long K (a weight gradient's tokens) at the default block size."""
     fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
     arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
                       acc_rounding=rounding, promote_every=promote, acc_alignment=alignment, out_format="bf16",
                       overflow="inf" if fmt == "bf16" else "saturate")
     gen = torch.Generator().manual_seed(11)
-    for tile, (shape_a, shape_b) in ((4096, SHAPES[0]), (4096, SHAPES[2]), (chip_cpu._TILE_BYTES,
-                                                                            ((100, 4096), (4096, 24)))):
-        monkeypatch.setattr(chip_cpu, "_TILE_BYTES", tile)
-        ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, False)
-        ca = ca.transpose(-1, -2).contiguous().transpose(-1, -2)       # A as a weight gradient has it
-        want = accumulate.accumulate(ca, cb, arith, ia, ib)
-        got = chip_cpu.accumulate(ca, cb, arith, ia, ib)
-        assert _same_bits(got, want), (tile, shape_a, (got != want).sum().item(), want.numel())
+    old = torch.get_num_threads()
+    try:
+        for threads, block_bytes, (shape_a, shape_b) in (
+                *((1, 1, sh) for sh in SHAPES), (2, 1, ((3, 101, 128), (3, 128, 48))),       # split mid-batch
+                (2, 1, ((300, 128), (128, 48))), (1, chip_cpu._BLOCK_BYTES, ((100, 4096), (4096, 24)))):
+            monkeypatch.setattr(chip_cpu, "_BLOCK_BYTES", block_bytes)
+            torch.set_num_threads(threads)
+            ca, cb, ia, ib = _codes(arith, shape_a, shape_b, gen, False)
+            ca = ca.transpose(-1, -2).contiguous().transpose(-1, -2)       # A as a weight gradient has it
+            want = accumulate.accumulate(ca, cb, arith, ia, ib)
+            got = chip_cpu.accumulate(ca, cb, arith, ia, ib)
+            assert _same_bits(got, want), (threads, shape_a, (got != want).sum().item(), want.numel())
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_a_narrow_accumulator_really_rounds():
@@ -230,3 +236,21 @@ def _split_in_child():
     out = np.zeros(64)
     chip_cpu._split_rows(_fill_rows, 64, 1 << 20, out)
     return out
+
+
+def test_exact_sums_hold_scipy_blas_to_one_thread():
+    """The chunk sums' dgemm (SciPy's BLAS, through Numba) runs on one thread: rows are split among torch's threads
+    by the loops themselves, and a pool per process would start a thread per core under a parallel sweep."""
+    from threadpoolctl import threadpool_info
+
+    arith = GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=23, out_format="bf16", overflow="inf")
+    gen = torch.Generator().manual_seed(5)
+    ca, cb, _, _ = _codes(arith, (64, 96), (96, 16), gen, False)
+    assert _same_bits(chip_cpu.accumulate(ca, cb, arith), accumulate.accumulate(ca, cb, arith))
+    import scipy
+
+    home = scipy.__file__.rsplit("/", 1)[0]
+    scipy_blas = [i for i in threadpool_info() if i["user_api"] == "blas" and i["filepath"].startswith(home)]
+    if not scipy_blas:
+        pytest.skip("SciPy's BLAS is not a separate library here (a shared system BLAS)")
+    assert all(i["num_threads"] == 1 for i in scipy_blas), scipy_blas

@@ -2,9 +2,9 @@
 
 The definition spends ~7 torch calls per K chunk (each a pass over [M, N] in memory) and, for the aligning adders,
 [M, chunk, N] temporaries per chunk; here each output row keeps its accumulator in cache across all chunks. Exact
-chunk sums still come from MKL (float64, all chunks of a row tile in one batched matmul: exact sums, so any order
-gives the definition's bits); what follows (scales, the accumulator's rounding, promotion) is one loop. The aligning
-adders' per-product cuts are one loop over M, chunk and N with no temporaries. Bitwise the definition on every
+chunk sums come from BLAS (a float64 dgemm per chunk of a block of rows, called from the loop: exact sums, so any
+order gives the definition's bits), each added and rounded while it is in cache, with no Python between chunks.
+The aligning adders' per-product cuts are one loop over M, chunk and N with no temporaries. Bitwise the definition on every
 profile (tests/test_chip_cpu.py). Without Numba, ``accumulate`` is the definition.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ try:
 except ImportError:                      # the definition runs instead
     numba = None
 
-_TILE_BYTES = 1 << 20                    # a row tile's float64 chunk sums stay in L2
+_BLOCK_BYTES = 1 << 19                   # a row block's float64 chunk sums (and its accumulators), near L2
+_CAST_ONCE_BYTES = 1 << 23               # B cast to float64 once where it fits; else a chunk at a time per block
 _ROW_BLOCK = 32                          # the adders' rows per pass over a chunk
-_MIN_TILE_ROWS = 128                     # the exact path's rows per tile at least (then tiles of chunks)
 _NAN_BITS = np.int64(0x7FF8000000000000)  # float64's NaN, as the definition writes it
 _ZERO_EXP = np.int16(-10000)               # a zero code's exponent: any sum with it loses every maximum
 
@@ -66,42 +66,92 @@ def _finish(acc, total, per, out_row):
 
 
 @_jit
-def _round_chunks(sums, ia, ib, first, seq, p0, p1, per, scales, drop, rne, acc, total, out, row0, last):
-    """Chunk sums [nb, C, R, N] (float64; chunks first ... first + C - 1; for ``mx`` times ia [nb, C, R] then ib
-    [nb or 1, C, N], exact powers of two) added in ``seq``'s order, positions p0 ... p1 - 1, into a float64
-    accumulator (``acc`` [nb * R, N], carried between calls) rounded to 52 - drop mantissa bits by masking its bit
-    pattern (RNE: half an ulp less one plus the kept LSB first; a NaN left as the definition leaves it), promoted
-    into a float32 total (``total`` [nb * R, N]) every ``per`` chunks (0: never; ``scales`` [G, nb * R, N] float32
-    multiply the promoted term where it has rows); where ``last``, into ``out[row0 + row]``."""
-    nb, rows, n_out = sums.shape[0], sums.shape[2], sums.shape[3]
+def _cast_chunk(b, bb, c, ch, dst):
+    """Chunk ``c`` of B's batch ``bb`` (b [nb, K, N] codes) as float64 in ``dst`` [ch, N], zero-padded past K."""
+    k_len = b.shape[1]
+    for j in range(ch):
+        k = c * ch + j
+        d = dst[j]
+        if k < k_len:
+            src = b[bb, k]
+            for n in range(d.shape[0]):
+                d[n] = src[n]
+        else:
+            d[:] = 0.0
+
+
+@_jit
+def _cast_b(b, ch, dst):
+    """B (one batch) as float64 chunks ``dst`` [nc, ch, N]."""
+    for c in range(dst.shape[0]):
+        _cast_chunk(b, 0, c, ch, dst[c])
+
+
+@_jit
+def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, out, row0, row1):
+    """Exact chunk sums for rows row0 ... row1 - 1 of a [rows, K] (float32 codes, ``mb`` rows a batch) against b
+    [nb, K, N] (B cast once into ``b64`` [nc, ch, N] where it has rows; else each chunk cast as a block reads it),
+    a block of ``tile`` rows at a time: each chunk's codes cast to float64 in cache, its sums one BLAS dgemm (exact,
+    so BLAS's order gives the definition's bits), then added in ``seq``'s order as the definition adds them
+    (``mx`` scales ia [nb, nc, mb], ib [nb or 1, nc, N]; promotion into the float32 total with block ``scales``
+    [G, rows, N]), while the block's sums, accumulators and totals stay in cache."""
+    k_len, n_out, nc = a.shape[1], b.shape[2], seq.shape[0]
     mx = ia.shape[0] > 0
+    cast = b64.shape[0] == 0
+    by_rows = a.strides[1] <= a.strides[0]
+    bc = np.empty((ch, n_out), np.float64)
     mask = ~((np.int64(1) << drop) - 1)
     half = ((np.int64(1) << (drop - 1)) - 1) if drop > 0 else np.int64(0)
-    ivs = acc.view(np.int64)
-    for bt in range(nb):
-        bb = bt if ib.shape[0] > 1 else 0
-        for r in range(rows):
-            row = bt * rows + r
-            a_r, iv, t_r = acc[row], ivs[row], total[row]
-            for pos in range(p0, p1):
-                c = seq[pos] - first
-                if mx:
-                    sa = ia[bt, c, r]
+    a_t, part = np.empty((tile, ch), np.float64), np.empty((tile, n_out), np.float64)
+    accs, totals = np.empty((tile, n_out), np.float64), np.empty((tile, n_out), np.float32)
+    ivs = accs.view(np.int64)
+    r0 = row0
+    while r0 < row1:
+        bt = r0 // mb
+        r1 = min(row1, (bt + 1) * mb, r0 + tile)      # a block stays in one batch (one B)
+        nr = r1 - r0
+        bb = 0 if b.shape[0] == 1 else bt
+        bs = 0 if ib.shape[0] == 1 else bt
+        at, pt = (a_t, part) if nr == tile else (np.empty((nr, ch), np.float64), np.empty((nr, n_out), np.float64))
+        accs[:nr] = 0.0
+        totals[:nr] = 0.0
+        for pos in range(nc):
+            c = seq[pos]
+            if by_rows:
+                for i in range(nr):
+                    src, dst = a[r0 + i], at[i]
+                    for j in range(ch):
+                        k = c * ch + j
+                        dst[j] = src[k] if k < k_len else 0.0
+            else:                                     # A stored K-major (a weight gradient's): read it down columns
+                for j in range(ch):
+                    k = c * ch + j
+                    for i in range(nr):
+                        at[i, j] = a[r0 + i, k] if k < k_len else 0.0
+            if cast:
+                _cast_chunk(b, bb, c, ch, bc)
+            np.dot(at, bc if cast else b64[c], pt)
+            for i in range(nr):
+                a_r, iv, p_r = accs[i], ivs[i], pt[i]
+                if mx:                                # the scales into the sums first: then one pass adds and rounds
+                    sa = ia[bt, c, r0 + i - bt * mb]
                     for n in range(n_out):
-                        a_r[n] += sums[bt, c, r, n] * sa * ib[bb, c, n]
-                else:
+                        p_r[n] = p_r[n] * sa * ib[bs, c, n]
+                if drop > 0 and rne:
                     for n in range(n_out):
-                        a_r[n] += sums[bt, c, r, n]
-                if drop > 0 and rne:          # selects, not branches, so the loop vectorizes
-                    for n in range(n_out):
-                        v = iv[n]
-                        iv[n] = (v + (((v >> drop) & 1) + half)) & mask if a_r[n] == a_r[n] else _NAN_BITS
+                        x = a_r[n] + p_r[n]
+                        v = np.float64(x).view(np.int64)
+                        iv[n] = (v + (((v >> drop) & 1) + half)) & mask if x == x else _NAN_BITS
                 elif drop > 0:
                     for n in range(n_out):
-                        iv[n] = iv[n] & mask
-                _promote(a_r, t_r, scales, seq, pos, per, row)
-            if last:
-                _finish(a_r, t_r, per, out[row0 + row])
+                        iv[n] = np.float64(a_r[n] + p_r[n]).view(np.int64) & mask
+                else:
+                    for n in range(n_out):
+                        a_r[n] += p_r[n]
+                _promote(a_r, totals[i], scales, seq, pos, per, r0 + i)
+        for i in range(nr):
+            _finish(accs[i], totals[i], per, out[r0 + i])
+        r0 = r1
 
 
 @_jit
@@ -140,7 +190,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
     codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
     definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
-    promotion as ``_round_chunks``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
+    promotion as ``_exact_rows``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
     are library calls, several per output per chunk): the same values for every normal float64, and zero kept
     apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
     ``_lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
@@ -366,75 +416,44 @@ def _lanes(arith: GemmArith) -> type:
     return np.float32 if arith.in_scaling != "mx" and narrow and exact else np.float64
 
 
-def _chunked(src: Tensor, ch: int, a_side: bool, buf: Tensor) -> Tensor:
-    """float32 codes ``src`` (A: [nb, R, kk], B: [nb, kk, N]) as float64 chunks in ``buf``'s memory (A: [nb, C, R,
-    ch], B: [nb, C, ch, N], the BLAS strides), the last chunk zero-padded: a tile's cast in cache, not the whole
-    operand's in fresh memory."""
-    kk = src.shape[2 if a_side else 1]
-    full, rest = divmod(kk, ch)
-    span = full + (rest > 0)
-    nb, other = src.shape[0], src.shape[1 if a_side else 2]
-    out = buf[:nb * span * other * ch].view(nb, span, other, ch) if a_side else \
-        buf[:nb * span * ch * other].view(nb, span, ch, other)
-    if full:
-        if a_side:
-            out[:, :full].copy_(src[..., :full * ch].unflatten(-1, (full, ch)).transpose(1, 2))
-        else:
-            out[:, :full].copy_(src[:, :full * ch].unflatten(1, (full, ch)))
-    if rest:
-        out[:, full].zero_()
-        if a_side:
-            out[:, full, :, :rest].copy_(src[..., full * ch:])
-        else:
-            out[:, full, :rest].copy_(src[:, full * ch:])
-    return out
+_BLAS: list = []                         # the BLAS that Numba's np.dot calls, held to one thread (once)
+
+
+def _one_blas_thread() -> None:
+    """np.dot in the loops calls SciPy's BLAS (Numba takes its dgemm from scipy.linalg.cython_blas), whose own
+    pool would start a thread per core in every process of a parallel sweep and spin beside torch's threads: held
+    to one thread, as the loops split rows among torch's threads themselves. torch's BLAS is not SciPy's."""
+    if not _BLAS:
+        import scipy
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library, so the controller finds it)
+        from threadpoolctl import ThreadpoolController
+
+        home = os.path.dirname(scipy.__file__)            # its wheels' BLAS lies in scipy.libs beside it
+        libs = [lc for lc in ThreadpoolController().lib_controllers
+                if lc.user_api == "blas" and lc.filepath.startswith(home)]
+        for lc in libs:
+            lc.set_num_threads(1)
+        _BLAS.append(libs)
 
 
 def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, out) -> None:
-    """Exact chunk sums: float64 batched matmuls over cache-sized tiles (of rows under one B, of whole batches
-    under one B per batch), each tile's rounding scan one ``_round_chunks`` call. Each tile's codes are cast to
-    float64 there (in cache). Where a tile of all chunks would hold few rows (a long K: a weight gradient's
-    tokens), tiles of rows x chunks, the accumulators carried across a row tile's chunk tiles: a tile of one row
-    was a matrix-vector product that read all of B per row."""
+    """Exact chunk sums (``_exact_rows``), rows split among torch's threads."""
     ch, k, m, n_out = arith.chunk, ca.shape[-1], ca.shape[-2], cb.shape[-1]
     nc = -(-k // ch)
     ia, ib, block = chunk_scales(inv_a, inv_b, arith, nc)
     scales = _rows(block, lead, rows, n_out) if block is not None else _NONE
-    b3 = _batched(cb, lead)                                           # [batch or 1, K, N]
+    b3 = _batched(cb, lead).contiguous()                              # [batch or 1, K, N]
     mb = m if b3.shape[0] > 1 else rows              # one B: all of A's rows are one batch
-    a3 = ca.reshape(-1, mb, k)                                        # [batch or 1, rows, K]
-    ia3 = ia.reshape(-1, mb, nc).transpose(1, 2).numpy() if ia is not None else np.zeros((0, 0, 0))
-    ib3 = _batched(ib, lead).numpy() if ib is not None else np.zeros((0, 0, 0))
-    step = max(1, _TILE_BYTES // (8 * nc * max(n_out, 1)))           # rows of chunk sums a tile holds
-    span = nc                                                         # chunks a tile holds
-    if b3.shape[0] == 1:
-        if step < min(rows, _MIN_TILE_ROWS) and bool((seq == np.arange(nc)).all()):
-            step = min(rows, _MIN_TILE_ROWS)                          # chunk tiles in K order
-            span = max(1, _TILE_BYTES // (8 * step * max(n_out, 1)))
-        tiles = [(0, 1, r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-    else:
-        per_tile = max(1, step // max(m, 1))
-        tiles = [(b0, min(a3.shape[0], b0 + per_tile), 0, m) for b0 in range(0, a3.shape[0], per_tile)]
-    nb_max = max(b1 - b0 for b0, b1, _, _ in tiles)
-    r_max = max(r1 - r0 for _, _, r0, r1 in tiles)
-    abuf = torch.empty(nb_max * span * r_max * ch, dtype=torch.float64)
-    sbuf = torch.empty(nb_max * span * r_max * n_out, dtype=torch.float64)
-    whole_b = span == nc and b3.shape[0] == 1         # one B for every tile: cast once
-    bbuf = torch.empty((1 if whole_b else nb_max) * span * ch * n_out, dtype=torch.float64)
-    b_all = _chunked(b3, ch, False, bbuf) if whole_b else None
-    drop, rne = 52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne"
-    for b0, b1, r0, r1 in tiles:
-        bs = slice(b0, b1) if b3.shape[0] > 1 else slice(0, 1)
-        nb, row0 = b1 - b0, b0 * m + r0
-        n_rows = nb * (r1 - r0)
-        sc = np.ascontiguousarray(scales[:, row0:row0 + n_rows]) if scales.shape[1] else scales
-        acc, total = np.zeros((n_rows, n_out), np.float64), np.zeros((n_rows, n_out), np.float32)
-        for c0 in range(0, nc, span):
-            c1 = min(nc, c0 + span)
-            a_t = _chunked(a3[b0:b1, r0:r1, c0 * ch:c1 * ch], ch, True, abuf)
-            b_t = b_all if whole_b else _chunked(b3[bs, c0 * ch:c1 * ch], ch, False, bbuf)
-            sums = torch.matmul(a_t, b_t, out=sbuf[:a_t.numel() // ch * n_out].view(nb, c1 - c0, r1 - r0, n_out))
-            ia_t = np.ascontiguousarray(ia3[b0:b1, c0:c1, r0:r1]) if ia is not None else ia3
-            ib_t = np.ascontiguousarray(ib3[bs, c0:c1]) if ib is not None else ib3
-            _round_chunks(sums.numpy(), ia_t, ib_t, c0, seq, 0 if span == nc else c0, nc if span == nc else c1,
-                          per, sc, drop, rne, acc, total, out, row0, c1 == nc)
+    a2 = ca.reshape(rows, k)
+    if a2.stride(-1) != 1 and a2.stride(0) != 1:
+        a2 = a2.contiguous()
+    ia3 = ia.reshape(-1, mb, nc).transpose(1, 2).contiguous().numpy() if ia is not None else np.zeros((0, 0, 0))
+    ib3 = _batched(ib, lead).contiguous().numpy() if ib is not None else np.zeros((0, 0, 0))
+    tile = max(8, min(512, _BLOCK_BYTES // (8 * max(n_out, 1))))
+    b64 = np.zeros((0, 0, 0))
+    if b3.shape[0] == 1 and rows > tile and nc * ch * n_out * 8 <= _CAST_ONCE_BYTES:
+        b64 = np.empty((nc, ch, n_out))               # one B that several blocks read: cast once
+        _cast_b(b3.numpy(), ch, b64)
+    _one_blas_thread()
+    _split_rows(_exact_rows, rows, k * n_out, a2.numpy(), b3.numpy(), b64, ia3, ib3, seq, ch, mb, tile, per, scales,
+                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", out)
