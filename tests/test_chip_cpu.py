@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from noisebench.noise import accumulate
+from noisebench.noise import formats as F
 from noisebench.noise.accumulate import GemmArith
 
 pytest.importorskip("numba")
@@ -55,8 +56,11 @@ def _same_bits(got: torch.Tensor, want: torch.Tensor) -> bool:
             and bool(torch.equal(got.masked_fill(nan, 0).view(torch.int32), want.masked_fill(nan, 0).view(torch.int32))))
 
 
+@pytest.mark.parametrize("swap", [0, 1 << 30], ids=["as-is", "transposed"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_compiled_sums_are_the_definition_bitwise(case):
+def test_compiled_sums_are_the_definition_bitwise(case, swap, monkeypatch):
+    """Every shape as it comes and, for the adders, as (B^T A^T)^T (``_swapped``, taken where N is short)."""
+    monkeypatch.setattr(chip_cpu, "_SWAP_BELOW", swap)
     fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
     arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
                       acc_rounding=rounding, promote_every=promote, acc_alignment=alignment, out_format="bf16",
@@ -254,3 +258,23 @@ def test_exact_sums_hold_scipy_blas_to_one_thread():
     if not scipy_blas:
         pytest.skip("SciPy's BLAS is not a separate library here (a shared system BLAS)")
     assert all(i["num_threads"] == 1 for i in scipy_blas), scipy_blas
+
+
+@pytest.mark.parametrize("alignment", ["max_exponent", "max_exponent_unnormalized"])
+def test_mixed_formats_transposed_are_the_definition_bitwise(alignment, monkeypatch):
+    """A backward GEMM's operands in two formats (e4m3 A, e5m2 B), each with its own subnormal codes: transposed,
+    B's format becomes A's (the unnormalized adder counts a subnormal at its own format's smallest normal
+    exponent), and the bits are the definition's."""
+    arith = GemmArith(in_format="fp8_e4m3", b_format="fp8_e5m2", chunk=32, acc_mantissa_bits=13,
+                      acc_rounding="toward_zero", acc_alignment=alignment, out_format="bf16", overflow="saturate")
+    gen = torch.Generator().manual_seed(13)
+    for swap in (0, 1 << 30):
+        monkeypatch.setattr(chip_cpu, "_SWAP_BELOW", swap)
+        for shape_a, shape_b in SHAPES:
+            a = torch.randn(*shape_a, generator=gen) * torch.exp2(torch.randint(-9, 4, shape_a, generator=gen).float())
+            b = torch.randn(*shape_b, generator=gen) * torch.exp2(torch.randint(-17, 4, shape_b, generator=gen).float())
+            ca, cb = F.quantize(a, "fp8_e4m3"), F.quantize(b, "fp8_e5m2")
+            assert bool((ca.abs() < 2.0 ** -6).logical_and(ca != 0).any())       # e4m3 subnormals in A
+            assert bool((cb.abs() < 2.0 ** -14).logical_and(cb != 0).any())      # e5m2 subnormals in B
+            want = accumulate.accumulate(ca, cb, arith)
+            assert _same_bits(chip_cpu.accumulate(ca, cb, arith), want), (swap, shape_a)
