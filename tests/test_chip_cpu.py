@@ -122,7 +122,7 @@ def test_a_narrow_accumulator_really_rounds():
 
 
 def test_a_chip_model_step_is_the_definition_bitwise():
-    """A small model's forward and backward under fp8_fast_accum and mxfp8 (ChipMode): the same logits and
+    """A small model's forward and backward under fp8_fast_accum, mxfp8 and a polynomial exp (ChipMode): the same logits and
     gradients with the compiled path (engine switch ``auto``) as with the definition (``off``)."""
     from noisebench.noise.chip import ChipMode, ChipProfile
     from noisebench.noise.fast import dispatch
@@ -147,7 +147,10 @@ def test_a_chip_model_step_is_the_definition_bitwise():
                                                out_format="bf16", overflow="saturate")),
                     ChipProfile.from_dict(dict(name="mxfp8", in_format="fp8_e4m3", in_scaling="mx", chunk=32,
                                                acc_mantissa_bits=23, acc_rounding="rne", out_format="bf16",
-                                               overflow="saturate"))):
+                                               overflow="saturate")),
+                    ChipProfile.from_dict(dict(name="approx_exp_acc10", in_format="bf16", chunk=16,
+                                               acc_mantissa_bits=10, acc_rounding="rne", out_format="bf16",
+                                               overflow="inf", ops=["linear", "silu"], exp_degree=3))):
         fast, slow = run(profile, "auto"), run(profile, "off")
         for f, s in zip(fast, slow):
             assert _same_bits(f.float(), s.float())

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import formats, transcendental
 from .accumulate import (DEFINITION, GemmArith, Paths, accumulate as accumulate_codes, b_arith,
                          gemm as _definition_gemm, quantize_codes)
-from .fast import chip_cpu, dispatch, quantize_cpu
+from .fast import chip_cpu, dispatch, exp_cpu, quantize_cpu
 from .attention import PARTS, decomposed_sdpa, sdpa_arguments
 from .runtime import STATE
 from .spec import PHASES
@@ -146,17 +146,18 @@ def _approx(op: str, args: tuple, kwargs: dict, profile: "ChipProfile"):
     if profile.exp_degree is None:
         return None
     degree = int(profile.exp_degree)
+    exp = exp_cpu.exp_poly if x.device.type == "cpu" and dispatch.MODE != "off" else transcendental.exp_poly
     if op == "silu":
         inplace = kwargs.get("inplace", args[1] if len(args) > 1 else False)
-        return None if inplace else transcendental.silu(x, degree)
+        return None if inplace else transcendental.silu(x, degree, exp)
     if op == "gelu":    # erf-gelu ('none') computes no exp: left to torch
         approximate = kwargs.get("approximate", args[1] if len(args) > 1 else "none")
-        return transcendental.gelu_tanh(x, degree) if approximate == "tanh" else None
+        return transcendental.gelu_tanh(x, degree, exp) if approximate == "tanh" else None
     dim = args[1] if len(args) > 1 else kwargs.get("dim")
     dtype = kwargs.get("dtype", args[3] if len(args) > 3 and not isinstance(args[3], int) else None)
     if len(args) == 3 and isinstance(args[2], torch.dtype):   # torch.softmax(x, dim, dtype)
         dtype = args[2]
-    return None if dim is None else transcendental.softmax(x, dim, degree, dtype)
+    return None if dim is None else transcendental.softmax(x, dim, degree, dtype, exp)
 
 
 def _clean(kind: str, a: Tensor, b: Tensor, bias: Optional[Tensor]) -> Tensor:

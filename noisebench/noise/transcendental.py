@@ -49,25 +49,26 @@ def exp_max_ulp(degree: int) -> float:
     return float(((exp_poly(x, degree).double() - exact).abs() / ulp).max())
 
 
-def softmax(x: Tensor, dim: int, degree: int, dtype=None) -> Tensor:
-    """softmax along ``dim`` with ``exp_poly``: exp(x - max) over its sum, in float32; result in ``dtype`` (or x's)."""
+def softmax(x: Tensor, dim: int, degree: int, dtype=None, exp=exp_poly) -> Tensor:
+    """softmax along ``dim`` with ``exp_poly``: exp(x - max) over its sum, in float32; result in ``dtype`` (or x's).
+    ``exp``: an implementation of ``exp_poly`` with its bits (the compiled CPU one), here and below."""
     x32 = x.float()
-    e = exp_poly(x32 - x32.amax(dim, keepdim=True), degree)
+    e = exp(x32 - x32.amax(dim, keepdim=True), degree)
     return (e / e.sum(dim, keepdim=True)).to(dtype or x.dtype)
 
 
-def silu(x: Tensor, degree: int) -> Tensor:
+def silu(x: Tensor, degree: int, exp=exp_poly) -> Tensor:
     """x * sigmoid(x) = x / (1 + exp(-x)) with ``exp_poly``, in float32; result in x's dtype."""
     x32 = x.float()
-    return (x32 / (1.0 + exp_poly(-x32, degree))).to(x.dtype)
+    return (x32 / (1.0 + exp(-x32, degree))).to(x.dtype)
 
 
-def gelu_tanh(x: Tensor, degree: int) -> Tensor:
+def gelu_tanh(x: Tensor, degree: int, exp=exp_poly) -> Tensor:
     """gelu's tanh approximation with ``exp_poly``: tanh(z) = 1 - 2 / (exp(2z) + 1), in float32; result in x's
     dtype (erf-gelu, ``approximate='none'``, has no exp and is not modelled)."""
     x32 = x.float()
     z = 0.7978845608028654 * (x32 + 0.044715 * x32 * x32 * x32)
-    t = 1.0 - 2.0 / (exp_poly(2.0 * z, degree) + 1.0)
+    t = 1.0 - 2.0 / (exp(2.0 * z, degree) + 1.0)
     return (0.5 * x32 * (1.0 + t)).to(x.dtype)
 
 
