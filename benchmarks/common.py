@@ -16,6 +16,7 @@ from typing import Callable, Iterable, TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # random-weight models only: never reach the hub
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # as the noisebench CLI runs torch (noisebench/cli.py)
 
 import torch  # noqa: E402
 from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model, StaticCache  # noqa: E402
