@@ -309,11 +309,17 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
     """``accumulate.accumulate`` (same arguments, same float32 result bit for bit), compiled, on CPU tensors where
     A's batch holds B's (B 2-D or broadcast to A's batch); the definition itself elsewhere or without Numba."""
-    lead = ca.shape[:-2]
-    if (arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW and ca.numel() // max(ca.shape[-1], 1) > cb.shape[-1] and numba is not None
-            and ca.dim() >= 2 and cb.dim() >= 2 and torch.broadcast_shapes(lead, cb.shape[:-2]) == lead):
+    rows = ca.numel() // max(ca.shape[-1], 1)
+    if (_compiled(ca, cb) and arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW
+            and rows > cb.shape[-1]):
         return _swapped(ca, cb, arith, inv_a, inv_b, order)
     return _accumulate(ca, cb, arith, inv_a, inv_b, order)
+
+
+def _compiled(ca: Tensor, cb: Tensor) -> bool:
+    """Whether the compiled loops take ``ca @ cb``: Numba here, CPU tensors, A's batch holding B's."""
+    return (numba is not None and ca.device.type == "cpu" and cb.device.type == "cpu" and ca.dim() >= 2
+            and cb.dim() >= 2 and torch.broadcast_shapes(ca.shape[:-2], cb.shape[:-2]) == ca.shape[:-2])
 
 
 _SWAP_BELOW = 64                         # an adder's outputs a row fewer than this (and more rows): its loops run
@@ -344,9 +350,7 @@ def _accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor
     lead = ca.shape[:-2]
     adder = arith.acc_alignment != "exact"
     adder32 = adder and _lanes(arith) is np.float32          # its own pass finds inf/NaN codes
-    if (numba is None or ca.device.type != "cpu" or cb.device.type != "cpu" or ca.dim() < 2 or cb.dim() < 2
-            or torch.broadcast_shapes(lead, cb.shape[:-2]) != lead
-            or (adder and not adder32 and not (ca.isfinite().all() and cb.isfinite().all()))):
+    if not _compiled(ca, cb) or (adder and not adder32 and not (ca.isfinite().all() and cb.isfinite().all())):
         return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
     m, n_out = ca.shape[-2], cb.shape[-1]
     rows = ca.numel() // max(ca.shape[-1], 1)
