@@ -15,7 +15,7 @@ from noisebench.noise import formats as F
 from noisebench.noise.accumulate import GemmArith
 
 pytest.importorskip("numba")
-from noisebench.noise.fast import chip_cpu  # noqa: E402
+from noisebench.noise.fast import blas_cpu, chip_cpu  # noqa: E402
 
 # (in_format, in_scaling, scale_block, chunk, acc bits, acc rounding, promote_every, alignment)
 CASES = [
@@ -83,11 +83,21 @@ def test_compiled_sums_are_the_definition_bitwise(case, swap, monkeypatch):
                 assert want.isnan().any() and want.isinf().any()      # the specials reached the output
 
 
+def _blas(which: str, monkeypatch) -> None:
+    """The chunk sums' dgemm: torch's MKL (``blas_cpu``, where torch has it) or SciPy's through Numba's np.dot."""
+    if which == "np.dot":
+        monkeypatch.setattr(blas_cpu, "_FOUND", [0, None])
+    elif not blas_cpu.address():
+        pytest.skip("torch here has no MKL dgemm_ (the loops call np.dot)")
+
+
+@pytest.mark.parametrize("blas", ["torch-mkl", "np.dot"])
 @pytest.mark.parametrize("case", [c for c in CASES if c[-1] == "exact"], ids=lambda c: "-".join(map(str, c)))
-def test_exact_sums_in_row_blocks_are_the_definition_bitwise(case, monkeypatch):
+def test_exact_sums_in_row_blocks_are_the_definition_bitwise(case, blas, monkeypatch):
     """Exact chunk sums run a block of rows at a time, each block within one batch (its B): 8-row blocks (the
     smallest) leave ragged blocks at every batch's end, on one and two threads, for every shape, scaling and
-    promotion; a long K (a weight gradient's tokens) at the default block size."""
+    promotion; a long K (a weight gradient's tokens) at the default block size. Either BLAS gives the bits."""
+    _blas(blas, monkeypatch)
     fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
     arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
                       acc_rounding=rounding, promote_every=promote, acc_alignment=alignment, out_format="bf16",
@@ -245,11 +255,27 @@ def _split_in_child():
     return out
 
 
-def test_exact_sums_hold_scipy_blas_to_one_thread():
-    """The chunk sums' dgemm (SciPy's BLAS, through Numba) runs on one thread: rows are split among torch's threads
-    by the loops themselves, and a pool per process would start a thread per core under a parallel sweep."""
+def test_torch_mkl_dgemm_from_the_loops_is_the_product():
+    """``blas_cpu.dgemm`` (MKL's dgemm_ by address, row-major through column-major) gives NumPy's product on
+    integer matrices (exact either way): rows strided in C, one row, K = 0 (zeros, where BLAS would reject the
+    leading dimension); the columns past C's view untouched."""
+    if not blas_cpu.address():
+        pytest.skip("torch here has no MKL dgemm_ (the loops call np.dot)")
+    rng = np.random.default_rng(1)
+    for m, k, n in ((5, 7, 6), (1, 32, 384), (170, 32, 384), (3, 0, 4)):
+        a, b = (rng.integers(-99, 99, s).astype(np.float64) for s in ((m, k), (k, n)))
+        c = np.full((m, n + 3), np.nan)
+        blas_cpu.dgemm(blas_cpu.address(), a, b, c[:, :n], blas_cpu.workspace())
+        assert np.array_equal(c[:, :n], a @ b) and np.isnan(c[:, n:]).all(), (m, k, n)
+
+
+def test_exact_sums_hold_scipy_blas_to_one_thread(monkeypatch):
+    """Where the loops call np.dot (SciPy's BLAS, through Numba), it runs on one thread: rows are split among
+    torch's threads by the loops themselves, and a pool per process would start a thread per core under a
+    parallel sweep."""
     from threadpoolctl import threadpool_info
 
+    _blas("np.dot", monkeypatch)
     arith = GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=23, out_format="bf16", overflow="inf")
     gen = torch.Generator().manual_seed(5)
     ca, cb, _, _ = _codes(arith, (64, 96), (96, 16), gen, False)
@@ -261,6 +287,29 @@ def test_exact_sums_hold_scipy_blas_to_one_thread():
     if not scipy_blas:
         pytest.skip("SciPy's BLAS is not a separate library here (a shared system BLAS)")
     assert all(i["num_threads"] == 1 for i in scipy_blas), scipy_blas
+
+
+def test_exact_sums_hold_torch_mkl_to_one_thread_in_their_workers_only(monkeypatch):
+    """Where the loops call torch's MKL, each row-split worker's MKL runs on one thread (two workers on two
+    threads each would oversubscribe the cores), while the caller's thread keeps torch's count for torch's own
+    GEMMs."""
+    _blas("torch-mkl", monkeypatch)
+    arith = GemmArith(in_format="bf16", chunk=32, acc_mantissa_bits=23, out_format="bf16", overflow="inf")
+    gen = torch.Generator().manual_seed(5)
+    ca, cb, _, _ = _codes(arith, (300, 128), (128, 48), gen, False)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        if chip_cpu._POOL:                         # a fresh pool: its workers start through the initializer
+            chip_cpu._POOL[0].shutdown()
+            chip_cpu._POOL.clear()
+        assert _same_bits(chip_cpu.accumulate(ca, cb, arith), accumulate.accumulate(ca, cb, arith))
+        workers = [chip_cpu._POOL[0].submit(blas_cpu.threads) for _ in range(4)]
+        assert len(chip_cpu._POOL[0]._threads) == 2
+        assert [w.result() for w in workers] == [1] * 4
+        assert blas_cpu.threads() == 2
+    finally:
+        torch.set_num_threads(old)
 
 
 @pytest.mark.parametrize("alignment", ["max_exponent", "max_exponent_unnormalized"])

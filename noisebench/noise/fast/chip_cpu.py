@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import formats
+from . import blas_cpu
 from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, chunk_scales, operands
 
 try:
@@ -89,13 +90,14 @@ def _cast_b(b, ch, dst):
 
 
 @_jit
-def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, out, row0, row1):
+def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, gemm, out, row0, row1):
     """Exact chunk sums for rows row0 ... row1 - 1 of a [rows, K] (float32 codes, ``mb`` rows a batch) against b
     [nb, K, N] (B cast once into ``b64`` [nc, ch, N] where it has rows; else each chunk cast as a block reads it),
     a block of ``tile`` rows at a time: each chunk's codes cast to float64 in cache, its sums one BLAS dgemm (exact,
     so BLAS's order gives the definition's bits), then added in ``seq``'s order as the definition adds them
     (``mx`` scales ia [nb, nc, mb], ib [nb or 1, nc, N]; promotion into the float32 total with block ``scales``
-    [G, rows, N]), while the block's sums, accumulators and totals stay in cache."""
+    [G, rows, N]), while the block's sums, accumulators and totals stay in cache. ``gemm``: MKL's dgemm_ address
+    (``blas_cpu``), or 0 for np.dot."""
     k_len, n_out, nc = a.shape[1], b.shape[2], seq.shape[0]
     mx = ia.shape[0] > 0
     cast = b64.shape[0] == 0
@@ -106,6 +108,7 @@ def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, ou
     a_t, part = np.empty((tile, ch), np.float64), np.empty((tile, n_out), np.float64)
     accs, totals = np.empty((tile, n_out), np.float64), np.empty((tile, n_out), np.float32)
     ivs = accs.view(np.int64)
+    w = blas_cpu.workspace()
     r0 = row0
     while r0 < row1:
         bt = r0 // mb
@@ -131,25 +134,28 @@ def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, ou
                         at[i, j] = a[r0 + i, k] if k < k_len else 0.0
             if cast:
                 _cast_chunk(b, bb, c, ch, bc)
-            np.dot(at, bc if cast else b64[c], pt)
-            for i in range(nr):
-                a_r, iv, p_r = accs[i], ivs[i], pt[i]
+            if gemm:
+                blas_cpu.dgemm(gemm, at, bc if cast else b64[c], pt, w)
+            else:
+                np.dot(at, bc if cast else b64[c], pt)
+            for i in range(nr):                    # (2-D indexing: a row's views cost refcounts, ~8 ms a GEMM)
                 if mx:                                # the scales into the sums first: then one pass adds and rounds
                     sa = ia[bt, c, r0 + i - bt * mb]
                     for n in range(n_out):
-                        p_r[n] = p_r[n] * sa * ib[bs, c, n]
+                        pt[i, n] = pt[i, n] * sa * ib[bs, c, n]
                 if drop > 0 and rne:
                     for n in range(n_out):
-                        x = a_r[n] + p_r[n]
+                        x = accs[i, n] + pt[i, n]
                         v = np.float64(x).view(np.int64)
-                        iv[n] = (v + (((v >> drop) & 1) + half)) & mask if x == x else _NAN_BITS
+                        ivs[i, n] = (v + (((v >> drop) & 1) + half)) & mask if x == x else _NAN_BITS
                 elif drop > 0:
                     for n in range(n_out):
-                        iv[n] = np.float64(a_r[n] + p_r[n]).view(np.int64) & mask
+                        ivs[i, n] = np.float64(accs[i, n] + pt[i, n]).view(np.int64) & mask
                 else:
                     for n in range(n_out):
-                        a_r[n] += p_r[n]
-                _promote(a_r, totals[i], scales, seq, pos, per, r0 + i)
+                        accs[i, n] += pt[i, n]
+                if per > 0:                           # (a call a row and chunk: ~70 ns, a third of a GEMM at N = 128)
+                    _promote(accs[i], totals[i], scales, seq, pos, per, r0 + i)
         for i in range(nr):
             _finish(accs[i], totals[i], per, out[r0 + i])
         r0 = r1
@@ -293,7 +299,8 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                 else:
                     for n in range(n_out):
                         acc[n] = s[n]
-                _promote(acc, total, scales, seq, pos, per, r)
+                if per > 0:
+                    _promote(acc, total, scales, seq, pos, per, r)
         for r in range(rb0, rb1):
             _finish(accs[r - rb0], totals[r - rb0], per, out[r])
 
@@ -411,7 +418,8 @@ def _split_rows(kernel, rows: int, per_row: int, *args) -> None:
     if not _POOL or _POOL[1:] != [threads, os.getpid()]:    # a forked child inherits the pool but not its threads
         if _POOL and _POOL[2] == os.getpid():
             _POOL[0].shutdown()
-        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="chip_cpu"), threads, os.getpid()]
+        _POOL[:] = [ThreadPoolExecutor(threads, thread_name_prefix="chip_cpu", initializer=blas_cpu.serial),
+                    threads, os.getpid()]
     cuts = [rows * i // threads for i in range(threads + 1)]
     done = [_POOL[0].submit(kernel, *args, r0, r1) for r0, r1 in zip(cuts[:-1], cuts[1:])]
     for d in done:
@@ -491,6 +499,8 @@ def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: i
     if b3.shape[0] == 1 and rows > tile and nc * ch * n_out * 8 <= _CAST_ONCE_BYTES:
         b64 = np.empty((nc, ch, n_out))               # one B that several blocks read: cast once
         _cast_b(b3.numpy(), ch, b64)
-    _one_blas_thread()
+    gemm = blas_cpu.address()
+    if not gemm:
+        _one_blas_thread()
     _split_rows(_exact_rows, rows, k * n_out, a2.numpy(), b3.numpy(), b64, ia3, ib3, seq, ch, mb, tile, per, scales,
-                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", out)
+                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", gemm, out)
