@@ -141,6 +141,30 @@ def test_exact_chunk_sums_match_the_definition_bitwise_cuda():
     # payload a narrow accumulator's nearest-even rounding can carry into the sign)
     for r in compare(EXACT_CASES, True, "cuda", m=20, k=160, n=12, nan=True):
         assert r["equal"] == 1.0 and r["nan"] > 0.0, r
+    # K not a whole number of MX blocks: the scales are loaded in the kernel's loop, not applied before it
+    for r in compare([c for c in EXACT_CASES if c[0] == "mx"], True, "cuda", m=20, k=300, n=12):
+        assert r["equal"] == 1.0, r
+
+
+@needs_codes_api
+@needs_cuda
+def test_mx_scales_before_the_kernel_equal_scales_in_its_loop_cuda():
+    """MX codes prescaled by their powers of two (K a whole number of blocks) give the bits the kernel's in-loop
+    scaling gives, on whole-range e4m3 codes with E8M0 scales from 2**-127 to 2**127 (float32 subnormal and overflowed
+    scaled codes, NaN scales)."""
+    gen = torch.Generator().manual_seed(3)
+    for case in [c for c in EXACT_CASES + RANDOM_CASES if c[0] == "mx"]:
+        arith = _arith(case)
+        ca, cb, _, _, bias = _inputs(case, 64, 256, 48, False, "cuda", gen)
+        lead = ca.shape[:-2]
+        ia = 2.0 ** torch.randint(-127, 128, (*lead, 64, 8), generator=gen).float()
+        ib = 2.0 ** torch.randint(-127, 128, (*lead, 8, 48), generator=gen).float()
+        ia[..., 0, 1] = float("nan")
+        ia, ib = ia.cuda(), ib.cuda()
+        before = cg.chip_gemm(ca, cb, ia, ib, arith, bias, prescale=True)
+        inside = cg.chip_gemm(ca, cb, ia, ib, arith, bias, prescale=False)
+        assert before.isnan().any()
+        assert torch.equal(before.nan_to_num(0.5, 7.0, -7.0), inside.nan_to_num(0.5, 7.0, -7.0)), case
 
 
 @needs_codes_api
