@@ -45,6 +45,27 @@ def test_quantize_is_the_definition_bitwise(fmt):
         assert torch.equal(_bits(quantize_cpu.quantize(y, fmt)), _bits(formats.quantize(y, fmt)))
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3", "fp16"])
+def test_quantize_owned_rounds_in_place_to_the_definitions_bits(fmt):
+    """The output rounding of ``accumulate.gemm``'s own float32 sum writes into the sum (no second tensor) and
+    gives the definition's bits; anything else (a transposed view, bf16) gets a new tensor and is left as it was."""
+    gen = torch.Generator().manual_seed(6)
+    x = _random_patterns(1 << 14, gen)
+    for overflow in formats.OVERFLOWS:
+        want = formats.quantize(x, fmt, "nearest", overflow)
+        own = x.clone()
+        got = quantize_cpu.quantize_owned(own, fmt, "nearest", overflow)
+        assert got.data_ptr() == own.data_ptr() and torch.equal(_bits(got), _bits(want)), overflow
+    t = x[: 128 * 100].reshape(128, 100).t()
+    before = t.clone()
+    got = quantize_cpu.quantize_owned(t, fmt)
+    assert got.data_ptr() != t.data_ptr() and torch.equal(_bits(t), _bits(before))
+    assert torch.equal(_bits(got), _bits(formats.quantize(before, fmt)))
+    y = x[x.isfinite()].bfloat16()
+    got = quantize_cpu.quantize_owned(y, fmt)
+    assert got.dtype == torch.float32 and torch.equal(_bits(got), _bits(formats.quantize(y, fmt)))
+
+
 SHAPES = [((48, 300), -1), ((300, 40), -2), ((2, 3, 17, 200), -1), ((2, 3, 200, 24), -2), ((1, 129), -1)]
 
 

@@ -309,7 +309,8 @@ def b_arith(arith: GemmArith) -> GemmArith:
 
 class Paths(NamedTuple):
     """What ``gemm`` runs for each of its three stages: the definitions, or faster paths with the definitions'
-    arguments and bits (the compiled CPU loops, ``chip.CPU_PATHS``)."""
+    arguments and bits (the compiled CPU loops, ``chip.CPU_PATHS``). ``quantize`` may round its argument in place:
+    ``gemm`` passes it the float32 sum it owns."""
 
     quantize_codes: Callable[..., tuple]
     accumulate: Callable[..., Tensor]
