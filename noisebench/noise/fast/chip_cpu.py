@@ -465,9 +465,9 @@ _BLAS: list = []                         # the BLAS that Numba's np.dot calls, h
 
 
 def _one_blas_thread() -> None:
-    """np.dot in the loops calls SciPy's BLAS (Numba takes its dgemm from scipy.linalg.cython_blas), whose own
-    pool would start a thread per core in every process of a parallel sweep and spin beside torch's threads: held
-    to one thread, as the loops split rows among torch's threads themselves. torch's BLAS is not SciPy's."""
+    """Where torch has no MKL (``blas_cpu``), np.dot in the loops calls SciPy's BLAS (Numba takes its dgemm from
+    scipy.linalg.cython_blas), whose own pool would start a thread per core in every process of a parallel sweep and
+    spin beside torch's threads: held to one thread, as the loops split rows among torch's threads themselves."""
     if not _BLAS:
         import scipy
         import scipy.linalg.cython_blas  # noqa: F401  (loads the library, so the controller finds it)
