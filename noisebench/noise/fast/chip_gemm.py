@@ -15,7 +15,8 @@ through ``add.rn``, which Triton cannot fold into the dot as it folds ``acc + tl
 the codes before the kernel where K is a whole number of blocks and N is wide (a float32 multiply rounded to bf16;
 the loop then runs as an unscaled one, and the extra pass over A pays for itself), else a chunk's codes inside the
 loop before its dot (the same products: one power of two for all of a chunk's products). Accumulators wider than
-float32 (more than 23 bits) are not supported (the caller falls back to the definition), nor chunks that are not a tensor-core K.
+float32 (more than 23 bits) are not supported (the caller falls back to the definition), nor chunks that are not a
+tensor-core K.
 
 The aligning adder (``acc_alignment: max_exponent``) cuts each product before the sum, which no tensor-core
 instruction does: for it the kernel forms the chunk's [BM, chunk, BN] products on CUDA cores and cuts and sums them
