@@ -17,8 +17,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .jit_cpu import numba
+
 try:
-    import numba
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic

@@ -23,10 +23,7 @@ from .. import formats
 from . import blas_cpu
 from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, chunk_scales, operands
 
-try:
-    import numba
-except ImportError:                      # the definition runs instead
-    numba = None
+from .jit_cpu import numba              # None without Numba: the definition runs instead
 
 _BLOCK_BYTES = 1 << 19                   # a row block's float64 chunk sums (and its accumulators), near L2
 _CAST_ONCE_BYTES = 1 << 23               # B cast to float64 once where it fits; else a chunk at a time per block

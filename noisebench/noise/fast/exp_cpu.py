@@ -16,10 +16,7 @@ from torch import Tensor
 
 from .. import transcendental
 
-try:
-    import numba
-except ImportError:                      # the definition runs instead
-    numba = None
+from .jit_cpu import numba              # None without Numba: the definition runs instead
 
 
 def _jit(fn):

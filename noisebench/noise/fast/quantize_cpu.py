@@ -17,10 +17,7 @@ from torch import Tensor
 from .. import formats
 from ..accumulate import GemmArith, quantize_codes as codes_definition
 
-try:
-    import numba
-except ImportError:                      # the definition runs instead
-    numba = None
+from .jit_cpu import numba              # None without Numba: the definition runs instead
 
 
 def _jit(fn=None, *, inline: str = "never"):
