@@ -95,29 +95,40 @@ def _scale(m, mx, emax, fmax, eps):
 
 @_jit
 def _scaled(x, blk, mx, emax, eps, out, inv, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u):
-    """``quantize_scaled_codes``' tensor, block and MX scales on x [P, K, Q], blocks of ``blk`` along K: per
+    """``quantize_scaled_codes``' tensor, block and MX scales on float32 x [P, K, Q], blocks of ``blk`` along K: per
     block and column q, amax (NaN if any element is), its multiplier and inv (``_scale``), codes =
-    round(float32(x * multiplier)) with the product in float64; inv [P, nb, Q]."""
-    p_len, k_len, q_len = x.shape
-    amax = np.empty(q_len, np.float64)
-    nan = np.empty(q_len, np.bool_)
+    round(float32(x * multiplier)) with the product in float64; inv [P, nb, Q]. As ``_scaled_rows``: amax as the
+    largest |x| bit pattern, unsigned offsets, constant flags for the narrow formats' nearest rounding, so the
+    loops over a row's Q columns vectorize."""
+    xi = x.view(np.int32)
+    k_len, q_len = x.shape[1], x.shape[2]
+    top = np.empty(q_len, np.int32)
     s = np.empty(q_len, np.float64)
-    for p in range(p_len):
-        for b in range(inv.shape[1]):
-            k0, k1 = b * blk, min(k_len, b * blk + blk)
-            amax[:] = 0.0
-            nan[:] = False
-            for k in range(k0, k1):
+    for p in range(x.shape[0]):
+        xp, xip, op, ip = x[p], xi[p], out[p], inv[p]
+        for b in range(ip.shape[0]):
+            k0 = b * blk
+            n = min(k_len - k0, blk)
+            top[:] = 0
+            for j in range(n):
+                xir = xip[np.uint64(k0 + j)]
                 for q in range(q_len):
-                    a = abs(np.float64(x[p, k, q]))
-                    nan[q] |= a != a
-                    amax[q] = np.maximum(amax[q], a)
+                    top[q] = max(top[q], np.int32(xir[q] & 0x7FFFFFFF))
+            ib = ip[b]
             for q in range(q_len):
-                s[q], inv[p, b, q] = _scale(np.nan if nan[q] else amax[q], mx, emax, fmax, eps)
-            for k in range(k0, k1):
-                for q in range(q_len):
-                    out[p, k, q] = _round(np.float32(np.float64(x[p, k, q]) * s[q]), drop, nearest, narrow,
-                                          saturate, fmax, past, small, c, inv_u, u)
+                m = np.nan if top[q] > 0x7F800000 else np.float64(np.int32(top[q]).view(np.float32))
+                s[q], ib[q] = _scale(m, mx, emax, fmax, eps)
+            for j in range(n):
+                k = np.uint64(k0 + j)
+                xr, orow = xp[k], op[k]
+                if narrow and nearest:
+                    for q in range(q_len):
+                        orow[q] = _round(np.float32(np.float64(xr[q]) * s[q]), drop, True, True, saturate, fmax,
+                                         past, small, c, inv_u, u)
+                else:
+                    for q in range(q_len):
+                        orow[q] = _round(np.float32(np.float64(xr[q]) * s[q]), drop, nearest, narrow, saturate,
+                                         fmax, past, small, c, inv_u, u)
 
 
 @_jit
