@@ -83,6 +83,47 @@ def test_compiled_sums_are_the_definition_bitwise(case, swap, monkeypatch):
                 assert want.isnan().any() and want.isinf().any()      # the specials reached the output
 
 
+@pytest.mark.parametrize("out_format", ["bf16", "fp16", "fp8_e4m3", "fp32"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_the_epilogue_in_the_loops_is_gemm_bitwise(case, out_format, monkeypatch):
+    """``accumulate.gemm`` with the compiled paths, whose loops add the bias and round the output while each row
+    is in cache (``chip_cpu.accumulate_out``), equals the definition's three stages bitwise: with and without a
+    bias, outputs past the format's range (saturated or inf), NaN and inf inputs, a swapped adder and tensor
+    scales (where the stages run apart); and the loops really did the epilogue where they can."""
+    from noisebench.noise.chip import CPU_PATHS
+    fmt, scaling, block, chunk, bits, rounding, promote, alignment = case
+    gen = torch.Generator().manual_seed(5)
+    apart = []
+    real = chip_cpu._epilogue
+    monkeypatch.setattr(chip_cpu, "_epilogue", lambda *a: apart.append(1) or real(*a))
+    for overflow in ("saturate", "inf"):
+        arith = GemmArith(in_format=fmt, in_scaling=scaling, scale_block=block, chunk=chunk, acc_mantissa_bits=bits,
+                          acc_rounding=rounding, promote_every=promote, acc_alignment=alignment,
+                          out_format=out_format, overflow=overflow)
+        for (shape_a, shape_b), with_bias in zip(SHAPES[:3] + [((40, 96), (96, 300))], (True, False, False, True)):
+            for specials in (False, True):
+                if specials and scaling != "none":
+                    continue                   # non-finite inputs: unscaled (scales refuse them)
+                a = torch.randn(*shape_a, generator=gen) * 8
+                b = torch.randn(*shape_b, generator=gen) * 4
+                a[..., 0, :] *= 2.0 ** 14                  # past fp8/fp16 (and with the bias, bf16 sums near it)
+                if specials:
+                    a[..., 3, 5], a[..., 4, 7], b[..., 9, 2] = float("nan"), float("inf"), -float("inf")
+                bias = torch.randn(shape_b[-1], generator=gen) * 100 if with_bias else None
+                apart.clear()
+                want = accumulate.gemm(a, b, arith, bias=bias)
+                got = accumulate.gemm(a, b, arith, bias=bias, paths=CPU_PATHS)
+                assert _same_bits(got, want), (shape_a, shape_b, overflow, specials, (got != want).sum().item())
+                rows = got.numel() // got.shape[-1]
+                swapped = alignment != "exact" and shape_b[-1] < chip_cpu._SWAP_BELOW and rows > shape_b[-1]
+                finite = all(bool(accumulate.quantize_codes(x, arith, d)[0].isfinite().all())
+                             for x, d in ((a, -1), (b, -2)))          # (an adder on inf/NaN codes: the definition)
+                if scaling != "tensor" and not swapped and (finite or alignment == "exact"):
+                    assert not apart, (shape_a, shape_b)      # the loops did the epilogue
+                if out_format != "fp32" and not specials:
+                    assert _same_bits(F.quantize(got, out_format, "nearest", overflow), got)     # on the grid
+
+
 def _blas(which: str, monkeypatch) -> None:
     """The chunk sums' dgemm: torch's MKL (``blas_cpu``, where torch has it) or SciPy's through Numba's np.dot."""
     if which == "np.dot":

@@ -310,11 +310,13 @@ def b_arith(arith: GemmArith) -> GemmArith:
 class Paths(NamedTuple):
     """What ``gemm`` runs for each of its three stages: the definitions, or faster paths with the definitions'
     arguments and bits (the compiled CPU loops, ``chip.CPU_PATHS``). ``quantize`` may round its argument in place:
-    ``gemm`` passes it the float32 sum it owns."""
+    ``gemm`` passes it the float32 sum it owns. ``accumulate_out``, where given, runs the sum and the epilogue (bias,
+    output rounding) as one stage: ``(ca, cb, arith, inv_a, inv_b, order, bias)`` -> the output, the same bits."""
 
     quantize_codes: Callable[..., tuple]
     accumulate: Callable[..., Tensor]
     quantize: Callable[..., Tensor]
+    accumulate_out: Optional[Callable[..., Tensor]] = None
 
 
 DEFINITION = Paths(quantize_codes, accumulate, formats.quantize)
@@ -333,7 +335,10 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
     ca, inv_a = paths.quantize_codes(a, arith, -1, gen)
     cb, inv_b = qb if qb is not None else paths.quantize_codes(b, b_arith(arith), -2, gen)
-    y = paths.accumulate(ca, cb, arith, inv_a, inv_b, chunk_order(arith, a.shape[-1], gen))
+    order = chunk_order(arith, a.shape[-1], gen)
+    if paths.accumulate_out is not None:
+        return paths.accumulate_out(ca, cb, arith, inv_a, inv_b, order, bias)
+    y = paths.accumulate(ca, cb, arith, inv_a, inv_b, order)
     if bias is not None:
         y = y + bias.detach().float()
     if arith.out_format == "fp32":

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import formats
-from . import blas_cpu
+from . import blas_cpu, quantize_cpu
 from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, chunk_scales, operands
 
 from .jit_cpu import numba              # None without Numba: the definition runs instead
@@ -59,9 +59,22 @@ def _promote(acc, total, scales, seq, pos, per, r):
 
 
 @_jit
-def _finish(acc, total, per, out_row):
+def _finish(acc, total, per, out_row, bias, og):
+    """A row's float32 result (the total where promoted), then the GEMM's epilogue while the row is in cache:
+    ``bias`` added where it has elements (a float32 add, as ``accumulate.gemm`` adds it) and the output rounded
+    where ``og`` (the output format's ``quantize_cpu._grid``, and whether to round) says so: the bits of those
+    stages run apart, without their passes over the whole output."""
+    rnd, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u = og
+    biased = bias.shape[0] > 0
     for n in range(acc.shape[0]):
-        out_row[n] = total[n] if per > 0 else np.float32(acc[n])
+        v = total[n] if per > 0 else np.float32(acc[n])
+        if biased:
+            v = v + bias[n]
+        out_row[n] = v
+    if rnd:
+        for n in range(acc.shape[0]):
+            out_row[n] = quantize_cpu._round(out_row[n], drop, nearest, narrow, saturate, fmax, past, small, c,
+                                             inv_u, u)
 
 
 @_jit
@@ -87,14 +100,14 @@ def _cast_b(b, ch, dst):
 
 
 @_jit
-def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, gemm, out, row0, row1):
+def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, gemm, bias, og, out, row0, row1):
     """Exact chunk sums for rows row0 ... row1 - 1 of a [rows, K] (float32 codes, ``mb`` rows a batch) against b
     [nb, K, N] (B cast once into ``b64`` [nc, ch, N] where it has rows; else each chunk cast as a block reads it),
     a block of ``tile`` rows at a time: each chunk's codes cast to float64 in cache, its sums one BLAS dgemm (exact,
     so BLAS's order gives the definition's bits), then added in ``seq``'s order as the definition adds them
     (``mx`` scales ia [nb, nc, mb], ib [nb or 1, nc, N]; promotion into the float32 total with block ``scales``
     [G, rows, N]), while the block's sums, accumulators and totals stay in cache. ``gemm``: MKL's dgemm_ address
-    (``blas_cpu``), or 0 for np.dot."""
+    (``blas_cpu``), or 0 for np.dot. ``bias``, ``og``: the epilogue (``_finish``)."""
     k_len, n_out, nc = a.shape[1], b.shape[2], seq.shape[0]
     mx = ia.shape[0] > 0
     cast = b64.shape[0] == 0
@@ -154,7 +167,7 @@ def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, ge
                 if per > 0:                           # (a call a row and chunk: ~70 ns, a third of a GEMM at N = 128)
                     _promote(accs[i], totals[i], scales, seq, pos, per, r0 + i)
         for i in range(nr):
-            _finish(accs[i], totals[i], per, out[r0 + i])
+            _finish(accs[i], totals[i], per, out[r0 + i], bias, og)
         r0 = r1
 
 
@@ -190,11 +203,12 @@ def _cut(x, rne):
 
 
 @_jit(finite=True)
-def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, out, row0, row1):
+def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unnormalized, bias, og, out, row0,
+             row1):
     """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
     codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
     definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
-    promotion as ``_exact_rows``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
+    promotion and epilogue as ``_exact_rows``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
     are library calls, several per output per chunk): the same values for every normal float64, and zero kept
     apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
     ``_lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
@@ -299,7 +313,7 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
                 if per > 0:
                     _promote(acc, total, scales, seq, pos, per, r)
         for r in range(rb0, rb1):
-            _finish(accs[r - rb0], totals[r - rb0], per, out[r])
+            _finish(accs[r - rb0], totals[r - rb0], per, out[r], bias, og)
 
 
 def _batched(t: Tensor, lead: torch.Size) -> Tensor:
@@ -318,6 +332,46 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
             and rows > cb.shape[-1]):
         return _swapped(ca, cb, arith, inv_a, inv_b, order)
     return _accumulate(ca, cb, arith, inv_a, inv_b, order)
+
+
+def accumulate_out(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
+                   inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None) -> Tensor:
+    """``accumulate`` and then ``accumulate.gemm``'s epilogue, the bias added and the output rounded to
+    ``arith.out_format`` (``Paths.accumulate_out``): the same bits as those stages apart. The loops do the epilogue
+    in their last pass over each row, where the row is in cache, instead of two more passes over the whole output
+    (a fresh sum's pages and its rounding cost ~0.5-0.8 ns an element in a chip step). Not where tensor scales
+    multiply the sum first, a swapped adder (its rows are the output's columns) or a bias that is not one per
+    column: there the stages run apart."""
+    rows = ca.numel() // max(ca.shape[-1], 1)
+    swapped = arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW and rows > cb.shape[-1]
+    if (_compiled(ca, cb) and arith.in_scaling != "tensor" and not swapped and arith.overflow in formats.OVERFLOWS
+            and (bias is None or (bias.dim() == 1 and bias.numel() == cb.shape[-1]))):
+        return _accumulate(ca, cb, arith, inv_a, inv_b, order, epilogue=True, bias=bias)
+    return _epilogue(accumulate(ca, cb, arith, inv_a, inv_b, order), arith, bias)
+
+
+def _epilogue(y: Tensor, arith: GemmArith, bias: Optional[Tensor]) -> Tensor:
+    """``accumulate.gemm``'s epilogue on a float32 sum it owns."""
+    if bias is not None:
+        y = y + bias.detach().float()
+    if arith.out_format == "fp32":
+        return y
+    return quantize_cpu.quantize_owned(y, arith.out_format, "nearest", arith.overflow)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+def _epilogue_args(arith: GemmArith, bias: Optional[Tensor]) -> tuple:
+    """(bias, og) as ``_finish`` reads them: og = (round?, the output format's grid)."""
+    b = _NO_BIAS if bias is None else bias.detach().float().contiguous().numpy()
+    out = arith.out_format != "fp32"
+    return b, (out, *quantize_cpu._grid(arith.out_format if out else "bf16", "nearest",
+                                        arith.overflow if out else "inf"))
+
+
+_NO_EPILOGUE = (_NO_BIAS, (False, *quantize_cpu._grid("bf16", "nearest", "inf")))
 
 
 def _compiled(ca: Tensor, cb: Tensor) -> bool:
@@ -350,12 +404,20 @@ def _swapped(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, order) -> T
 
 
 def _accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
-                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
+                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None, epilogue: bool = False,
+                bias: Optional[Tensor] = None) -> Tensor:
+    """``epilogue``: the bias added and the output rounded too (``accumulate_out``; no tensor scales)."""
     lead = ca.shape[:-2]
     adder = arith.acc_alignment != "exact"
     adder32 = adder and _lanes(arith) is np.float32          # its own pass finds inf/NaN codes
+    epi = _epilogue_args(arith, bias) if epilogue else _NO_EPILOGUE
+
+    def by_definition():                                          # (an adder on inf/NaN codes: rare, exact there)
+        y = definition(ca, cb, arith, inv_a, inv_b, order)
+        return _epilogue(y, arith, bias) if epilogue else y
+
     if not _compiled(ca, cb) or (adder and not adder32 and not (ca.isfinite().all() and cb.isfinite().all())):
-        return definition(ca, cb, arith, inv_a, inv_b, order)      # (an adder on inf/NaN codes: rare, exact there)
+        return by_definition()
     m, n_out = ca.shape[-2], cb.shape[-1]
     rows = ca.numel() // max(ca.shape[-1], 1)
     nc = -(-ca.shape[-1] // arith.chunk)
@@ -364,14 +426,14 @@ def _accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor
     out = torch.empty(rows, n_out, dtype=torch.float32)
     if adder32:                                                      # float32 codes as they come, K unpadded
         scales = _rows(block_scales(inv_a, inv_b), lead, rows, n_out) if arith.in_scaling == "block" else _NONE
-        if not _adder32(ca, cb, arith, lead, rows, seq, per, scales, out.numpy()):
-            return definition(ca, cb, arith, inv_a, inv_b, order)  # (an inf/NaN code: rare, exact there)
+        if not _adder32(ca, cb, arith, lead, rows, seq, per, scales, epi, out.numpy()):
+            return by_definition()
     elif adder:
         op = operands(ca, cb, arith, inv_a, inv_b)
         scales = _rows(op.scales, lead, rows, n_out) if op.scales is not None else _NONE
-        _adder(op, arith, lead, rows, seq, per, scales, out.numpy())
+        _adder(op, arith, lead, rows, seq, per, scales, epi, out.numpy())
     else:
-        _exact(ca, cb, arith, inv_a, inv_b, lead, rows, seq, per, out.numpy())
+        _exact(ca, cb, arith, inv_a, inv_b, lead, rows, seq, per, epi, out.numpy())
     y = out.reshape(*lead, m, n_out)
     if arith.in_scaling == "tensor":
         y = y * (inv_a.float() * inv_b.float())
@@ -387,7 +449,7 @@ def _rows(scales: Tensor, lead, rows: int, n_out: int) -> np.ndarray:
     return s.movedim(-3, 0).reshape(s.shape[-3], rows, n_out).contiguous().numpy()
 
 
-def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> bool:
+def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per: int, scales, epi, out) -> bool:
     """The aligning adders on float32 lanes (``_lanes``), straight from the float32 codes; False (nothing
     computed) where a code is inf or NaN."""
     a = ca.reshape(rows, -1).float().contiguous().numpy()
@@ -398,7 +460,7 @@ def _adder32(ca: Tensor, cb: Tensor, arith: GemmArith, lead, rows: int, seq, per
         return False
     _split_rows(_aligned, rows, a.shape[1] * b.shape[2], a, b, ea, eb, max(ca.shape[-2], 1), seq, arith.chunk, per,
                 scales, arith.acc_mantissa_bits, arith.acc_rounding == "rne",
-                arith.acc_alignment == "max_exponent_unnormalized", out)
+                arith.acc_alignment == "max_exponent_unnormalized", *epi, out)
     return True
 
 
@@ -430,7 +492,7 @@ def _code_exponents(codes: Tensor, fmt: str) -> np.ndarray:
     return out
 
 
-def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, out) -> None:
+def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scales, epi, out) -> None:
     """The aligning adders on float64 lanes: every product formed in the loop (MX scales multiplied into the codes
     first)."""
     m, n_out, ch = op.a64.shape[-2], op.b64.shape[-1], arith.chunk
@@ -444,7 +506,7 @@ def _adder(op: Operands, arith: GemmArith, lead, rows: int, seq, per: int, scale
         ib = _batched(op.ib, lead).unsqueeze(-2).expand(-1, -1, ch, -1).reshape(-1, op.nc * ch, n_out)
         b_in = b_in * ib
     _aligned(a_in.contiguous().numpy(), b_in.contiguous().numpy(), ea, eb, max(m, 1), seq, ch, per, scales,
-             arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, out, 0, rows)
+             arith.acc_mantissa_bits, arith.acc_rounding == "rne", unnorm, *epi, out, 0, rows)
 
 
 def _lanes(arith: GemmArith) -> type:
@@ -478,7 +540,8 @@ def _one_blas_thread() -> None:
         _BLAS.append(libs)
 
 
-def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, out) -> None:
+def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, epi,
+           out) -> None:
     """Exact chunk sums (``_exact_rows``), rows split among torch's threads."""
     ch, k, m, n_out = arith.chunk, ca.shape[-1], ca.shape[-2], cb.shape[-1]
     nc = -(-k // ch)
@@ -500,4 +563,4 @@ def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: i
     if not gemm:
         _one_blas_thread()
     _split_rows(_exact_rows, rows, k * n_out, a2.numpy(), b3.numpy(), b64, ia3, ib3, seq, ch, mb, tile, per, scales,
-                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", gemm, out)
+                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", gemm, *epi, out)
