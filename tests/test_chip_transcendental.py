@@ -51,6 +51,43 @@ def test_profile_routes_softmax_and_silu():
         assert torch.equal(F.softmax(x, dim=-1), torch.softmax(x, -1))
 
 
+@pytest.mark.parametrize("fast", ["auto", "off"])
+def test_chip_values_forward_and_torchs_gradient_backward(fast):
+    """Straight-through (``chip.StraightThrough``): under a profile with the polynomial exp and the rsqrt table, the
+    forward gives the approximation's values and the backward torch's own gradient of the clean op, bit for bit,
+    for softmax (two spellings, a dtype), silu, tanh-gelu and rsqrt; the output takes in-place writes and the
+    gradient flows on into earlier ops."""
+    from noisebench.noise.fast import dispatch
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(6, 40, generator=g) * 4
+    pos = x0.abs() + 0.1
+    w = torch.randn(6, 40, generator=g)
+    prof = ChipProfile(name="e", arith=GemmArith(), ops=("softmax", "silu", "gelu", "rsqrt"), exp_degree=3,
+                       rsqrt_table_bits=8, rsqrt_newton=1)
+    cases = [(lambda t: F.softmax(t, dim=-1), lambda t: T.softmax(t, -1, 3), x0),
+             (lambda t: t.softmax(0), lambda t: T.softmax(t, 0, 3), x0),
+             (lambda t: torch.softmax(t, -1, torch.float64), lambda t: T.softmax(t, -1, 3, torch.float64), x0),
+             (F.silu, lambda t: T.silu(t, 3), x0),
+             (lambda t: F.gelu(t, approximate="tanh"), lambda t: T.gelu_tanh(t, 3), x0),
+             (torch.rsqrt, lambda t: T.rsqrt_approx(t, 8, 1), pos)]
+    old = dispatch.MODE
+    dispatch.set_mode(fast)
+    try:
+        for i, (op, approx, x) in enumerate(cases):
+            leaf = x.clone().requires_grad_(True)
+            with ChipMode(prof):
+                y = op(leaf * 1.0)                            # an earlier op: the gradient must flow through
+            y.mul_(1.0)                                       # writable in place, as the noise engine writes
+            (y.double() * w).sum().backward()
+            ref = x.clone().requires_grad_(True)
+            (op(ref * 1.0).double() * w).sum().backward()    # torch's own, no chip
+            assert torch.equal(y.detach(), approx(x)), i
+            assert not torch.equal(y.detach(), op(x)), i      # the chip's values, not torch's
+            assert torch.equal(leaf.grad, ref.grad), i
+    finally:
+        dispatch.set_mode(old)
+
+
 def test_rsqrt_ulp_error_follows_the_table_and_newton_squaring():
     """The table seed's max relative error e0 = (sqrt(1+h) - 1) / (sqrt(1+h) + 1), h = 2**-(bits-1), and one Newton
     step's (3/2) e0**2, in float32 ulps (2**-24 relative at the bottom of a binade, where the max lands): measured

@@ -191,6 +191,27 @@ class ChipGemm(torch.autograd.Function):
         return ga, gb, gbias, None, None
 
 
+class StraightThrough(torch.autograd.Function):
+    """An elementwise op's chip values forward, torch's gradient of the op ``clean(x)`` backward, redone
+    from ``x`` there (torch's own backward kernel on the same clean output, so the same bits): the forward keeps
+    no clean output beside the chip's and makes no ``clean + (y - clean)`` passes (in a chip step with the
+    polynomial exp those passes over the softmax and SiLU outputs cost more than the ops)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Callable[[], Tensor], clean: Callable[[Tensor], Tensor]):
+        ctx.save_for_backward(x)
+        ctx.clean = clean
+        return values()          # (not an argument: an argument returned would be a view, not writable in place)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (x,) = ctx.saved_tensors
+        with torch._C.DisableTorchFunction(), torch.enable_grad():   # the backward's own ops, not the model's calls
+            leaf = x.detach().requires_grad_(True)
+            (gx,) = torch.autograd.grad(ctx.clean(leaf), leaf, g)
+        return gx, None, None
+
+
 @dataclass
 class _Backward:
     kind: str                                  # linear | matmul | bmm: which torch call the clean backward redoes
@@ -339,6 +360,9 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
         y = _approx(op, args, kwargs, profile) if fwd_live else None
         if y is None:
             return func(*args, **kwargs)
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and y.dtype == x.dtype:
+            return StraightThrough.apply(x, lambda: y, lambda t: func(t, *args[1:], **kwargs))
         clean = func(*args, **kwargs)
         y = y.to(clean.dtype)
         return clean + (y - clean).detach() if clean.requires_grad else y
