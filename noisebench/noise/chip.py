@@ -360,8 +360,10 @@ def chip_call(func, op: str, args: tuple, kwargs: dict, profile: ChipProfile,
         y = _approx(op, args, kwargs, profile) if fwd_live else None
         if y is None:
             return func(*args, **kwargs)
-        x = args[0] if args else None
-        if isinstance(x, Tensor) and x.requires_grad and torch.is_grad_enabled() and y.dtype == x.dtype:
+        x = args[0] if args else kwargs.get("input")
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return y                         # (in torch's dtype: _approx's results are)
+        if args and y.dtype == x.dtype:
             return StraightThrough.apply(x, lambda: y, lambda t: func(t, *args[1:], **kwargs))
         clean = func(*args, **kwargs)
         y = y.to(clean.dtype)
