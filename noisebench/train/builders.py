@@ -77,9 +77,9 @@ def slow_chip_note(cfg: DictConfig, device: str, capability: tuple | None = None
     head = (f"chip {chip.get('name')} uses an aligning adder (acc_alignment={chip.get('acc_alignment')}), which "
             f"cuts every product: ")
     if device == "cpu":
-        return (head + "on the CPU a training step costs ~x6-x9.5 of clean with its compiled loops (~x135 in torch "
+        return (head + "on the CPU a training step costs ~x7-x9.5 of clean with its compiled loops (~x135 in torch "
                 "ops, without numba or with engine.fast=off; docs/chips.md, Speed). Run it on a GPU, or add "
-                "chip.acc_alignment=exact for a coarser emulation (exact chunk sums, ~x2.7-x3.7 as gpu_bf16's)")
+                "chip.acc_alignment=exact for a coarser emulation (exact chunk sums, ~x3-x3.7 as gpu_bf16's)")
     if chip.get("acc_alignment") != "max_exponent_unnormalized":
         return None                        # the Triton kernel computes the fitted adder on any CUDA GPU
     if capability is None:
