@@ -124,6 +124,36 @@ def test_the_epilogue_in_the_loops_is_gemm_bitwise(case, out_format, monkeypatch
                     assert _same_bits(F.quantize(got, out_format, "nearest", overflow), got)     # on the grid
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "fp8_e4m3", "fp32"])
+def test_unscaled_inputs_rounded_in_the_loop_are_gemm_bitwise(fmt, monkeypatch):
+    """``chip_cpu.gemm`` (the loop rounds raw inputs to codes as it casts each chunk): the definition's bits for
+    both overflow rules, a weight gradient's K-major A, a B cast once and a batched B cast chunk
+    by chunk, B's codes given (``qb``), bfloat16 inputs, a random chunk order, a bias and NaN/inf inputs; and it
+    runs (returns no None) on all of them."""
+    from noisebench.noise.chip import CPU_PATHS
+    monkeypatch.setattr(chip_cpu, "_BLOCK_BYTES", 1)        # 8-row blocks: several blocks read one cast B
+    gen = torch.Generator().manual_seed(21)
+    for order in ("fixed", "random"):
+        for overflow in ("saturate", "inf"):
+            arith = GemmArith(in_format=fmt, chunk=16, acc_mantissa_bits=10, overflow=overflow, out_format="bf16",
+                              reduction_order=order)
+            base = torch.randn(130, 100, generator=gen) * 40
+            base[3, 5], base[4, 7] = float("nan"), float("inf")
+            cases = [(base, torch.randn(100, 48, generator=gen)),                        # B cast once
+                     (base.t().contiguous().t(), torch.randn(100, 48, generator=gen)),   # K-major A
+                     (base.reshape(2, 65, 100), torch.randn(2, 100, 24, generator=gen)),  # batched B, chunk casts
+                     (base.bfloat16(), torch.randn(100, 48, generator=gen).bfloat16())]
+            for i, (a, b) in enumerate(cases):
+                for qb in (None, accumulate.quantize_codes(b, arith, -2)):
+                    bias = torch.randn(b.shape[-1], generator=gen) if i == 0 else None
+                    want = accumulate.gemm(a, b, arith, torch.Generator().manual_seed(i), bias=bias, qb=qb)
+                    assert chip_cpu.gemm(a, b, arith, torch.Generator().manual_seed(i), bias, qb) is not None
+                    got = accumulate.gemm(a, b, arith, torch.Generator().manual_seed(i), bias=bias, qb=qb,
+                                          paths=CPU_PATHS)
+                    assert _same_bits(got, want), (order, overflow, i, qb is None)
+    assert chip_cpu.gemm(base, cases[0][1], dataclasses.replace(arith, in_scaling="mx")) is None   # the stages run
+
+
 def _blas(which: str, monkeypatch) -> None:
     """The chunk sums' dgemm: torch's MKL (``blas_cpu``, where torch has it) or SciPy's through Numba's np.dot."""
     if which == "np.dot":

@@ -311,12 +311,15 @@ class Paths(NamedTuple):
     """What ``gemm`` runs for each of its three stages: the definitions, or faster paths with the definitions'
     arguments and bits (the compiled CPU loops, ``chip.CPU_PATHS``). ``quantize`` may round its argument in place:
     ``gemm`` passes it the float32 sum it owns. ``accumulate_out``, where given, runs the sum and the epilogue (bias,
-    output rounding) as one stage: ``(ca, cb, arith, inv_a, inv_b, order, bias)`` -> the output, the same bits."""
+    output rounding) as one stage: ``(ca, cb, arith, inv_a, inv_b, order, bias)`` -> the output, the same bits.
+    ``gemm``, where given, is all of it in one stage where it covers the call (``gemm``'s arguments but ``paths``):
+    the output with the same bits, or None, and the stages run."""
 
     quantize_codes: Callable[..., tuple]
     accumulate: Callable[..., Tensor]
     quantize: Callable[..., Tensor]
     accumulate_out: Optional[Callable[..., Tensor]] = None
+    gemm: Optional[Callable[..., Optional[Tensor]]] = None
 
 
 DEFINITION = Paths(quantize_codes, accumulate, formats.quantize)
@@ -333,6 +336,9 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     stages' implementations (``Paths``)."""
     if a.dim() < 2 or b.dim() < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not multiply")
+    y = paths.gemm(a, b, arith, gen, bias, qb) if paths.gemm is not None else None
+    if y is not None:
+        return y
     ca, inv_a = paths.quantize_codes(a, arith, -1, gen)
     cb, inv_b = qb if qb is not None else paths.quantize_codes(b, b_arith(arith), -2, gen)
     order = chunk_order(arith, a.shape[-1], gen)

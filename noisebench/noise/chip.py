@@ -45,7 +45,7 @@ _SPELLINGS = {F.linear: "linear", torch.matmul: "matmul", Tensor.matmul: "matmul
               torch.rsqrt: "rsqrt", Tensor.rsqrt: "rsqrt", F.scaled_dot_product_attention: "sdpa"}
 # the compiled CPU loops for each stage of a chip GEMM, bitwise the definitions (noise/fast/*_cpu.py)
 CPU_PATHS = Paths(quantize_cpu.quantize_codes, chip_cpu.accumulate, quantize_cpu.quantize_owned,
-                  chip_cpu.accumulate_out)
+                  chip_cpu.accumulate_out, chip_cpu.gemm)
 _ARITH_KEYS = tuple(f.name for f in dataclasses.fields(GemmArith) if f.name != "b_format")   # b_format: per GEMM
 _PROFILE_KEYS = ("name", "ops", "phases", "provenance", "exp_degree", "grad_format", "rsqrt_table_bits",
                  "rsqrt_newton")

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from .. import formats
 from . import blas_cpu, quantize_cpu
-from ..accumulate import GemmArith, Operands, accumulate as definition, block_scales, chunk_scales, operands
+from ..accumulate import (GemmArith, Operands, accumulate as definition, b_arith, block_scales, chunk_order,
+                          chunk_scales, operands)
 
 from .jit_cpu import numba              # None without Numba: the definition runs instead
 
@@ -32,14 +33,15 @@ _NAN_BITS = np.int64(0x7FF8000000000000)  # float64's NaN, as the definition wri
 _ZERO_EXP = np.int16(-10000)               # a zero code's exponent: any sum with it loses every maximum
 
 
-def _jit(fn=None, *, finite: bool = False):
+def _jit(fn=None, *, finite: bool = False, inline: str = "never"):
     # one thread: rows are split among torch's threads in Python threads (``_split_rows``), and an OpenMP pool per
     # process spins against the other runs of a parallel sweep (hydra/launcher=joblib). ``finite``: the loop sees
     # no NaN (inf/NaN codes take the definition), so np.maximum needs no NaN check (LLVM's nnan, nothing else)
     if fn is None:
-        return lambda f: _jit(f, finite=finite)
+        return lambda f: _jit(f, finite=finite, inline=inline)
     flags = {"nnan"} if finite else False
-    return numba.njit(cache=True, nogil=True, fastmath=flags)(fn) if numba is not None else fn
+    return (numba.njit(cache=True, nogil=True, fastmath=flags, inline=inline)(fn) if numba is not None
+            else fn)
 
 
 @_jit
@@ -77,9 +79,18 @@ def _finish(acc, total, per, out_row, bias, og):
                                              inv_u, u)
 
 
+@_jit(inline="always")
+def _code(v, g):
+    """An input value as its code: ``quantize_cpu._round`` under grid ``g`` = (round?, the format's ``_grid``)
+    where the loop rounds the raw input itself (``gemm``), else the code it is."""
+    rnd, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u = g
+    return quantize_cpu._round(v, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u) if rnd else v
+
+
 @_jit
-def _cast_chunk(b, bb, c, ch, dst):
-    """Chunk ``c`` of B's batch ``bb`` (b [nb, K, N] codes) as float64 in ``dst`` [ch, N], zero-padded past K."""
+def _cast_chunk(b, bb, c, ch, gb, dst):
+    """Chunk ``c`` of B's batch ``bb`` (b [nb, K, N] codes, or raw values rounded by ``gb``) as float64 in ``dst``
+    [ch, N], zero-padded past K."""
     k_len = b.shape[1]
     for j in range(ch):
         k = c * ch + j
@@ -87,27 +98,29 @@ def _cast_chunk(b, bb, c, ch, dst):
         if k < k_len:
             src = b[bb, k]
             for n in range(d.shape[0]):
-                d[n] = src[n]
+                d[n] = _code(src[n], gb)
         else:
             d[:] = 0.0
 
 
 @_jit
-def _cast_b(b, ch, dst):
+def _cast_b(b, ch, gb, dst):
     """B (one batch) as float64 chunks ``dst`` [nc, ch, N]."""
     for c in range(dst.shape[0]):
-        _cast_chunk(b, 0, c, ch, dst[c])
+        _cast_chunk(b, 0, c, ch, gb, dst[c])
 
 
 @_jit
-def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, gemm, bias, og, out, row0, row1):
+def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, gemm, bias, og, ga, gb, out, row0,
+                row1):
     """Exact chunk sums for rows row0 ... row1 - 1 of a [rows, K] (float32 codes, ``mb`` rows a batch) against b
     [nb, K, N] (B cast once into ``b64`` [nc, ch, N] where it has rows; else each chunk cast as a block reads it),
     a block of ``tile`` rows at a time: each chunk's codes cast to float64 in cache, its sums one BLAS dgemm (exact,
     so BLAS's order gives the definition's bits), then added in ``seq``'s order as the definition adds them
     (``mx`` scales ia [nb, nc, mb], ib [nb or 1, nc, N]; promotion into the float32 total with block ``scales``
     [G, rows, N]), while the block's sums, accumulators and totals stay in cache. ``gemm``: MKL's dgemm_ address
-    (``blas_cpu``), or 0 for np.dot. ``bias``, ``og``: the epilogue (``_finish``)."""
+    (``blas_cpu``), or 0 for np.dot. ``bias``, ``og``: the epilogue (``_finish``). ``ga``, ``gb``: a and b are raw
+    inputs that the casts round (``_code``), or codes."""
     k_len, n_out, nc = a.shape[1], b.shape[2], seq.shape[0]
     mx = ia.shape[0] > 0
     cast = b64.shape[0] == 0
@@ -136,14 +149,14 @@ def _exact_rows(a, b, b64, ia, ib, seq, ch, mb, tile, per, scales, drop, rne, ge
                     src, dst = a[r0 + i], at[i]
                     for j in range(ch):
                         k = c * ch + j
-                        dst[j] = src[k] if k < k_len else 0.0
+                        dst[j] = _code(src[k], ga) if k < k_len else 0.0
             else:                                     # A stored K-major (a weight gradient's): read it down columns
                 for j in range(ch):
                     k = c * ch + j
                     for i in range(nr):
-                        at[i, j] = a[r0 + i, k] if k < k_len else 0.0
+                        at[i, j] = _code(a[r0 + i, k], ga) if k < k_len else 0.0
             if cast:
-                _cast_chunk(b, bb, c, ch, bc)
+                _cast_chunk(b, bb, c, ch, gb, bc)
             if gemm:
                 blas_cpu.dgemm(gemm, at, bc if cast else b64[c], pt, w)
             else:
@@ -372,6 +385,34 @@ def _epilogue_args(arith: GemmArith, bias: Optional[Tensor]) -> tuple:
 
 
 _NO_EPILOGUE = (_NO_BIAS, (False, *quantize_cpu._grid("bf16", "nearest", "inf")))
+_CODES = _NO_EPILOGUE[1]                 # an input that is codes already (``_code``)
+_RAW = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _input_grid(arith: GemmArith) -> tuple:
+    """How the loop makes an unscaled input's codes (``_code``): fp32 inputs are their own codes."""
+    if arith.in_format == "fp32":
+        return _CODES
+    return (True, *quantize_cpu._grid(arith.in_format, arith.in_rounding, arith.overflow))
+
+
+def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
+         bias: Optional[Tensor] = None, qb: Optional[tuple] = None) -> Optional[Tensor]:
+    """``accumulate.gemm`` as one stage (``Paths.gemm``) where the inputs are unscaled and the chunk sums exact
+    (gpu_bf16, approx_exp_acc10): the loop rounds each raw input to its code as it casts a chunk to float64, instead
+    of a pass over each input that writes codes for the loop to read again, and does the epilogue
+    (``accumulate_out``). The same bits. None where it does not cover ``arith`` or the operands: the stages run."""
+    ab = b_arith(arith)
+    if (arith.in_scaling != "none" or arith.acc_alignment != "exact" or a.dtype not in _RAW
+            or (qb is None and b.dtype not in _RAW) or (qb is not None and (not isinstance(qb, tuple) or qb[1] is not None))
+            or arith.in_rounding != "nearest" or arith.overflow not in formats.OVERFLOWS
+            or not _compiled(a, b) or not (bias is None or (bias.dim() == 1 and bias.numel() == b.shape[-1]))):
+        return None
+    gb = _CODES if qb is not None else _input_grid(ab)
+    cb = qb[0] if qb is not None else b.detach().float()
+    order = chunk_order(arith, a.shape[-1], gen)             # (nearest rounding draws nothing before it)
+    return _accumulate(a.detach().float(), cb, arith, None, None, order, epilogue=True, bias=bias,
+                       rounding=(_input_grid(arith), gb))
 
 
 def _compiled(ca: Tensor, cb: Tensor) -> bool:
@@ -405,8 +446,9 @@ def _swapped(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, order) -> T
 
 def _accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
                 inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None, epilogue: bool = False,
-                bias: Optional[Tensor] = None) -> Tensor:
-    """``epilogue``: the bias added and the output rounded too (``accumulate_out``; no tensor scales)."""
+                bias: Optional[Tensor] = None, rounding: tuple = (_CODES, _CODES)) -> Tensor:
+    """``epilogue``: the bias added and the output rounded too (``accumulate_out``; no tensor scales).
+    ``rounding``: ``gemm``'s raw inputs and how the exact loop makes their codes."""
     lead = ca.shape[:-2]
     adder = arith.acc_alignment != "exact"
     adder32 = adder and _lanes(arith) is np.float32          # its own pass finds inf/NaN codes
@@ -433,7 +475,7 @@ def _accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor
         scales = _rows(op.scales, lead, rows, n_out) if op.scales is not None else _NONE
         _adder(op, arith, lead, rows, seq, per, scales, epi, out.numpy())
     else:
-        _exact(ca, cb, arith, inv_a, inv_b, lead, rows, seq, per, epi, out.numpy())
+        _exact(ca, cb, arith, inv_a, inv_b, lead, rows, seq, per, epi, rounding, out.numpy())
     y = out.reshape(*lead, m, n_out)
     if arith.in_scaling == "tensor":
         y = y * (inv_a.float() * inv_b.float())
@@ -540,7 +582,7 @@ def _one_blas_thread() -> None:
         _BLAS.append(libs)
 
 
-def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, epi,
+def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: int, seq, per: int, epi, rounding,
            out) -> None:
     """Exact chunk sums (``_exact_rows``), rows split among torch's threads."""
     ch, k, m, n_out = arith.chunk, ca.shape[-1], ca.shape[-2], cb.shape[-1]
@@ -558,9 +600,9 @@ def _exact(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a, inv_b, lead, rows: i
     b64 = np.zeros((0, 0, 0))
     if b3.shape[0] == 1 and rows > tile and nc * ch * n_out * 8 <= _CAST_ONCE_BYTES:
         b64 = np.empty((nc, ch, n_out))               # one B that several blocks read: cast once
-        _cast_b(b3.numpy(), ch, b64)
+        _cast_b(b3.numpy(), ch, rounding[1], b64)
     gemm = blas_cpu.address()
     if not gemm:
         _one_blas_thread()
     _split_rows(_exact_rows, rows, k * n_out, a2.numpy(), b3.numpy(), b64, ia3, ib3, seq, ch, mb, tile, per, scales,
-                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", gemm, *epi, out)
+                52 - arith.acc_mantissa_bits, arith.acc_rounding == "rne", gemm, *epi, *rounding, out)
