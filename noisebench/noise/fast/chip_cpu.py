@@ -60,31 +60,28 @@ def _promote(acc, total, scales, seq, pos, per, r):
         acc[n] = 0.0
 
 
+@_jit(inline="always")
+def _code(v, g):
+    """A float32 value on a format's grid: ``quantize_cpu._round`` under ``g`` = (round?, the format's ``_grid``)
+    (``_grid_of``), or v as it is where ``g`` says it is on its grid already (codes, fp32)."""
+    rnd, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u = g
+    return quantize_cpu._round(v, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u) if rnd else v
+
+
 @_jit
 def _finish(acc, total, per, out_row, bias, og):
     """A row's float32 result (the total where promoted), then the GEMM's epilogue while the row is in cache:
-    ``bias`` added where it has elements (a float32 add, as ``accumulate.gemm`` adds it) and the output rounded
-    where ``og`` (the output format's ``quantize_cpu._grid``, and whether to round) says so: the bits of those
-    stages run apart, without their passes over the whole output."""
-    rnd, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u = og
+    ``bias`` added where it has elements (a float32 add, as ``accumulate.gemm`` adds it) and the output put on
+    ``og``'s grid (``_code``): the bits of those stages run apart, without their passes over the whole output."""
     biased = bias.shape[0] > 0
     for n in range(acc.shape[0]):
         v = total[n] if per > 0 else np.float32(acc[n])
         if biased:
             v = v + bias[n]
         out_row[n] = v
-    if rnd:
+    if og[0]:                            # (a loop of its own: the rounding's branches kept out of the sums' loop)
         for n in range(acc.shape[0]):
-            out_row[n] = quantize_cpu._round(out_row[n], drop, nearest, narrow, saturate, fmax, past, small, c,
-                                             inv_u, u)
-
-
-@_jit(inline="always")
-def _code(v, g):
-    """An input value as its code: ``quantize_cpu._round`` under grid ``g`` = (round?, the format's ``_grid``)
-    where the loop rounds the raw input itself (``gemm``), else the code it is."""
-    rnd, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u = g
-    return quantize_cpu._round(v, drop, nearest, narrow, saturate, fmax, past, small, c, inv_u, u) if rnd else v
+            out_row[n] = _code(out_row[n], og)
 
 
 @_jit
@@ -221,9 +218,9 @@ def _aligned(a, b, ea, eb, rows_per_batch, seq, ch, per, scales, bits, rne, unno
     """The aligning adders (``accumulate.aligned_sum``; ``aligned_sum_unnormalized`` where ``unnormalized``) on
     codes a [R, K] and b [Bt, K, N] (``mx`` scales already applied: powers of two, so every product is the
     definition's exactly; exponents ea, eb for the unnormalized adder), chunks of ``ch`` in ``seq``'s order,
-    promotion and epilogue as ``_exact_rows``. Exponents and powers of two come from float64 bit patterns (frexp and ldexp
-    are library calls, several per output per chunk): the same values for every normal float64, and zero kept
-    apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
+    promotion and epilogue as ``_exact_rows``. Exponents and powers of two come from float64 bit patterns (frexp
+    and ldexp are library calls, several per output per chunk): the same values for every normal float64, and zero
+    kept apart, as the definition keeps it. The per-product loops run in a and b's dtype: float32 (eight lanes) where
     ``_lanes`` proved every product, cut term and chunk sum exact there, float64 otherwise."""
     rows, k_len = a.shape
     n_out = b.shape[2]
@@ -340,11 +337,20 @@ def accumulate(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor]
                inv_b: Optional[Tensor] = None, order: Optional[Tensor] = None) -> Tensor:
     """``accumulate.accumulate`` (same arguments, same float32 result bit for bit), compiled, on CPU tensors where
     A's batch holds B's (B 2-D or broadcast to A's batch); the definition itself elsewhere or without Numba."""
-    rows = ca.numel() // max(ca.shape[-1], 1)
-    if (_compiled(ca, cb) and arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW
-            and rows > cb.shape[-1]):
+    if _compiled(ca, cb) and _swaps(ca, cb, arith):
         return _swapped(ca, cb, arith, inv_a, inv_b, order)
     return _accumulate(ca, cb, arith, inv_a, inv_b, order)
+
+
+def _swaps(ca: Tensor, cb: Tensor, arith: GemmArith) -> bool:
+    """Whether an adder runs as (B^T A^T)^T (``_swapped``): fewer outputs a row than ``_SWAP_BELOW``, more rows."""
+    rows = ca.numel() // max(ca.shape[-1], 1)
+    return arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW and rows > cb.shape[-1]
+
+
+def _per_column(bias: Optional[Tensor], n_out: int) -> bool:
+    """Whether the loops can add ``bias``: none, or one value per output column."""
+    return bias is None or (bias.dim() == 1 and bias.numel() == n_out)
 
 
 def accumulate_out(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Tensor] = None,
@@ -356,10 +362,8 @@ def accumulate_out(ca: Tensor, cb: Tensor, arith: GemmArith, inv_a: Optional[Ten
     (a fresh sum's pages and its rounding cost ~0.5-0.8 ns an element in a chip step). Not where tensor scales
     multiply the sum first, a swapped adder (its rows are the output's columns) or a bias that is not one per
     column: there the stages run apart."""
-    rows = ca.numel() // max(ca.shape[-1], 1)
-    swapped = arith.acc_alignment != "exact" and cb.shape[-1] < _SWAP_BELOW and rows > cb.shape[-1]
-    if (_compiled(ca, cb) and arith.in_scaling != "tensor" and not swapped and arith.overflow in formats.OVERFLOWS
-            and (bias is None or (bias.dim() == 1 and bias.numel() == cb.shape[-1]))):
+    if (_compiled(ca, cb) and arith.in_scaling != "tensor" and not _swaps(ca, cb, arith)
+            and arith.overflow in formats.OVERFLOWS and _per_column(bias, cb.shape[-1])):
         return _accumulate(ca, cb, arith, inv_a, inv_b, order, epilogue=True, bias=bias)
     return _epilogue(accumulate(ca, cb, arith, inv_a, inv_b, order), arith, bias)
 
@@ -374,26 +378,20 @@ def _epilogue(y: Tensor, arith: GemmArith, bias: Optional[Tensor]) -> Tensor:
 
 
 _NO_BIAS = np.zeros(0, np.float32)
-
-
-def _epilogue_args(arith: GemmArith, bias: Optional[Tensor]) -> tuple:
-    """(bias, og) as ``_finish`` reads them: og = (round?, the output format's grid)."""
-    b = _NO_BIAS if bias is None else bias.detach().float().contiguous().numpy()
-    out = arith.out_format != "fp32"
-    return b, (out, *quantize_cpu._grid(arith.out_format if out else "bf16", "nearest",
-                                        arith.overflow if out else "inf"))
-
-
-_NO_EPILOGUE = (_NO_BIAS, (False, *quantize_cpu._grid("bf16", "nearest", "inf")))
-_CODES = _NO_EPILOGUE[1]                 # an input that is codes already (``_code``)
+_CODES = (False, *quantize_cpu._grid("bf16", "nearest", "inf"))   # (``_code``) values already on their grid
+_NO_EPILOGUE = (_NO_BIAS, _CODES)
 _RAW = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _input_grid(arith: GemmArith) -> tuple:
-    """How the loop makes an unscaled input's codes (``_code``): fp32 inputs are their own codes."""
-    if arith.in_format == "fp32":
-        return _CODES
-    return (True, *quantize_cpu._grid(arith.in_format, arith.in_rounding, arith.overflow))
+def _grid_of(fmt: str, rounding: str, overflow: str) -> tuple:
+    """``_code``'s grid for a format: fp32 values are on it as they are."""
+    return _CODES if fmt == "fp32" else (True, *quantize_cpu._grid(fmt, rounding, overflow))
+
+
+def _epilogue_args(arith: GemmArith, bias: Optional[Tensor]) -> tuple:
+    """(bias, og) as ``_finish`` reads them."""
+    b = _NO_BIAS if bias is None else bias.detach().float().contiguous().numpy()
+    return b, _grid_of(arith.out_format, "nearest", arith.overflow)
 
 
 def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] = None,
@@ -402,17 +400,18 @@ def gemm(a: Tensor, b: Tensor, arith: GemmArith, gen: Optional[torch.Generator] 
     (gpu_bf16, approx_exp_acc10): the loop rounds each raw input to its code as it casts a chunk to float64, instead
     of a pass over each input that writes codes for the loop to read again, and does the epilogue
     (``accumulate_out``). The same bits. None where it does not cover ``arith`` or the operands: the stages run."""
-    ab = b_arith(arith)
+    codes_b = qb is not None
     if (arith.in_scaling != "none" or arith.acc_alignment != "exact" or a.dtype not in _RAW
-            or (qb is None and b.dtype not in _RAW) or (qb is not None and (not isinstance(qb, tuple) or qb[1] is not None))
+            or (not codes_b and b.dtype not in _RAW) or (codes_b and (not isinstance(qb, tuple) or qb[1] is not None))
             or arith.in_rounding != "nearest" or arith.overflow not in formats.OVERFLOWS
-            or not _compiled(a, b) or not (bias is None or (bias.dim() == 1 and bias.numel() == b.shape[-1]))):
+            or not _compiled(a, b) or not _per_column(bias, b.shape[-1])):
         return None
-    gb = _CODES if qb is not None else _input_grid(ab)
-    cb = qb[0] if qb is not None else b.detach().float()
+    ga = _grid_of(arith.in_format, arith.in_rounding, arith.overflow)
+    gb = _CODES if codes_b else _grid_of(b_arith(arith).in_format, arith.in_rounding, arith.overflow)
+    cb = qb[0] if codes_b else b.detach().float()
     order = chunk_order(arith, a.shape[-1], gen)             # (nearest rounding draws nothing before it)
     return _accumulate(a.detach().float(), cb, arith, None, None, order, epilogue=True, bias=bias,
-                       rounding=(_input_grid(arith), gb))
+                       rounding=(ga, gb))
 
 
 def _compiled(ca: Tensor, cb: Tensor) -> bool:
